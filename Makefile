@@ -1,0 +1,46 @@
+# The two commands: `make run` (the server on the sample studies) and `make test` (the test suite).
+# Everything else here is what those two need: a project-local virtual environment from pinned
+# versions, and the synthetic sample studies.
+
+PYTHON ?= python3.11
+VENV ?= .venv
+HOST ?= 127.0.0.1
+PORT ?= 8000
+SAMPLES ?= sample_data
+STUDIES ?= $(SAMPLES)/studies
+MODELS_DIR ?= models
+# Extra MONAI Label --conf pairs, e.g. make run CONF="models vista3d,cxr"
+CONF ?=
+# Extra pytest arguments, e.g. make test PYTEST_ARGS="-k samples"
+PYTEST_ARGS ?=
+
+BIN := $(VENV)/bin
+CONSTRAINTS := $(abspath requirements/constraints.txt)
+STAMP := $(VENV)/.installed
+
+.PHONY: run test samples lint venv clean-venv
+
+run: $(STAMP) samples
+	@$(BIN)/vila-m3 serve --host $(HOST) --port $(PORT) --studies $(STUDIES) --models-dir $(MODELS_DIR) $(CONF)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+samples: $(STAMP)
+	@$(BIN)/vila-m3 samples --out $(SAMPLES)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+venv: $(STAMP)
+
+# PIP_CONSTRAINT reaches the isolated build environments too (sam2 builds from source and would
+# otherwise pull the newest torch into its build environment).
+$(STAMP): setup.cfg requirements/constraints.txt
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	PIP_CONSTRAINT=$(CONSTRAINTS) $(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $@
+
+clean-venv:
+	rm -rf $(VENV)
