@@ -1,0 +1,81 @@
+"""The manifest of model weights (``configs/models.yaml``): where each model comes from, where it
+goes under the models directory, and whether it is there.
+
+The models directory is resolved in this order: an explicit argument (``--conf models_dir`` on the
+server, ``--models-dir`` on the command line), the ``VILA_M3_MODELS_DIR`` environment variable, and
+finally ``./models`` under the current directory.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vila_m3.configs import load_config
+
+MODELS_DIR_ENV = "VILA_M3_MODELS_DIR"
+
+
+def resolve_models_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The models directory: ``explicit``, else ``$VILA_M3_MODELS_DIR``, else ``./models``."""
+    chosen = explicit or os.environ.get(MODELS_DIR_ENV) or "models"
+    return Path(chosen).expanduser().resolve()
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model of the manifest: its id, what it is, where it comes from and where it goes."""
+
+    model_id: str
+    description: str
+    kind: str
+    source: dict[str, str]
+    path: str
+    required: tuple[str, ...] = field(default_factory=tuple)
+
+    def location(self, models_dir: Path) -> Path:
+        """The model's folder or file under ``models_dir``."""
+        return models_dir / self.path
+
+    def missing_files(self, models_dir: Path) -> list[Path]:
+        """Required files that are not present under ``models_dir``; empty when the model is ready."""
+        root = self.location(models_dir)
+        if not self.required:
+            return [] if root.exists() else [root]
+        return [root / name for name in self.required if not (root / name).is_file()]
+
+
+@dataclass(frozen=True)
+class ModelManifest:
+    """All models the product can use, keyed by model id."""
+
+    entries: dict[str, ModelEntry]
+
+    @classmethod
+    def load(cls, config: dict | None = None) -> ModelManifest:
+        """Build the manifest from ``configs/models.yaml`` (or an already loaded mapping)."""
+        config = config if config is not None else load_config("models.yaml")
+        entries = {
+            model_id: ModelEntry(
+                model_id=model_id,
+                description=str(spec.get("description", "")),
+                kind=str(spec["kind"]),
+                source=dict(spec.get("source", {})),
+                path=str(spec["path"]),
+                required=tuple(spec.get("required", ())),
+            )
+            for model_id, spec in config["models"].items()
+        }
+        return cls(entries)
+
+    def __getitem__(self, model_id: str) -> ModelEntry:
+        try:
+            return self.entries[model_id]
+        except KeyError:
+            valid = ", ".join(sorted(self.entries))
+            raise KeyError(f"unknown model id '{model_id}'; the manifest has: {valid}") from None
+
+    def missing(self, model_ids: list[str] | tuple[str, ...], models_dir: Path) -> list[Path]:
+        """Every required file of ``model_ids`` that is absent under ``models_dir``."""
+        return [path for model_id in model_ids for path in self[model_id].missing_files(models_dir)]

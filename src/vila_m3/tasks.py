@@ -1,0 +1,125 @@
+"""The server's infer tasks (``configs/app.yaml``): which exist, which were asked for, and whether
+each can run with the weights staged under the models directory.
+
+This is what the app registers and what ``vila-m3 serve`` reports before the server starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from vila_m3.configs import load_config
+from vila_m3.models.manifest import ModelManifest
+
+ALL_TASKS = "all"
+
+
+class TaskSelectionError(ValueError):
+    """The ``models`` setting names a task that does not exist, or a VLM the manifest lacks."""
+
+
+@dataclass(frozen=True)
+class TaskStatus:
+    """One infer task and whether it can be served.
+
+    ``missing`` lists the required weight files that are absent; ``reason`` is a one-line
+    explanation when the task cannot run (None when it can).
+    """
+
+    name: str
+    description: str
+    model_ids: tuple[str, ...]
+    missing: tuple[Path, ...]
+    reason: str | None
+
+    @property
+    def available(self) -> bool:
+        return self.reason is None
+
+
+def task_catalogue(config: dict | None = None) -> dict[str, dict]:
+    """Every task of ``configs/app.yaml`` by name, in the file's order."""
+    config = config if config is not None else load_config("app.yaml")
+    return dict(config["tasks"])
+
+
+def select_tasks(models: str | None, catalogue: dict[str, dict] | None = None) -> list[str]:
+    """The task names chosen by the ``models`` setting: ``all`` (or empty) or a comma-separated list.
+
+    Raises:
+        TaskSelectionError: a name is not a task; the message lists the valid ones.
+    """
+    catalogue = catalogue if catalogue is not None else task_catalogue()
+    text = (models or ALL_TASKS).strip()
+    if text.lower() == ALL_TASKS:
+        return list(catalogue)
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in catalogue]
+    if unknown or not names:
+        valid = ", ".join([ALL_TASKS, *catalogue])
+        shown = ", ".join(f"'{name}'" for name in unknown) or f"'{models}'"
+        raise TaskSelectionError(f"unknown model {shown} in --conf models; valid names are: {valid}")
+    return list(dict.fromkeys(names))
+
+
+def _expert_weights(expert_name: str) -> tuple[str, ...]:
+    experts = load_config("experts.yaml")["experts"]
+    for expert in experts:
+        if expert["name"] == expert_name:
+            return tuple(expert.get("weights") or ())
+    raise TaskSelectionError(f"configs/app.yaml names expert '{expert_name}', which experts.yaml does not define")
+
+
+def required_models(task: dict, vlm_id: str) -> tuple[str, ...]:
+    """The model ids of the manifest that ``task`` (an entry of the catalogue) needs."""
+    if task.get("vlm"):
+        return (vlm_id,)
+    if task.get("expert"):
+        return _expert_weights(task["expert"])
+    return ()
+
+
+def task_statuses(
+    names: list[str],
+    models_dir: Path,
+    vlm_id: str | None = None,
+    catalogue: dict[str, dict] | None = None,
+    manifest: ModelManifest | None = None,
+) -> list[TaskStatus]:
+    """Whether each selected task can run with the weights under ``models_dir``.
+
+    Raises:
+        TaskSelectionError: ``vlm_id`` is not a VILA checkpoint of the manifest.
+    """
+    catalogue = catalogue if catalogue is not None else task_catalogue()
+    manifest = manifest if manifest is not None else ModelManifest.load()
+    vlm_id = vlm_id or load_config("app.yaml").get("default_vlm", "")
+    checkpoints = [mid for mid, entry in manifest.entries.items() if entry.kind == "vila_checkpoint"]
+    if vlm_id not in checkpoints:
+        raise TaskSelectionError(f"unknown VLM '{vlm_id}' in --conf vlm; valid ids are: {', '.join(checkpoints)}")
+
+    statuses = []
+    for name in names:
+        task = catalogue[name]
+        model_ids = required_models(task, vlm_id)
+        missing = tuple(manifest.missing(model_ids, models_dir))
+        reason = None
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            reason = (
+                f"weights not found: {missing[0]}{more}; "
+                f"see `vila-m3 models list --models-dir {models_dir}` for what goes where"
+            )
+        statuses.append(TaskStatus(name, str(task.get("description", "")), model_ids, missing, reason))
+    return statuses
+
+
+def format_statuses(statuses: list[TaskStatus]) -> str:
+    """A short table, one line per task: ``name  available`` or ``name  not available: reason``."""
+    width = max((len(status.name) for status in statuses), default=0)
+    lines = []
+    for status in statuses:
+        state = "available" if status.available else f"not available: {status.reason}"
+        lines.append(f"  {status.name:<{width}}  {state}")
+    return "\n".join(lines) if lines else "  (no tasks selected)"
