@@ -9,6 +9,7 @@ PORT ?= 8000
 SAMPLES ?= sample_data
 STUDIES ?= $(SAMPLES)/studies
 MODELS_DIR ?= models
+APP ?= apps/vila_m3
 # Extra MONAI Label --conf pairs, e.g. make run CONF="models vista3d,cxr"
 CONF ?=
 # Extra pytest arguments, e.g. make test PYTEST_ARGS="-k samples"
@@ -21,7 +22,7 @@ STAMP := $(VENV)/.installed
 .PHONY: run test samples lint venv clean-venv
 
 run: $(STAMP) samples
-	@$(BIN)/vila-m3 serve --host $(HOST) --port $(PORT) --studies $(STUDIES) --models-dir $(MODELS_DIR) $(CONF)
+	@$(BIN)/vila-m3 serve --host $(HOST) --port $(PORT) --studies $(STUDIES) --models-dir $(MODELS_DIR) --app $(APP) $(CONF)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

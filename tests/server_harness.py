@@ -1,0 +1,117 @@
+"""Start and stop a real MONAI Label server for the tests.
+
+The server runs as a subprocess on a free port of 127.0.0.1. Everything it writes goes to a
+temporary folder: a copy of the app (MONAI Label creates ``logs/``, ``model/`` ... inside the app),
+the studies, the sessions, and ``HOME`` (MONAI Label's caches live under ``~/.cache``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+APP_SOURCE = REPO_ROOT / "apps" / "vila_m3"
+START_TIMEOUT_S = 180.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def copy_app(destination: Path) -> Path:
+    """A copy of ``apps/vila_m3`` (without run-time folders) at ``destination``."""
+    shutil.copytree(APP_SOURCE, destination, ignore=shutil.ignore_patterns("logs", "model", "bin", "__pycache__"))
+    return destination
+
+
+def isolated_env(workdir: Path) -> dict[str, str]:
+    """The environment for a server or command whose writes must stay inside ``workdir``."""
+    home = workdir / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.update(
+        HOME=str(home),
+        MONAI_LABEL_SESSION_PATH=str(workdir / "sessions"),
+        MONAI_LABEL_DATASTORE_AUTO_RELOAD="false",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+    )
+    env.pop("VILA_M3_MODELS_DIR", None)
+    return env
+
+
+@dataclass
+class RunningServer:
+    """A started server: its URL, process and log file."""
+
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def get(self, path: str, **kwargs) -> requests.Response:
+        return requests.get(f"{self.url}{path}", timeout=kwargs.pop("timeout", 30), **kwargs)
+
+    def log_tail(self, lines: int = 40) -> str:
+        text = self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self) -> None:
+        """Stop the server's whole process group: SIGTERM, then SIGKILL after 15 s."""
+        if self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=15)
+
+
+def start_process(command: list[str], workdir: Path, env: dict[str, str], url: str) -> RunningServer:
+    """Start ``command`` in its own process group and wait until ``url``/info/ answers."""
+    log_path = workdir / "server.log"
+    log = log_path.open("w", encoding="utf-8")
+    process = subprocess.Popen(
+        command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    server = RunningServer(url, process, log_path)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before answering:\n{server.log_tail()}")
+        try:
+            if requests.get(f"{url}/info/", timeout=2).status_code == 200:
+                return server
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    server.stop()
+    raise RuntimeError(f"server did not answer {url}/info/ within {START_TIMEOUT_S:.0f} s:\n{server.log_tail()}")
+
+
+def start_monailabel(workdir: Path, studies: Path, conf: dict[str, str] | None = None) -> RunningServer:
+    """``monailabel start_server`` with a copy of the app, on a free port, writing only in ``workdir``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    app_dir = copy_app(workdir / "app")
+    port = free_port()
+    command = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app_dir)]
+    command += ["--studies", str(studies), "--host", "127.0.0.1", "--port", str(port)]
+    conf = {"models_dir": str(workdir / "models"), **(conf or {})}
+    for key, value in conf.items():
+        command += ["--conf", key, value]
+    return start_process(command, workdir, isolated_env(workdir), f"http://127.0.0.1:{port}")

@@ -1,0 +1,128 @@
+"""The MONAI Label app on the sample studies, through a real server, and the run command's checks."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+
+from server_harness import REPO_ROOT, copy_app, free_port, isolated_env, start_monailabel, start_process
+from vila_m3.samples import CT_ID, CXR_ID, MRI_ID, MRI_SEQUENCES
+
+pytestmark = pytest.mark.server
+
+EXPECTED_IMAGES = {CT_ID, CXR_ID, *(f"{MRI_ID}_{sequence}" for sequence in MRI_SEQUENCES)}
+
+
+def test_info_names_the_app_and_lists_no_task_without_weights(sample_server):
+    info = sample_server.get("/info/").json()
+    assert info["name"] == "VILA-M3"
+    assert info["version"] == "0.1.0"
+    assert info["models"] == {}, "no weights are staged, so no infer task may be registered"
+    assert info["datastore"]["total"] == len(EXPECTED_IMAGES)
+
+
+def test_datastore_lists_every_sample_study(sample_server):
+    listing = sample_server.get("/datastore/", params={"output": "all"}).json()
+    assert set(listing["objects"]) == EXPECTED_IMAGES
+    ct = listing["objects"][CT_ID]["image"]
+    assert ct["ext"] == ".nii.gz"
+
+
+def test_datastore_serves_the_image_bytes_unchanged(sample_server, sample_data):
+    response = sample_server.get("/datastore/image", params={"image": CT_ID})
+    assert response.status_code == 200
+    assert response.content == (sample_data / "studies" / f"{CT_ID}.nii.gz").read_bytes()
+
+
+def test_server_log_says_why_each_task_is_unavailable(sample_server):
+    log = sample_server.log_path.read_text(encoding="utf-8")
+    for task in ("vila_m3", "vista3d", "brats", "cxr"):
+        assert re.search(rf"^\s+{task}\s+not available: weights not found: ", log, re.MULTILINE), task
+
+
+def test_unknown_model_name_stops_the_app_with_the_valid_names(tmp_path, sample_data):
+    """Started directly with monailabel, an unknown task name fails app start with a message listing valid names."""
+    studies = tmp_path / "studies"
+    shutil.copytree(sample_data / "studies", studies)
+    with pytest.raises(RuntimeError) as failure:
+        server = start_monailabel(tmp_path / "work", studies, conf={"models": "vista3d,segment_anything"})
+        server.stop()
+    message = str(failure.value)
+    assert "unknown model 'segment_anything' in --conf models; valid names are: all, vila_m3, vista3d, brats, cxr" in message
+
+
+# --- `vila-m3 serve`, which `make run` calls -------------------------------------------------------
+
+
+def run_serve(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "vila_m3.cli", "serve", "--models-dir", str(tmp_path / "models"), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, env=isolated_env(tmp_path))
+
+
+def assert_one_clear_line(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_serve_refuses_a_studies_folder_that_does_not_exist(tmp_path):
+    missing = tmp_path / "no-such-folder"
+    result = run_serve(tmp_path, "--studies", str(missing), "--port", str(free_port()))
+    assert_one_clear_line(result, "studies folder", str(missing), "does not exist")
+    assert not missing.exists(), "the missing folder must not be created"
+
+
+def test_serve_refuses_a_port_in_use(tmp_path, sample_data):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_serve(tmp_path, "--studies", str(sample_data / "studies"), "--port", str(port))
+    assert_one_clear_line(result, f"port {port}", "already in use")
+
+
+def test_serve_refuses_an_unknown_model_name(tmp_path, sample_data):
+    result = run_serve(tmp_path, "--studies", str(sample_data / "studies"), "--port", str(free_port()),
+                       "models", "vista3d,sam2")
+    assert_one_clear_line(result, "unknown model 'sam2'", "valid names are: all, vila_m3, vista3d, brats, cxr")
+
+
+def test_serve_refuses_an_unpaired_conf_value(tmp_path, sample_data):
+    result = run_serve(tmp_path, "--studies", str(sample_data / "studies"), "--port", str(free_port()), "models")
+    assert_one_clear_line(result, "KEY VALUE pairs", "'models' has no value")
+
+
+def test_serve_check_reports_tasks_and_how_to_find_the_weights(tmp_path, sample_data):
+    result = run_serve(tmp_path, "--studies", str(sample_data / "studies"), "--port", str(free_port()), "--check")
+    assert result.returncode == 0, result.stderr
+    assert "VILA-M3 MONAI Label server on http://127.0.0.1:" in result.stdout
+    assert "Infer tasks (0 of 4 available)" in result.stdout
+    assert "brats    not available: weights not found" in result.stdout
+    assert "vila-m3 models list" in result.stdout
+
+
+def test_make_run_serves_the_sample_studies(tmp_path):
+    """The README's run command, with every path pointed into tmp_path, serves /info/ and the datastore."""
+    app = copy_app(tmp_path / "app")
+    port = free_port()
+    command = ["make", "--no-print-directory", "-C", str(REPO_ROOT), "run", f"PORT={port}",
+               f"SAMPLES={tmp_path / 'samples'}", f"MODELS_DIR={tmp_path / 'models'}", f"APP={app}"]
+    server = start_process(command, tmp_path, isolated_env(tmp_path), f"http://127.0.0.1:{port}")
+    try:
+        listing = requests.get(f"{server.url}/datastore/", params={"output": "all"}, timeout=30).json()
+        assert set(listing["objects"]) == EXPECTED_IMAGES
+        log = server.log_path.read_text(encoding="utf-8")
+        assert f"VILA-M3 MONAI Label server on http://127.0.0.1:{port}" in log
+        assert "Sample studies (synthetic phantoms, seed 0)" in log
+    finally:
+        server.stop()
