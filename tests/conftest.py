@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from server_harness import RunningServer, start_monailabel
+
 from vila_m3.samples import generate_samples
 
 

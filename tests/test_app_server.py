@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from server_harness import REPO_ROOT, copy_app, free_port, isolated_env, start_monailabel, start_process
+
 from vila_m3.samples import CT_ID, CXR_ID, MRI_ID, MRI_SEQUENCES
 
 pytestmark = pytest.mark.server
