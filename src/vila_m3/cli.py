@@ -1,4 +1,4 @@
-"""The ``vila-m3`` command line: ``serve``, ``samples`` and ``models``."""
+"""The ``vila-m3`` command line: ``serve``, ``samples`` and ``models list | verify | pull``."""
 
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ def _samples(args: argparse.Namespace) -> int:
 
 def _models_list(args: argparse.Namespace) -> int:
     from vila_m3.models.manifest import ModelManifest, resolve_models_dir
+    from vila_m3.models.staging import source_text
 
     models_dir = resolve_models_dir(args.models_dir)
     manifest = ModelManifest.load()
@@ -44,18 +45,66 @@ def _models_list(args: argparse.Namespace) -> int:
     width = max(len(model_id) for model_id in manifest.entries)
     for model_id, entry in manifest.entries.items():
         missing = entry.missing_files(models_dir)
-        state = "ready" if not missing else f"missing ({len(missing)} file{'s' if len(missing) > 1 else ''})"
-        print(f"  {model_id:<{width}}  {state:<18} {entry.location(models_dir)}  <- {_source_text(entry.source)}")
+        state = "present" if not missing else f"missing ({len(missing)} file{'s' if len(missing) > 1 else ''})"
+        print(f"  {model_id:<{width}}  {state:<18} {entry.location(models_dir)}  <- {source_text(entry)}")
     return 0
 
 
-def _source_text(source: dict[str, str]) -> str:
-    hub = source.get("hub", "")
-    if hub == "huggingface":
-        return f"huggingface {source['repo']}@{source.get('revision', 'main')}"
-    if hub == "monai_model_zoo":
-        return f"MONAI model zoo {source['name']} {source['version']}"
-    return source.get("url", hub)
+def _chosen_entries(args: argparse.Namespace):
+    from vila_m3.models.manifest import ModelManifest
+
+    manifest = ModelManifest.load()
+    if not args.model_ids:
+        return manifest, list(manifest.entries.values())
+    unknown = [model_id for model_id in args.model_ids if model_id not in manifest.entries]
+    if unknown:
+        raise KeyError(f"unknown model id {', '.join(unknown)}; valid ids are: {', '.join(manifest.entries)}")
+    return manifest, [manifest[model_id] for model_id in args.model_ids]
+
+
+def _models_verify(args: argparse.Namespace) -> int:
+    from vila_m3.models.manifest import resolve_models_dir
+    from vila_m3.models.staging import verify
+
+    models_dir = resolve_models_dir(args.models_dir)
+    try:
+        _, entries = _chosen_entries(args)
+    except KeyError as err:
+        print(f"error: {err.args[0]}", file=sys.stderr)
+        return 2
+    failed = False
+    for entry in entries:
+        report = verify(entry, models_dir)
+        # Without explicit ids, a model that is simply not staged is listed but is no failure.
+        failed |= not report.ok and (bool(args.model_ids) or report.state != "not staged")
+        detail = f": {'; '.join(report.problems)}" if report.problems else ""
+        print(f"{entry.model_id}: {report.state}{detail}")
+    return 1 if failed else 0
+
+
+def _models_pull(args: argparse.Namespace) -> int:
+    from vila_m3.models.manifest import resolve_models_dir
+    from vila_m3.models.staging import StagingError, pull
+
+    if not args.model_ids and not args.all:
+        print("error: name the models to pull (see `vila-m3 models list`), or pass --all", file=sys.stderr)
+        return 2
+    models_dir = resolve_models_dir(args.models_dir)
+    try:
+        _, entries = _chosen_entries(args)
+    except KeyError as err:
+        print(f"error: {err.args[0]}", file=sys.stderr)
+        return 2
+    status = 0
+    for entry in entries:
+        try:
+            report = pull(entry, models_dir)
+        except StagingError as err:
+            print(f"error: {err}", file=sys.stderr)
+            status = 1
+            continue
+        print(f"{entry.model_id}: {report.state} at {report.location}")
+    return status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
     listing = model_commands.add_parser("list", help="every model, whether it is staged, and where it goes")
     listing.add_argument("--models-dir", help="default: $VILA_M3_MODELS_DIR or ./models")
     listing.set_defaults(handler=_models_list)
+    verifying = model_commands.add_parser("verify", help="check that staged models are complete and unchanged")
+    verifying.add_argument("model_ids", nargs="*", help="model ids (default: every model; absent ones are listed)")
+    verifying.add_argument("--models-dir", help="default: $VILA_M3_MODELS_DIR or ./models")
+    verifying.set_defaults(handler=_models_verify)
+    pulling = model_commands.add_parser("pull", help="download models that are missing (needs network)")
+    pulling.add_argument("model_ids", nargs="*", help="model ids of configs/models.yaml")
+    pulling.add_argument("--all", action="store_true", help="every model of the manifest")
+    pulling.add_argument("--models-dir", help="default: $VILA_M3_MODELS_DIR or ./models")
+    pulling.set_defaults(handler=_models_pull)
     return parser
 
 

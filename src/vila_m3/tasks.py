@@ -107,9 +107,11 @@ def task_statuses(
         reason = None
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            absent = [mid for mid in model_ids if manifest[mid].missing_files(models_dir)]
             reason = (
-                f"weights not found: {missing[0]}{more}; "
-                f"see `vila-m3 models list --models-dir {models_dir}` for what goes where"
+                f"weights not found: {missing[0]}{more}; fetch them with "
+                f"`vila-m3 models pull {' '.join(absent)} --models-dir {models_dir}` "
+                f"(air-gapped: `vila-m3 models list` shows what to copy where)"
             )
         statuses.append(TaskStatus(name, str(task.get("description", "")), model_ids, missing, reason))
     return statuses

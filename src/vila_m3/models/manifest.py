@@ -33,6 +33,12 @@ class ModelEntry:
     source: dict[str, str]
     path: str
     required: tuple[str, ...] = field(default_factory=tuple)
+    sha256: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def is_single_file(self) -> bool:
+        """True when ``path`` is one weight file rather than a folder."""
+        return not self.required
 
     def location(self, models_dir: Path) -> Path:
         """The model's folder or file under ``models_dir``."""
@@ -64,6 +70,7 @@ class ModelManifest:
                 source=dict(spec.get("source", {})),
                 path=str(spec["path"]),
                 required=tuple(spec.get("required", ())),
+                sha256=dict(spec.get("sha256") or {}),
             )
             for model_id, spec in config["models"].items()
         }

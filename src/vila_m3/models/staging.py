@@ -1,0 +1,221 @@
+"""Stage model weights: ``pull`` fetches a model of the manifest on a connected machine, ``verify``
+checks that what is staged is complete and unchanged.
+
+Every pull records the SHA-256 of the files it wrote (``.vila_m3_pull.json`` in a model's folder,
+``<file>.vila_m3_pull.json`` beside a single-file model), so a copy carried to an air-gapped machine
+can be verified there. Checksums pinned in the manifest take precedence over the record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from vila_m3.models.manifest import ModelEntry
+
+PULL_RECORD = ".vila_m3_pull.json"
+DOWNLOAD_TIMEOUT_S = 60
+CHUNK_BYTES = 1 << 20
+
+
+class StagingError(RuntimeError):
+    """A model could not be pulled; the message says what to copy where instead."""
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify`` found for one model.
+
+    ``state`` is ``ready`` (complete, checksums match), ``unverified`` (complete, no checksum known),
+    ``not staged`` (nothing there), ``incomplete`` (some required files missing) or ``corrupt``.
+    """
+
+    model_id: str
+    location: Path
+    state: str
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.state in ("ready", "unverified")
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while chunk := stream.read(CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def record_path(entry: ModelEntry, models_dir: Path) -> Path:
+    """Where the pull record of ``entry`` lives."""
+    location = entry.location(models_dir)
+    if entry.is_single_file:
+        return location.with_name(location.name + PULL_RECORD)
+    return location / PULL_RECORD
+
+
+def _staged_files(entry: ModelEntry, models_dir: Path) -> dict[str, Path]:
+    """Every staged file of ``entry`` by its path relative to the model's location."""
+    location = entry.location(models_dir)
+    if entry.is_single_file:
+        return {location.name: location} if location.is_file() else {}
+    return {
+        path.relative_to(location).as_posix(): path
+        for path in sorted(location.rglob("*"))
+        if path.is_file() and path.name != PULL_RECORD and ".cache" not in path.relative_to(location).parts
+    }
+
+
+def write_record(entry: ModelEntry, models_dir: Path) -> Path:
+    """Record the checksums of what is staged for ``entry`` now; returns the record's path."""
+    files = _staged_files(entry, models_dir)
+    record = {
+        "model_id": entry.model_id,
+        "source": entry.source,
+        "sha256": {name: sha256_file(path) for name, path in files.items()},
+    }
+    path = record_path(entry, models_dir)
+    path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+def verify(entry: ModelEntry, models_dir: Path) -> VerifyReport:
+    """Check presence and checksums of ``entry`` under ``models_dir``."""
+    location = entry.location(models_dir)
+    missing = entry.missing_files(models_dir)
+    if missing and not location.exists():
+        return VerifyReport(entry.model_id, location, "not staged", [f"{location} does not exist"])
+    if missing:
+        return VerifyReport(entry.model_id, location, "incomplete", [f"missing {path}" for path in missing])
+
+    expected = dict(entry.sha256)
+    record = record_path(entry, models_dir)
+    if not expected and record.is_file():
+        try:
+            expected = json.loads(record.read_text(encoding="utf-8"))["sha256"]
+        except (ValueError, KeyError) as err:
+            return VerifyReport(entry.model_id, location, "corrupt", [f"unreadable pull record {record}: {err}"])
+    if not expected:
+        return VerifyReport(entry.model_id, location, "unverified", ["present; no checksum pinned or recorded"])
+
+    staged = _staged_files(entry, models_dir)
+    problems = []
+    for name, digest in sorted(expected.items()):
+        path = staged.get(name)
+        if path is None:
+            problems.append(f"missing {location / name if not entry.is_single_file else location}")
+        elif sha256_file(path) != digest:
+            problems.append(f"checksum mismatch: {path}")
+    return VerifyReport(entry.model_id, location, "corrupt" if problems else "ready", problems)
+
+
+def _download(url: str, destination: Path, label: str) -> None:
+    """Stream ``url`` to ``destination`` with a progress bar; raises StagingError on failure."""
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, destination.open("wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=label, leave=False) as bar:
+                while chunk := response.read(CHUNK_BYTES):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+    except (urllib.error.URLError, OSError, TimeoutError) as err:
+        reason = getattr(err, "reason", None) or err
+        raise StagingError(str(reason)) from None
+
+
+def _extract_zip(archive: Path, destination: Path) -> None:
+    """Extract ``archive`` into ``destination``, dropping one top-level folder if all entries share it."""
+    with zipfile.ZipFile(archive) as bundle:
+        names = [name for name in bundle.namelist() if not name.endswith("/")]
+        tops = {name.split("/", 1)[0] for name in names}
+        strip = len(tops) == 1 and all("/" in name for name in names)
+        for name in names:
+            relative = name.split("/", 1)[1] if strip else name
+            target = (destination / relative).resolve()
+            if destination.resolve() not in target.parents:
+                raise StagingError(f"archive entry '{name}' would be written outside {destination}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with bundle.open(name) as source, target.open("wb") as out:
+                shutil.copyfileobj(source, out)
+
+
+def _pull_url(entry: ModelEntry, location: Path) -> None:
+    url = entry.source["url"]
+    location.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=location.parent, prefix=".pull-") as scratch:
+        download = Path(scratch) / "download"
+        _download(url, download, entry.model_id)
+        if entry.source.get("archive") == "zip":
+            unpacked = Path(scratch) / "unpacked"
+            try:
+                _extract_zip(download, unpacked)
+            except zipfile.BadZipFile:
+                raise StagingError(f"{url} is not a zip archive") from None
+            if location.exists():
+                shutil.rmtree(location)
+            unpacked.rename(location)
+        else:
+            download.replace(location)
+
+
+def _pull_huggingface(entry: ModelEntry, location: Path) -> None:
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(repo_id=entry.source["repo"], revision=entry.source.get("revision"), local_dir=location)
+    except Exception as err:  # the hub client raises many types; all mean "could not fetch"
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise StagingError(first_line) from None
+
+
+def source_text(entry: ModelEntry) -> str:
+    """Where ``entry`` comes from, for people."""
+    source = entry.source
+    if source.get("hub") == "huggingface":
+        return f"huggingface {source['repo']}@{source.get('revision', 'main')}"
+    if source.get("hub") == "monai_model_zoo":
+        return f"MONAI model zoo {source['name']} {source['version']}"
+    return source.get("url", str(source))
+
+
+def pull(entry: ModelEntry, models_dir: Path) -> VerifyReport:
+    """Fetch ``entry`` into ``models_dir`` unless it is already staged and verified.
+
+    Raises:
+        StagingError: the download failed (e.g. no network); the one-line message names what to
+            copy where from a machine that has it.
+    """
+    current = verify(entry, models_dir)
+    if current.state == "ready":
+        return current
+    location = entry.location(models_dir)
+    try:
+        if entry.source.get("hub") == "huggingface":
+            _pull_huggingface(entry, location)
+        elif "url" in entry.source:
+            _pull_url(entry, location)
+        else:
+            raise StagingError(f"the manifest gives no download source for {entry.model_id}")
+    except StagingError as err:
+        relative = entry.path + ("" if entry.is_single_file else "/")
+        raise StagingError(
+            f"cannot download {entry.model_id} from {source_text(entry)} ({err}); on a machine that has it, "
+            f"run `vila-m3 models pull {entry.model_id}` and copy <models dir>/{relative} to {location}"
+        ) from None
+    write_record(entry, models_dir)
+    report = verify(entry, models_dir)
+    if not report.ok:
+        raise StagingError(f"{entry.model_id} was downloaded but is not usable: {'; '.join(report.problems)}")
+    return report
