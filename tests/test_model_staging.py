@@ -195,3 +195,12 @@ def test_cli_rejects_unknown_model_ids(tmp_path):
     result = run_cli(tmp_path, "pull", "llava")
     assert result.returncode == 2
     assert "unknown model id llava; valid ids are: vila_m3_3b" in result.stderr
+
+
+def test_cli_pull_by_task_names_the_task_and_fails_offline_without_traceback(tmp_path):
+    result = run_cli(tmp_path, "pull", "--task", "vila_m3", "--vlm", "vila_m3_3b")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: cannot download vila_m3_3b from huggingface MONAI/Llama3-VILA-M3-3B")
+    unknown = run_cli(tmp_path, "pull", "--task", "segment")
+    assert unknown.returncode == 2
+    assert "unknown model 'segment' in --task; valid names are: all, vila_m3, vista3d, brats, cxr" in unknown.stderr

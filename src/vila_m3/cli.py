@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vila_m3 import __version__
+from vila_m3.configs import load_config
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -54,6 +55,14 @@ def _chosen_entries(args: argparse.Namespace):
     from vila_m3.models.manifest import ModelManifest
 
     manifest = ModelManifest.load()
+    model_ids = list(args.model_ids)
+    for task in getattr(args, "task", None) or []:
+        from vila_m3.tasks import required_models, select_tasks, task_catalogue
+
+        catalogue = task_catalogue()
+        select_tasks(task, catalogue, setting="--task")
+        model_ids += required_models(catalogue[task], args.vlm or load_config("app.yaml")["default_vlm"])
+    args.model_ids = list(dict.fromkeys(model_ids))
     if not args.model_ids:
         return manifest, list(manifest.entries.values())
     unknown = [model_id for model_id in args.model_ids if model_id not in manifest.entries]
@@ -86,13 +95,14 @@ def _models_pull(args: argparse.Namespace) -> int:
     from vila_m3.models.manifest import resolve_models_dir
     from vila_m3.models.staging import StagingError, pull
 
-    if not args.model_ids and not args.all:
-        print("error: name the models to pull (see `vila-m3 models list`), or pass --all", file=sys.stderr)
+    if not args.model_ids and not args.task and not args.all:
+        print("error: name the models to pull (see `vila-m3 models list`), or pass --task NAME or --all",
+              file=sys.stderr)
         return 2
     models_dir = resolve_models_dir(args.models_dir)
     try:
         _, entries = _chosen_entries(args)
-    except KeyError as err:
+    except (KeyError, ValueError) as err:
         print(f"error: {err.args[0]}", file=sys.stderr)
         return 2
     status = 0
@@ -142,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     pulling = model_commands.add_parser("pull", help="download models that are missing (needs network)")
     pulling.add_argument("model_ids", nargs="*", help="model ids of configs/models.yaml")
     pulling.add_argument("--all", action="store_true", help="every model of the manifest")
+    pulling.add_argument("--task", action="append", help="the models an infer task needs (vila_m3, vista3d, brats, cxr)")
+    pulling.add_argument("--vlm", help="with --task vila_m3: which checkpoint (default: configs/app.yaml default_vlm)")
     pulling.add_argument("--models-dir", help="default: $VILA_M3_MODELS_DIR or ./models")
     pulling.set_defaults(handler=_models_pull)
     return parser

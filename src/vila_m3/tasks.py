@@ -44,7 +44,9 @@ def task_catalogue(config: dict | None = None) -> dict[str, dict]:
     return dict(config["tasks"])
 
 
-def select_tasks(models: str | None, catalogue: dict[str, dict] | None = None) -> list[str]:
+def select_tasks(
+    models: str | None, catalogue: dict[str, dict] | None = None, setting: str = "--conf models"
+) -> list[str]:
     """The task names chosen by the ``models`` setting: ``all`` (or empty) or a comma-separated list.
 
     Raises:
@@ -59,7 +61,7 @@ def select_tasks(models: str | None, catalogue: dict[str, dict] | None = None) -
     if unknown or not names:
         valid = ", ".join([ALL_TASKS, *catalogue])
         shown = ", ".join(f"'{name}'" for name in unknown) or f"'{models}'"
-        raise TaskSelectionError(f"unknown model {shown} in --conf models; valid names are: {valid}")
+        raise TaskSelectionError(f"unknown model {shown} in {setting}; valid names are: {valid}")
     return list(dict.fromkeys(names))
 
 
@@ -107,10 +109,10 @@ def task_statuses(
         reason = None
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            absent = [mid for mid in model_ids if manifest[mid].missing_files(models_dir)]
+            vlm_option = f" --vlm {vlm_id}" if task.get("vlm") else ""
             reason = (
                 f"weights not found: {missing[0]}{more}; fetch them with "
-                f"`vila-m3 models pull {' '.join(absent)} --models-dir {models_dir}` "
+                f"`vila-m3 models pull --task {name}{vlm_option} --models-dir {models_dir}` "
                 f"(air-gapped: `vila-m3 models list` shows what to copy where)"
             )
         statuses.append(TaskStatus(name, str(task.get("description", "")), model_ids, missing, reason))
