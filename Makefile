@@ -12,7 +12,7 @@ MODELS_DIR ?= models
 APP ?= apps/vila_m3
 # Extra MONAI Label --conf pairs, e.g. make run CONF="models vista3d,cxr"
 CONF ?=
-# Extra pytest arguments, e.g. make test PYTEST_ARGS="-k samples"
+# Extra pytest arguments (make test lints with ruff first), e.g. make test PYTEST_ARGS="-k samples"
 PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin
@@ -25,6 +25,7 @@ run: $(STAMP) samples
 	@$(BIN)/vila-m3 serve --host $(HOST) --port $(PORT) --studies $(STUDIES) --models-dir $(MODELS_DIR) --app $(APP) $(CONF)
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 samples: $(STAMP)

@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from server_harness import start_monailabel  # noqa: E402
+
 from vila_m3.samples import CT_ID, generate_samples  # noqa: E402
 
 
