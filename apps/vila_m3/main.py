@@ -4,7 +4,8 @@ A thin shell over the ``vila_m3`` package. App settings (``--conf KEY VALUE``):
 
 - ``models``: ``all`` (default) or a comma list of infer tasks (``vila_m3``, ``vista3d``, ``brats``, ``cxr``);
 - ``models_dir``: where weights are staged (default ``$VILA_M3_MODELS_DIR`` or ``./models``);
-- ``vlm``: the VILA-M3 checkpoint of ``configs/models.yaml`` the chat task uses.
+- ``vlm``: the VILA-M3 checkpoint of ``configs/models.yaml`` the chat task uses;
+- ``expert_idle_release_s``: seconds after which an unused expert frees its weights (default 600; 0 = never).
 
 A task whose weights are missing is not registered; the log says why, once, at start.
 """
@@ -18,12 +19,15 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
-from monailabel.interfaces.tasks.infer_v2 import InferTask  # noqa: E402
+from lib.infers import BratsInferTask, CxrInferTask, Vista3DInferTask
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-import vila_m3  # noqa: E402
-from vila_m3.models.manifest import resolve_models_dir  # noqa: E402
-from vila_m3.tasks import TaskStatus, format_statuses, select_tasks, task_statuses  # noqa: E402
+import vila_m3
+from vila_m3.experts.registry import ExpertRegistry
+from vila_m3.experts.service import DEFAULT_IDLE_RELEASE_S, ExpertService
+from vila_m3.models.manifest import resolve_models_dir
+from vila_m3.tasks import TaskStatus, format_statuses, select_tasks, task_catalogue, task_statuses
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +51,27 @@ class VilaM3App(MONAILabelApp):
         )
 
     def init_infers(self) -> dict[str, InferTask]:
-        """The infer tasks whose weights are staged; none are implemented in this version yet."""
-        for status in self.task_statuses:
-            if status.available:
-                logger.warning("%s: weights are staged, but this version has no infer task for it yet", status.name)
-        return {}
+        """The infer tasks whose weights are staged."""
+        available = {status.name for status in self.task_statuses if status.available}
+        registry = ExpertRegistry.from_config()
+        self.experts = ExpertService(
+            self.models_dir,
+            registry=registry,
+            idle_release_s=float(self.conf.get("expert_idle_release_s", DEFAULT_IDLE_RELEASE_S)),
+        )
+        catalogue = task_catalogue()
+        infers: dict[str, InferTask] = {}
+        for name in available:
+            task = catalogue[name]
+            if not task.get("expert"):
+                logger.warning("%s: weights are staged, but this version has no infer task for it yet", name)
+                continue
+            spec = registry.configured_spec(task["expert"])
+            description = str(task.get("description", ""))
+            if spec.runner == "vista3d":
+                infers[name] = Vista3DInferTask(self.experts, spec, InferType.SEGMENTATION, 3, description)
+            elif spec.runner == "brats":
+                infers[name] = BratsInferTask(self.experts, spec, self.datastore(), description)
+            elif spec.runner == "cxr":
+                infers[name] = CxrInferTask(self.experts, spec, description)
+        return infers
