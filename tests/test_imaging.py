@@ -701,3 +701,14 @@ def test_render_overlay_aligns_with_volume():
     shifted = Volume(labels.array, dataclasses.replace(volume.geometry, origin=(0.0, 0.0, 0.0)))
     with pytest.raises(ValueError, match="geometry"):
         render_overlay(volume, shifted, "axial", 0, [RED])
+
+
+def test_mri_slices_are_scaled_by_the_whole_volume_range():
+    """Like the reference (ScaleIntensity over the volume), a dim slice of an MRI stays dim."""
+    array = np.zeros((4, 8, 8), dtype=np.float32)
+    array[0] = 10.0   # a dim slice
+    array[3] = 100.0  # the brightest voxels of the volume
+    array[0, 0, 0] = 0.0
+    volume = Volume(array, Geometry.identity((8, 8, 4), (1.0, 1.0, 1.0)), modality="MR")
+    dim = np.asarray(render_slice(volume, "axial", 0))[..., 0]
+    assert dim.max() == 25  # 10 / 100 * 255, truncated; a per-slice min-max would give 255

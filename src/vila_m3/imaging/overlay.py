@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 from skimage.color import label2rgb
 
-from vila_m3.imaging.slices import extract_slice, render_gray
+from vila_m3.imaging.slices import extract_slice, render_gray, volume_range
 from vila_m3.imaging.volume import Volume
 
 __all__ = ["Color", "present_labels", "assign_colors", "overlay_labels", "render_overlay"]
@@ -96,7 +96,7 @@ def render_overlay(
     """
     if not labels.geometry.allclose(volume.geometry):
         raise ValueError("labels and volume have different geometry; resample the labels onto the volume first")
-    gray = render_gray(extract_slice(volume, axis, index), modality or volume.modality)
+    gray = render_gray(extract_slice(volume, axis, index), modality or volume.modality, volume_range(volume))
     label_slice = extract_slice(labels, axis, index)
     picture = overlay_labels(gray, label_slice, colors, alpha=alpha)
     return Image.fromarray(picture, mode="RGB"), assign_colors(label_slice, colors)

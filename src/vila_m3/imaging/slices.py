@@ -171,16 +171,24 @@ def window_ct(slice_hu: np.ndarray, center: float = 50.0, width: float = 400.0) 
     return np.clip(np.nan_to_num(scaled, nan=0.0), 0.0, 255.0).astype(np.uint8)
 
 
-def minmax_uint8(slice_: np.ndarray) -> np.ndarray:
+def finite_range(values: np.ndarray) -> tuple[float, float] | None:
+    """(min, max) over the finite values of an array, or None when it has none."""
+    arr = np.asarray(values)
+    finite = arr[np.isfinite(arr)] if np.issubdtype(arr.dtype, np.floating) else arr
+    return (float(finite.min()), float(finite.max())) if finite.size else None
+
+
+def minmax_uint8(slice_: np.ndarray, value_range: tuple[float, float] | None = None) -> np.ndarray:
     """Min-max scale to 0..255 uint8 (truncated, as the reference); a constant (or all-NaN) image gives zeros.
 
-    NaN → 0; the minimum and maximum are taken over finite values.
+    NaN → 0. ``value_range`` is the (min, max) to map to 0 and 255, e.g. those of the whole volume
+    (the reference scales an MRI volume as a whole); default: those of the finite values of ``slice_``.
     """
     arr = np.asarray(slice_, dtype=np.float64)
-    finite = np.isfinite(arr)
-    if not finite.any():
+    value_range = value_range or finite_range(arr)
+    if value_range is None:
         return np.zeros(arr.shape, dtype=np.uint8)
-    lo, hi = arr[finite].min(), arr[finite].max()
+    lo, hi = value_range
     if hi <= lo:
         return np.zeros(arr.shape, dtype=np.uint8)
     scaled = (arr - lo) * 255.0 / (hi - lo)
@@ -208,17 +216,18 @@ def normalize_modality(modality: str | None) -> str:
     return _MODALITY[key]
 
 
-def render_gray(plane: np.ndarray, modality: str) -> np.ndarray:
+def render_gray(plane: np.ndarray, modality: str, value_range: tuple[float, float] | None = None) -> np.ndarray:
     """Intensity rendering of a display-oriented 2D slice → (H, W) uint8.
 
-    CT: window 50/400 HU. MRI: min-max. CXR: uint8 passes through unchanged, other types min-max.
+    CT: window 50/400 HU. MRI: min-max over ``value_range`` (the whole volume's, when given).
+    CXR: uint8 passes through unchanged, other types min-max.
     """
     family = normalize_modality(modality)
     if family == "CT":
         return window_ct(plane)
     if family == "CXR" and plane.dtype == np.uint8:
         return plane
-    return minmax_uint8(plane)
+    return minmax_uint8(plane, value_range)
 
 
 def render_slice(volume: Volume, axis: str, index: int, modality: str | None = None) -> Image.Image:
@@ -233,7 +242,12 @@ def render_slice(volume: Volume, axis: str, index: int, modality: str | None = N
         PIL RGB image, size (columns, rows) of the display-oriented slice; grey replicated to 3 channels.
     """
     plane = extract_slice(volume, axis, index)
-    return Image.fromarray(to_rgb(render_gray(plane, modality or volume.modality)), mode="RGB")
+    return Image.fromarray(to_rgb(render_gray(plane, modality or volume.modality, volume_range(volume))), mode="RGB")
+
+
+def volume_range(volume: Volume) -> tuple[float, float] | None:
+    """The (min, max) the reference scales a 3D volume's intensities by (MRI: the whole volume); None for 2D."""
+    return None if volume.is_2d else finite_range(volume.array)
 
 
 def render_label_slice(labels: Volume, axis: str, index: int) -> np.ndarray:
