@@ -1,0 +1,460 @@
+"""MONAI bundles loaded offline from a local folder, with MONAI's own bundle API.
+
+A bundle folder (as the MONAI model zoo ships it, or a tiny stand-in from
+:mod:`vila_m3.models.tiny_bundles`) holds::
+
+    configs/inference.json   network_def, preprocessing transforms, inferer, ... (MONAI bundle syntax)
+    configs/metadata.json    version, label dictionaries, and, for a stand-in, ``vila_m3_stand_in``
+    models/model.pt          the network's state dict
+
+:class:`MonaiBundle` reads the two configs with :class:`monai.bundle.ConfigParser`, instantiates
+``network_def`` and the preprocessing transforms from them, and loads ``models/model.pt``. Nothing
+here downloads anything: ``monai.bundle.download`` and MONAI Label's model-zoo lookups are never
+called. Every problem with the folder is one :class:`BundleError` whose message names the file.
+
+:class:`LazyNetwork` keeps one loaded network per runner: loaded on first use, freed by ``release()``.
+
+Trust: ``inference.json`` is code (its ``$`` expressions are evaluated by MONAI), exactly as when the
+bundle is run with ``python -m monai.bundle run``. Only point this at folders staged by the admin.
+Python modules shipped inside a bundle (``scripts/``) are never imported by this module.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import pickle
+import threading
+import warnings
+import zipfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+from monai.data import MetaTensor
+
+from vila_m3.imaging import Geometry
+
+__all__ = [
+    "CHECKPOINT_FILE",
+    "INFERENCE_CONFIG",
+    "KNOWN_CHECKPOINT_MD5",
+    "LOADER_TRANSFORMS",
+    "METADATA_CONFIG",
+    "REQUIRED_FILES",
+    "STAND_IN_FIELD",
+    "BundleError",
+    "BundleInfo",
+    "LazyNetwork",
+    "MonaiBundle",
+    "default_device",
+    "image_from_arrays",
+    "ras_affine",
+]
+
+INFERENCE_CONFIG = "configs/inference.json"
+METADATA_CONFIG = "configs/metadata.json"
+CHECKPOINT_FILE = "models/model.pt"
+REQUIRED_FILES: tuple[str, ...] = (INFERENCE_CONFIG, METADATA_CONFIG, CHECKPOINT_FILE)
+
+STAND_IN_FIELD = "vila_m3_stand_in"
+"""Field of ``metadata.json`` that marks a stand-in bundle (random weights); its value says so in words."""
+
+#: Published MD5 sums of the official ``models/model.pt`` files (the bundles' ``large_files.yml``).
+#: Only a file with one of these sums may be unpickled with ``weights_only=False`` (see
+#: :meth:`MonaiBundle.read_state_dict`).
+KNOWN_CHECKPOINT_MD5: Mapping[str, str] = {
+    "vista3d": "6ce45a8edde4400c5d28d5e74d7b61d5",
+    "brats_mri_segmentation": "870e677b782a5184cbc48db1456b78e8",
+}
+
+#: ``_target_`` names of preprocessing transforms that read files; the runners hand the bundle an
+#: image already in memory (see :func:`image_from_arrays`), so these are skipped.
+LOADER_TRANSFORMS: frozenset[str] = frozenset({"LoadImaged", "LoadImage"})
+
+#: Modules the bundles' ``imports`` sections pull in (``$import json`` ...) that their expressions use.
+#: ``imports`` itself is never evaluated: it may import the bundle's own ``scripts`` package.
+_EXPRESSION_GLOBALS: dict[str, str] = {
+    "copy": "copy",
+    "glob": "glob",
+    "json": "json",
+    "os": "os",
+    "pathlib": "pathlib",
+}
+
+#: LPS (ITK, DICOM) ↔ RAS (MONAI, NIfTI) axis flip.
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+class BundleError(ValueError):
+    """A bundle folder is missing, incomplete or unreadable; the message names the file and the problem."""
+
+
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` as a torch.device; None means the first CUDA GPU when there is one, else the CPU."""
+    if device is None:
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _file_md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _numpy_safe_globals() -> list[Any]:
+    """numpy scalar / dtype / array reconstructors that ``weights_only=True`` may unpickle (checkpoints
+    often store metrics such as ``best_metric`` as numpy scalars). None of them runs arbitrary code."""
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy < 1.26
+        from numpy.core import multiarray
+    dtypes = [type(np.dtype(t)) for t in ("float16", "float32", "float64", "int32", "int64", "bool")]
+    return [np.dtype, np.ndarray, multiarray.scalar, multiarray._reconstruct, *dtypes]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BundleError(f"{path}: not a readable JSON file ({err})") from err
+    if not isinstance(data, dict):
+        raise BundleError(f"{path}: the top level must be a JSON object")
+    return data
+
+
+def _target_name(item: Any) -> str | None:
+    """The class name of a component config (``"monai.transforms.Spacingd"`` → ``"Spacingd"``)."""
+    if isinstance(item, Mapping) and isinstance(item.get("_target_"), str):
+        return item["_target_"].rsplit(".", 1)[-1]
+    return None
+
+
+def _is_disabled(item: Any) -> bool:
+    flag = item.get("_disabled_", False) if isinstance(item, Mapping) else False
+    return flag is True or (isinstance(flag, str) and flag.strip().lower() == "true")
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    """What a bundle folder says about itself.
+
+    Attributes:
+        root: the bundle folder.
+        name: ``metadata.json`` ``name`` (``"VISTA3D"``), else the folder name.
+        version: ``metadata.json`` ``version`` (``"0.5.4"``).
+        stand_in: the ``vila_m3_stand_in`` text of a stand-in bundle, None for a real one.
+    """
+
+    root: Path
+    name: str
+    version: str
+    stand_in: str | None
+
+    @property
+    def is_stand_in(self) -> bool:
+        """True for a stand-in bundle (tiny random weights; not a medical model)."""
+        return self.stand_in is not None
+
+
+class MonaiBundle:
+    """One MONAI bundle folder, read with :class:`monai.bundle.ConfigParser`.
+
+    Construction validates the folder (the three required files exist and both configs parse);
+    the checkpoint is read only by :meth:`load_network`.
+
+    Args:
+        root: the bundle folder (the one holding ``configs/`` and ``models/``).
+
+    Raises:
+        BundleError: missing folder or file, or a config that is not a JSON object.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser().resolve()
+        if not self.root.is_dir():
+            raise BundleError(f"{self.root}: no such bundle folder")
+        for name in REQUIRED_FILES:
+            path = self.root / name
+            if not path.is_file():
+                raise BundleError(f"{path}: missing; a MONAI bundle needs {', '.join(REQUIRED_FILES)}")
+        self.metadata: dict[str, Any] = _read_json(self.root / METADATA_CONFIG)
+        self.inference: dict[str, Any] = _read_json(self.root / INFERENCE_CONFIG)
+        if "network_def" not in self.inference:
+            raise BundleError(f"{self.root / INFERENCE_CONFIG}: has no 'network_def'")
+        version = self.metadata.get("version")
+        if not isinstance(version, str) or not version:
+            raise BundleError(f"{self.root / METADATA_CONFIG}: has no 'version'")
+        stand_in = self.metadata.get(STAND_IN_FIELD)
+        self.info = BundleInfo(
+            root=self.root,
+            name=str(self.metadata.get("name") or self.root.name),
+            version=version,
+            stand_in=str(stand_in) if stand_in else None,
+        )
+        self._device = torch.device("cpu")
+        self.parser = self._make_parser()
+
+    # ------------------------------------------------------------------------------------ config
+
+    def _make_parser(self) -> ConfigParser:
+        parser = ConfigParser(globals=dict(_EXPRESSION_GLOBALS))
+        with warnings.catch_warnings():  # older metadata schemas: 'optional_packages_version' is renamed
+            warnings.filterwarnings("ignore", message="Detected deprecated name")
+            parser.read_meta(copy.deepcopy(self.metadata))
+        parser.read_config(copy.deepcopy(self.inference))
+        parser["bundle_root"] = str(self.root)
+        parser["device"] = self._device
+        if "metadata" in self.inference:  # VISTA3D re-reads metadata.json through an expression
+            parser["metadata"] = copy.deepcopy(self.metadata)
+        return parser
+
+    def set_device(self, device: torch.device) -> None:
+        """The value of the config's ``@device`` (used by e.g. ``EnsureTyped``); re-parses the config."""
+        self._device = torch.device(device)
+        self.parser = self._make_parser()
+
+    def get(self, config_id: str, default: Any = None) -> Any:
+        """The resolved content of ``config_id`` (``"patch_size"``, ``"inferer#overlap"``, ``"network_def"``).
+
+        Components are instantiated and ``$`` expressions evaluated, as ``monai.bundle`` does.
+
+        Raises:
+            BundleError: the id exists but cannot be resolved (the message names inference.json).
+        """
+        if config_id not in self.parser:
+            return default
+        try:
+            return self.parser.get_parsed_content(config_id)
+        except Exception as err:
+            raise BundleError(
+                f"{self.root / INFERENCE_CONFIG}: cannot resolve '{config_id}' ({type(err).__name__}: {err})"
+            ) from err
+
+    def raw(self, config_id: str, default: Any = None) -> Any:
+        """The unresolved config content of ``config_id`` (references and expressions as written)."""
+        return self.parser.get(config_id, default)
+
+    def _transform_list_id(self, section: str) -> str:
+        """Config id of the list of transforms of ``section`` (``preprocessing``): its own ``transforms``
+        list, or the list it refers to (VISTA3D: ``"$@preprocessing_transforms "``)."""
+        transforms = self.raw(f"{section}#transforms")
+        if isinstance(transforms, list):
+            return f"{section}#transforms"
+        if isinstance(transforms, str):
+            ref = transforms.strip().lstrip("$").strip()
+            if ref.startswith("@") and isinstance(self.raw(ref[1:]), list):
+                return ref[1:]
+        raise BundleError(f"{self.root / INFERENCE_CONFIG}: '{section}' is not a Compose of a list of transforms")
+
+    def transforms(self, section: str = "preprocessing", skip: Iterable[str] = LOADER_TRANSFORMS) -> list[Any]:
+        """The transforms of ``section``, instantiated from the bundle's config, in its order.
+
+        Args:
+            section: a ``Compose`` entry of inference.json.
+            skip: ``_target_`` class names to leave out (by default the file loaders).
+                Entries marked ``"_disabled_": true`` are left out too.
+        """
+        list_id = self._transform_list_id(section)
+        skipped = set(skip)
+        result = []
+        with warnings.catch_warnings():
+            # MONAI announces changed argument defaults (Orientationd labels) at every instantiation
+            warnings.filterwarnings("ignore", message=".*Current default value of argument", category=FutureWarning)
+            for index, item in enumerate(self.raw(list_id)):
+                if _is_disabled(item) or _target_name(item) in skipped:
+                    continue
+                result.append(self.get(f"{list_id}#{index}"))
+        return result
+
+    def transform_names(self, section: str = "preprocessing") -> list[str]:
+        """``_target_`` class names of ``section``'s transforms, in order (disabled ones left out)."""
+        items = self.raw(self._transform_list_id(section))
+        return [name for item in items if not _is_disabled(item) and (name := _target_name(item))]
+
+    # ----------------------------------------------------------------------------------- weights
+
+    def checkpoint_is_known(self, trusted_sha256: Iterable[str] = ()) -> bool:
+        """Whether ``models/model.pt`` is a known-safe file: its MD5 is one of :data:`KNOWN_CHECKPOINT_MD5`
+        (the official zoo files) or its SHA-256 is in ``trusted_sha256`` (e.g. recorded by
+        ``vila-m3 models pull``)."""
+        path = self.root / CHECKPOINT_FILE
+        if _file_md5(path) in set(KNOWN_CHECKPOINT_MD5.values()):
+            return True
+        trusted = {s.lower() for s in trusted_sha256 if s}
+        return bool(trusted) and _file_sha256(path) in trusted
+
+    def read_state_dict(self, trusted_sha256: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+        """The network weights of ``models/model.pt`` as a state dict on the CPU.
+
+        ``torch.load`` runs with ``weights_only=True`` (tensors, containers and numpy scalar / dtype
+        metadata only; no code runs while reading). A checkpoint that pickles other Python objects is
+        refused, unless it is a known-safe local file (:meth:`checkpoint_is_known`: the official
+        zoo file by its published MD5, or a SHA-256 the caller vouches for); only then is it read
+        again with ``weights_only=False``, deliberately. The checkpoint may be a bare state dict or
+        ``{"model": state_dict, ...}`` as MONAI's CheckpointSaver writes it; a ``module.`` prefix
+        (DataParallel) is removed.
+
+        Raises:
+            BundleError: unreadable, corrupt or truncated file, refused pickle, or no state dict inside.
+        """
+        path = self.root / CHECKPOINT_FILE
+        try:
+            with torch.serialization.safe_globals(_numpy_safe_globals()):
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            if not self.checkpoint_is_known(trusted_sha256):
+                reason = str(err).strip().splitlines()[-1][:300] if str(err).strip() else type(err).__name__
+                raise BundleError(
+                    f"{path}: not a plain checkpoint of tensors (torch.load weights_only=True refused it: "
+                    f"{reason}); it is not a known file either, so it is not unpickled"
+                ) from err
+            try:
+                checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # known-safe, see docstring
+            except Exception as again:
+                raise BundleError(f"{path}: not a readable PyTorch checkpoint ({type(again).__name__})") from again
+        except (RuntimeError, KeyError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError) as err:
+            raise BundleError(
+                f"{path}: not a readable PyTorch checkpoint (corrupt or truncated: {type(err).__name__})"
+            ) from err
+        state = checkpoint
+        if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("model"), Mapping):
+            state = checkpoint["model"]
+        if not isinstance(state, Mapping) or not state or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+        ):
+            raise BundleError(f"{path}: holds no state dict of tensors (got {type(checkpoint).__name__})")
+        if all(k.startswith("module.") for k in state):
+            state = {k[len("module."):]: v for k, v in state.items()}
+        return dict(state)
+
+    def load_network(
+        self, device: str | torch.device | None = None, trusted_sha256: Iterable[str] = ()
+    ) -> torch.nn.Module:
+        """``network_def`` instantiated from inference.json, with the weights of ``models/model.pt``
+        (strict key and shape match), moved to ``device`` and put in eval mode.
+
+        Raises:
+            BundleError: the network cannot be built, or the weights do not fit it (the message names
+                model.pt and the mismatching keys).
+        """
+        device = default_device(device)
+        try:
+            # a parser of its own, dropped afterwards, so that no config cache keeps the network alive
+            network = self._make_parser().get_parsed_content("network_def")
+        except Exception as err:
+            raise BundleError(
+                f"{self.root / INFERENCE_CONFIG}: cannot build 'network_def' ({type(err).__name__}: {err})"
+            ) from err
+        if not isinstance(network, torch.nn.Module):
+            raise BundleError(f"{self.root / INFERENCE_CONFIG}: 'network_def' is not a torch module")
+        state = self.read_state_dict(trusted_sha256)
+        try:
+            network.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            expected = network.state_dict()
+            missing = sorted(set(expected) - set(state))
+            unexpected = sorted(set(state) - set(expected))
+            shapes = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+            details = "; ".join(
+                f"{label} {len(keys)} (e.g. {keys[0]})"
+                for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
+                if keys
+            )
+            raise BundleError(
+                f"{self.root / CHECKPOINT_FILE}: the weights do not fit the network_def of "
+                f"{INFERENCE_CONFIG}: {details or err}"
+            ) from err
+        return network.to(device).eval()
+
+
+def image_from_arrays(arrays: Sequence[np.ndarray], geometry: Geometry, dtype: Any = np.float32) -> MetaTensor:
+    """An image as MONAI's ``LoadImaged`` gives it, from (z, y, x) arrays on one grid.
+
+    One array gives a channel-less (X, Y, Z) MetaTensor (``original_channel_dim`` "no_channel", so the
+    bundle's ``EnsureChannelFirstd`` adds the channel); several give a (C, X, Y, Z) stack, as
+    ``LoadImaged`` does for a list of files. The affine is ``geometry`` in MONAI's RAS convention.
+
+    Args:
+        arrays: voxel arrays in (z, y, x) order, each of shape ``geometry.shape[::-1]``.
+        geometry: their common grid (LPS).
+        dtype: numpy dtype of the voxels (float32, as ``LoadImaged`` gives them); None keeps the arrays' own.
+    """
+    volumes = [np.ascontiguousarray(np.asarray(a).transpose(2, 1, 0)) for a in arrays]
+    if dtype is not None:
+        volumes = [v.astype(dtype, copy=False) for v in volumes]
+    affine = torch.as_tensor(_LPS_TO_RAS @ geometry.affine_lps, dtype=torch.float64)
+    data = volumes[0] if len(volumes) == 1 else np.stack(volumes)
+    meta = {
+        "original_affine": affine.clone(),
+        "spatial_shape": np.asarray(geometry.shape),
+        "original_channel_dim": "no_channel" if len(volumes) == 1 else 0,
+        "space": "RAS",
+        "filename_or_obj": "",
+    }
+    return MetaTensor(torch.from_numpy(data), affine=affine, meta=meta)
+
+
+def ras_affine(geometry: Geometry) -> np.ndarray:
+    """``geometry``'s (4, 4) voxel → RAS mm affine, as MONAI stores it."""
+    return _LPS_TO_RAS @ geometry.affine_lps
+
+
+class LazyNetwork:
+    """A bundle's network, loaded on first use and kept until :meth:`release`.
+
+    Thread-safe: concurrent first uses load it once. ``load_count`` says how many times it was loaded.
+
+    Args:
+        bundle_dir: the bundle folder; validated now (:class:`BundleError` at once if incomplete).
+        device: where the network runs; None: CUDA if available, else CPU.
+        trusted_sha256: SHA-256 sums of ``models/model.pt`` the caller vouches for (see
+            :meth:`MonaiBundle.read_state_dict`).
+    """
+
+    def __init__(
+        self, bundle_dir: str | Path, device: str | torch.device | None = None, trusted_sha256: Iterable[str] = ()
+    ) -> None:
+        self.device = default_device(device)
+        self.bundle = MonaiBundle(bundle_dir)
+        self.bundle.set_device(self.device)
+        self.trusted_sha256 = tuple(trusted_sha256)
+        self.load_count = 0
+        self._network: torch.nn.Module | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the network is in memory now."""
+        return self._network is not None
+
+    def get(self) -> torch.nn.Module:
+        """The network in eval mode on ``device`` (loaded now if it is not yet)."""
+        with self._lock:
+            if self._network is None:
+                self._network = self.bundle.load_network(self.device, self.trusted_sha256)
+                self.load_count += 1
+            return self._network
+
+    def release(self) -> None:
+        """Drop the network (GPU memory is returned to the driver's cache and emptied)."""
+        with self._lock:
+            self._network = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
