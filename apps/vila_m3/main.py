@@ -5,6 +5,9 @@ A thin shell over the ``vila_m3`` package. App settings (``--conf KEY VALUE``):
 - ``models``: ``all`` (default) or a comma list of infer tasks (``vila_m3``, ``vista3d``, ``brats``, ``cxr``);
 - ``models_dir``: where weights are staged (default ``$VILA_M3_MODELS_DIR`` or ``./models``);
 - ``vlm``: the VILA-M3 checkpoint of ``configs/models.yaml`` the chat task uses;
+- ``vlm_url`` + ``vlm_model``: answer chats with a remote OpenAI-compatible server instead (vLLM, NIM,
+  TGI; API key in ``VILA_M3_REMOTE_API_KEY``); the chat task then needs no local checkpoint;
+- ``chats_dir``: where chats are kept (default ``<app>/chats``); ``chat_max_rounds``: expert rounds per turn (3);
 - ``expert_idle_release_s``: seconds after which an unused expert frees its weights (default 600; 0 = never).
 
 A task whose weights are missing is not registered; the log says why, once, at start.
@@ -14,16 +17,23 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 # Nothing is downloaded at run time: weights are staged beforehand.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from fastapi import HTTPException
+from lib.chat import ChatInferTask, ChatTurns, chat_router
 from lib.infers import BratsInferTask, CxrInferTask, Vista3DInferTask
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 import vila_m3
+from vila_m3.chat.loop import DEFAULT_MAX_ROUNDS, ChatLoop
+from vila_m3.chat.store import ChatStore
+from vila_m3.chat.vlm_backend import open_vlm, remote_settings
+from vila_m3.configs import load_config
 from vila_m3.experts.registry import ExpertRegistry
 from vila_m3.experts.service import DEFAULT_IDLE_RELEASE_S, ExpertService
 from vila_m3.models.manifest import resolve_models_dir
@@ -37,8 +47,10 @@ class VilaM3App(MONAILabelApp):
 
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]):
         self.models_dir = resolve_models_dir(conf.get("models_dir"))
+        self.vlm_id = conf.get("vlm") or load_config("app.yaml")["default_vlm"]
         self.task_statuses: list[TaskStatus] = task_statuses(
-            select_tasks(conf.get("models")), self.models_dir, vlm_id=conf.get("vlm")
+            select_tasks(conf.get("models")), self.models_dir, vlm_id=self.vlm_id,
+            remote_vlm=remote_settings(conf) is not None,
         )
         logger.info("VILA-M3 infer tasks (models dir %s):\n%s", self.models_dir, format_statuses(self.task_statuses))
         super().__init__(
@@ -51,23 +63,26 @@ class VilaM3App(MONAILabelApp):
         )
 
     def init_infers(self) -> dict[str, InferTask]:
-        """The infer tasks whose weights are staged."""
+        """The infer tasks whose weights are staged (or, for the chat, whose remote VLM is set)."""
         available = {status.name for status in self.task_statuses if status.available}
-        registry = ExpertRegistry.from_config()
+        catalogue = task_catalogue()
+        usable_experts = {catalogue[name]["expert"] for name in available if catalogue[name].get("expert")}
+        registry = ExpertRegistry.from_config(
+            available=lambda spec: None if spec.name in usable_experts else "not staged or not selected on this server"
+        )
         self.experts = ExpertService(
             self.models_dir,
             registry=registry,
             idle_release_s=float(self.conf.get("expert_idle_release_s", DEFAULT_IDLE_RELEASE_S)),
         )
-        catalogue = task_catalogue()
         infers: dict[str, InferTask] = {}
-        for name in available:
+        for name in [name for name in catalogue if name in available]:
             task = catalogue[name]
-            if not task.get("expert"):
-                logger.warning("%s: weights are staged, but this version has no infer task for it yet", name)
+            description = str(task.get("description", ""))
+            if task.get("vlm"):
+                infers[name] = self._chat_task(registry, description)
                 continue
             spec = registry.configured_spec(task["expert"])
-            description = str(task.get("description", ""))
             if spec.runner == "vista3d":
                 infers[name] = Vista3DInferTask(self.experts, spec, InferType.SEGMENTATION, 3, description)
             elif spec.runner == "brats":
@@ -75,3 +90,30 @@ class VilaM3App(MONAILabelApp):
             elif spec.runner == "cxr":
                 infers[name] = CxrInferTask(self.experts, spec, description)
         return infers
+
+    def _chat_task(self, registry: ExpertRegistry, description: str) -> ChatInferTask:
+        """The chat infer task, and its streaming routes on this server."""
+        chats_dir = Path(self.conf.get("chats_dir") or Path(self.app_dir) / "chats")
+        max_rounds = int(self.conf.get("chat_max_rounds", DEFAULT_MAX_ROUNDS))
+
+        def make_loop() -> ChatLoop:
+            vlm = open_vlm(self.conf, self.models_dir, self.vlm_id)
+            return ChatLoop(vlm, self.experts, registry, ChatStore(chats_dir), max_rounds=max_rounds)
+
+        turns = ChatTurns(make_loop, self.datastore())
+        from monailabel.app import app as server  # the running FastAPI app
+
+        server.include_router(chat_router(turns, self._image_path))
+        return ChatInferTask(turns, description)
+
+    def _image_path(self, image: str, session_id: str) -> str:
+        """The file of a datastore image id or a session (the same lookup ``/infer`` does)."""
+        if session_id:
+            session = self.sessions().get_session(session_id)
+            if session is None:
+                raise HTTPException(422, f"session '{session_id}' not found (expired?)")
+            return session.image
+        uri = self.datastore().get_image_uri(image) if image else ""
+        if not uri or not os.path.exists(uri):
+            raise HTTPException(422, f"image '{image}' is not in the datastore")
+        return uri

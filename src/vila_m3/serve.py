@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vila_m3.chat.vlm_backend import remote_settings
 from vila_m3.models.manifest import resolve_models_dir
 from vila_m3.tasks import TaskStatus, format_statuses, select_tasks, task_statuses
 
@@ -110,7 +111,7 @@ def plan_server(
     conf.setdefault("models", "all")
     try:
         names = select_tasks(conf["models"])
-        statuses = task_statuses(names, models, vlm_id=conf.get("vlm"))
+        statuses = task_statuses(names, models, vlm_id=conf.get("vlm"), remote_vlm=remote_settings(conf) is not None)
     except (ValueError, KeyError) as err:
         raise ServeError(str(err).strip("'\"")) from None
     check_port_free(host, port)

@@ -73,10 +73,13 @@ def _expert_weights(expert_name: str) -> tuple[str, ...]:
     raise TaskSelectionError(f"configs/app.yaml names expert '{expert_name}', which experts.yaml does not define")
 
 
-def required_models(task: dict, vlm_id: str) -> tuple[str, ...]:
-    """The model ids of the manifest that ``task`` (an entry of the catalogue) needs."""
+def required_models(task: dict, vlm_id: str, remote_vlm: bool = False) -> tuple[str, ...]:
+    """The model ids of the manifest that ``task`` (an entry of the catalogue) needs.
+
+    With a remote VLM (``--conf vlm_url``) the chat task needs no local weights.
+    """
     if task.get("vlm"):
-        return (vlm_id,)
+        return () if remote_vlm else (vlm_id,)
     if task.get("expert"):
         return _expert_weights(task["expert"])
     return ()
@@ -88,6 +91,7 @@ def task_statuses(
     vlm_id: str | None = None,
     catalogue: dict[str, dict] | None = None,
     manifest: ModelManifest | None = None,
+    remote_vlm: bool = False,
 ) -> list[TaskStatus]:
     """Whether each selected task can run with the weights under ``models_dir``.
 
@@ -104,7 +108,7 @@ def task_statuses(
     statuses = []
     for name in names:
         task = catalogue[name]
-        model_ids = required_models(task, vlm_id)
+        model_ids = required_models(task, vlm_id, remote_vlm)
         missing = tuple(manifest.missing(model_ids, models_dir))
         reason = None
         if missing:

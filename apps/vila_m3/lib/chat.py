@@ -1,0 +1,244 @@
+"""The VILA-M3 chat as a MONAI Label infer task (``POST /infer/vila_m3``) and its extra routes:
+
+- ``POST /vila_m3/chat/stream?image=ID|session_id=ID`` (form ``params`` as for the infer task): the
+  turn as server-sent events: ``token``, ``expert_started``, ``expert_finished``, ``labelmap`` (its
+  URL), then ``final`` with the same JSON as the infer task, or ``error``;
+- ``POST /vila_m3/chat/{chat_id}/cancel``: stop the chat's running turn (closing the stream does too);
+- ``GET /vila_m3/chat/{chat_id}``: the stored chat; ``GET /vila_m3/chat/{chat_id}/labels``: its last labelmap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import APIRouter, Depends, Form, HTTPException, Request
+from fastapi.responses import FileResponse, StreamingResponse
+from monailabel.config import settings
+from monailabel.endpoints.user.auth import RBAC, User
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+from lib.infers import BAD_INPUT
+from vila_m3.chat.loop import ChatLoop, TurnRequest, TurnResult
+from vila_m3.chat.store import ChatIdError
+from vila_m3.chat.study import StudyError
+from vila_m3.imaging import VolumeReadError
+from vila_m3.imaging.sequences import SEQUENCE_ALIASES, sibling_sequences
+from vila_m3.vlm.errors import VlmError
+
+logger = logging.getLogger(__name__)
+ROUTE_PREFIX = "/vila_m3/chat"
+
+
+class ChatTurns:
+    """Turns a MONAI Label request into a chat turn; shared by the infer task and the stream route.
+
+    ``loop_factory`` builds the ChatLoop on first use (loading a checkpoint takes a while).
+    """
+
+    def __init__(self, loop_factory: Callable[[], ChatLoop], datastore: Any):
+        self._loop_factory = loop_factory
+        self._loop: ChatLoop | None = None
+        self._loop_lock = threading.Lock()
+        self.datastore = datastore
+        self.running: dict[str, threading.Event] = {}
+
+    @property
+    def loop(self) -> ChatLoop:
+        with self._loop_lock:
+            if self._loop is None:
+                self._loop = self._loop_factory()
+            return self._loop
+
+    def turn_request(self, request: dict[str, Any]) -> TurnRequest:
+        prompt = request.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise HTTPException(BAD_INPUT, "params.prompt (the question) is required")
+        chat_id = request.get("chat_id")
+        if not isinstance(chat_id, str) or not chat_id:
+            raise HTTPException(BAD_INPUT, "params.chat_id is required (any id the client keeps for this chat)")
+        index = request.get("slice_index")
+        if index is not None and (isinstance(index, bool) or not isinstance(index, int)):
+            raise HTTPException(BAD_INPUT, f"params.slice_index must be an integer, got {index!r}")
+        numbers = {}
+        for key, kind in (("max_new_tokens", int), ("temperature", float), ("top_p", float)):
+            if request.get(key) is not None:
+                try:
+                    numbers[key] = kind(request[key])
+                except (TypeError, ValueError):
+                    raise HTTPException(BAD_INPUT, f"params.{key} must be a number, got {request[key]!r}") from None
+        image = request.get("image") or ""
+        return TurnRequest(
+            chat_id=chat_id, question=prompt, images=self.images(request, image), axis=request.get("axis") or "axial",
+            slice_index=index, modality=request.get("modality"), study={"image": request.get("image_id") or image},
+            **numbers,
+        )
+
+    def images(self, request: dict[str, Any], image: str) -> dict[str, str]:
+        """``{"image": path}``, or the four sequences (given as ``params.sequences`` or found beside ``image``)."""
+        given = request.get("sequences")
+        if given:
+            if not isinstance(given, dict):
+                raise HTTPException(BAD_INPUT, "params.sequences must map t1c, t1, t2, flair to image ids")
+            return {name: self._path(value) for name, value in given.items()}
+        if not image:
+            raise HTTPException(BAD_INPUT, "an image id, a session or params.sequences is required")
+        siblings = sibling_sequences(image) if os.path.isfile(image) else {}
+        if len(siblings) == len(set(SEQUENCE_ALIASES.values())):
+            return {name: str(path) for name, path in siblings.items()}
+        return {"image": image}
+
+    def _path(self, image: str) -> str:
+        if os.path.exists(image):
+            return image
+        uri = self.datastore.get_image_uri(image)
+        if not uri or not os.path.exists(uri):
+            raise HTTPException(BAD_INPUT, f"image '{image}' is not in the datastore")
+        return uri
+
+    def run(self, request: dict[str, Any], on_event=None) -> TurnResult:
+        turn = self.turn_request(request)
+        cancel = threading.Event()
+        self.running[turn.chat_id] = cancel
+        try:
+            return self.loop.run_turn(turn, on_event=on_event, cancel=cancel)
+        except (StudyError, ChatIdError, VolumeReadError, FileNotFoundError) as err:
+            raise HTTPException(BAD_INPUT, str(err)) from None
+        except VlmError as err:
+            raise HTTPException(503, f"the VLM could not answer: {err}") from None
+        finally:
+            self.running.pop(turn.chat_id, None)
+
+    def labels_file(self, chat_id: str) -> str | None:
+        chat = self.loop.store.load(chat_id)
+        if not chat.labels:
+            return None
+        return str(self.loop.store.folder(chat_id) / chat.labels)
+
+
+class ChatInferTask(InferTask):
+    """``POST /infer/vila_m3?image=ID`` with params ``{"prompt", "chat_id", "slice_index", "axis", ...}``."""
+
+    def __init__(self, turns: ChatTurns, description: str):
+        super().__init__(type=InferType.OTHERS, labels=None, dimension=3, description=description,
+                         config={"prompt": "", "chat_id": "", "axis": ["axial", "coronal", "sagittal"]})
+        self.turns = turns
+
+    def is_valid(self) -> bool:
+        return True
+
+    def __call__(self, request: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+        result = self.turns.run(request)
+        answer = result.as_dict()
+        if result.labels is None:
+            return None, answer
+        label_file = self.turns.labels_file(result.chat.chat_id)
+        handle, copy = tempfile.mkstemp(suffix=".nii.gz", prefix="vila_m3-")  # MONAI Label deletes what it sends
+        os.close(handle)
+        shutil.copyfile(label_file, copy)
+        return copy, answer
+
+
+def chat_router(turns: ChatTurns, resolve_image: Callable[[str, str], str]) -> APIRouter:
+    """The extra routes; ``resolve_image(image_id, session_id)`` gives the file path of the request's image."""
+    router = APIRouter(prefix=ROUTE_PREFIX, tags=["VILA-M3 chat"])
+    user_role = RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)
+
+    @router.post("/stream", summary="Run a chat turn and stream it as server-sent events")
+    async def stream(http_request: Request, image: str = "", session_id: str = "", params: str = Form("{}"),
+                     user: User = Depends(user_role)) -> StreamingResponse:
+        try:
+            request = json.loads(params or "{}")
+        except json.JSONDecodeError as err:
+            raise HTTPException(BAD_INPUT, f"params is not JSON: {err}") from None
+        request["image"] = resolve_image(image, session_id)
+        request["image_id"] = image or session_id
+        turns.turn_request(request)  # reject bad requests before the stream starts
+        return StreamingResponse(_events(turns, request, http_request), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @router.post("/{chat_id}/cancel", summary="Stop the chat's running turn")
+    async def cancel(chat_id: str, user: User = Depends(user_role)) -> dict[str, Any]:
+        event = turns.running.get(chat_id)
+        if event is not None:
+            event.set()
+        return {"chat_id": chat_id, "cancelled": event is not None}
+
+    @router.get("/{chat_id}", summary="The stored chat: transcript, study, modality")
+    async def get_chat(chat_id: str, user: User = Depends(user_role)) -> dict[str, Any]:
+        try:
+            chat = turns.loop.store.load(chat_id)
+        except ChatIdError as err:
+            raise HTTPException(BAD_INPUT, str(err)) from None
+        if not chat.messages:
+            raise HTTPException(404, f"no chat '{chat_id}'")
+        return chat.as_dict()
+
+    @router.get("/{chat_id}/labels", summary="The chat's last labelmap (NIfTI, in the volume's geometry)")
+    async def get_labels(chat_id: str, user: User = Depends(user_role)) -> FileResponse:
+        try:
+            path = turns.labels_file(chat_id)
+        except ChatIdError as err:
+            raise HTTPException(BAD_INPUT, str(err)) from None
+        if path is None or not os.path.isfile(path):
+            raise HTTPException(404, f"chat '{chat_id}' has no labelmap")
+        return FileResponse(path, media_type="application/gzip", filename=f"{chat_id}_labels.nii.gz")
+
+    return router
+
+
+def _sse(event: str, data: Any) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+async def _events(turns: ChatTurns, request: dict[str, Any], http_request: Request) -> AsyncIterator[bytes]:
+    """Run the turn in a worker thread and relay its events; a closed connection cancels the turn."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    def on_event(name: str, data: dict[str, Any]) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, (name, data))
+
+    def work() -> None:
+        try:
+            result = turns.run(request, on_event=on_event)
+            if result.labels is not None:
+                on_event("labelmap", {"url": f"{ROUTE_PREFIX}/{result.chat.chat_id}/labels"})
+            on_event("final", result.as_dict())
+        except HTTPException as err:
+            on_event("error", {"status": err.status_code, "detail": err.detail})
+        except Exception as err:  # the stream must end with an event the client can show
+            logger.exception("chat turn failed")
+            on_event("error", {"status": 500, "detail": f"{type(err).__name__}: {err}"})
+        finally:
+            loop.call_soon_threadsafe(queue.put_nowait, done)
+
+    worker = loop.run_in_executor(None, work)
+    chat_id = request.get("chat_id")
+    try:
+        while True:
+            try:
+                item = await asyncio.wait_for(queue.get(), timeout=1.0)
+            except TimeoutError:
+                if await http_request.is_disconnected():
+                    raise asyncio.CancelledError from None
+                yield b": keep-alive\n\n"
+                continue
+            if item is done:
+                break
+            yield _sse(*item)
+    except asyncio.CancelledError:
+        event = turns.running.get(chat_id)
+        if event is not None:
+            event.set()
+        raise
+    finally:
+        await asyncio.shield(worker)

@@ -1,0 +1,342 @@
+"""One chat turn: render the slice, prompt the model, run the experts it asks for on the whole
+volume, feed their results back, and let it answer again (EXPERT_PROTOCOL.md §1-§3).
+
+Only text the model generated is scanned for triggers; the user's words never are. Every answer,
+including those after feedback, is scanned; expert rounds are bounded; an expert failure becomes an
+expert message to the model and a visible error, never an exception out of the turn.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from vila_m3.chat.store import Chat, ChatStore
+from vila_m3.chat.study import Study, StudyError, open_study
+from vila_m3.chat.transcript import Message, vlm_conversation
+from vila_m3.experts.colors import overlay_colors_float
+from vila_m3.experts.feedback import brats_feedback, error_feedback, segmentation_feedback
+from vila_m3.experts.registry import ExpertRegistry, ExpertSpec
+from vila_m3.experts.service import ExpertService
+from vila_m3.experts.triggers import Trigger, find_triggers
+from vila_m3.imaging import Volume, write_labelmap
+from vila_m3.imaging.overlay import render_overlay
+from vila_m3.vlm.errors import PromptTooLongError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_ROUNDS = 3
+EventSink = Callable[[str, dict[str, Any]], None]
+
+
+class ChatVLM(Protocol):
+    """What the loop needs of a VLM: the local checkpoint (VilaChat) and RemoteVLM both fit."""
+
+    is_stand_in: bool
+
+    def generate(self, conversation, images=(), max_new_tokens: int = 1024, temperature: float = 0.0,
+                 top_p: float = 1.0, min_new_tokens: int = 2, stream=None, cancel=None, **kwargs) -> Any: ...
+
+
+@dataclass
+class TurnRequest:
+    """One question of the annotator.
+
+    Attributes:
+        chat_id: the chat this turn belongs to (created on first use).
+        question: the annotator's words.
+        images: ``{"image": path}`` or the four MRI sequences ``{"t1c": path, "t1": ..., "t2": ..., "flair": ...}``.
+        axis, slice_index: the slice on screen (index along the RAS-oriented axis; None = middle).
+        modality: the client's override (``CT``, ``MRI``, ``CXR``), else detected from the data.
+        study: what to remember about the study (e.g. datastore image ids), stored with the chat.
+    """
+
+    chat_id: str
+    question: str
+    images: Mapping[str, str | Path]
+    axis: str = "axial"
+    slice_index: int | None = None
+    modality: str | None = None
+    max_new_tokens: int = 1024
+    temperature: float = 0.0
+    top_p: float = 1.0
+    study: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ExpertCall:
+    """One expert run within a turn."""
+
+    expert: str
+    argument: str | None
+    seconds: float
+    cached: bool = False
+    error: str | None = None
+    label_names: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = {"expert": self.expert, "argument": self.argument, "seconds": round(self.seconds, 4),
+                "cached": self.cached, "label_names": self.label_names}
+        if self.error:
+            data["error"] = self.error
+        return data
+
+
+@dataclass
+class TurnResult:
+    """Everything a client gets back from a turn (``as_dict`` is the JSON of the infer task)."""
+
+    chat: Chat
+    answer: str
+    first_message: int
+    experts: list[ExpertCall]
+    labels: Volume | None
+    label_names: dict[str, int]
+    label_colors: dict[str, list[int]]
+    timings: list[dict[str, Any]]
+    vlm: dict[str, Any]
+    axis: str
+    slice_index: int
+    cancelled: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        messages = [message.as_dict() for message in self.chat.messages]
+        return {
+            "chat_id": self.chat.chat_id,
+            "answer": self.answer,
+            "transcript": messages,
+            "turn": messages[self.first_message:],
+            "experts": [call.as_dict() for call in self.experts],
+            "label_names": self.label_names,
+            "label_colors": self.label_colors,
+            "timings": self.timings,
+            "vlm": self.vlm,
+            "modality": self.chat.modality,
+            "slice": {"axis": self.axis, "index": self.slice_index},
+            "cancelled": self.cancelled,
+        }
+
+
+class ChatLoop:
+    """Runs chat turns against one VLM and the experts of one server.
+
+    Args:
+        vlm: the model (``VilaChat``, ``RemoteVLM`` or a test double).
+        experts: the shared expert runners and caches.
+        registry: the experts the model is told about (only available ones are in the card).
+        store: where chats live.
+        max_rounds: expert rounds per turn (feedback → answer); further triggers are reported, not run.
+        max_triggers: distinct triggers run from one answer.
+    """
+
+    def __init__(self, vlm: ChatVLM, experts: ExpertService, registry: ExpertRegistry, store: ChatStore,
+                 max_rounds: int = DEFAULT_MAX_ROUNDS, max_triggers: int = 8, vlm_name: str | None = None):
+        self.vlm = vlm
+        self.experts = experts
+        self.registry = registry
+        self.store = store
+        self.max_rounds = max_rounds
+        self.max_triggers = max_triggers
+        describe = getattr(vlm, "describe", None)
+        self.vlm_info = {
+            "name": vlm_name or (describe() if callable(describe) else type(vlm).__name__),
+            "stand_in": bool(getattr(vlm, "is_stand_in", False)),
+        }
+        if self.vlm_info["stand_in"]:
+            self.vlm_info["notice"] = "tiny random stand-in weights: the answers are not a medical model's"
+
+    # --- the turn ------------------------------------------------------------------------------
+
+    def run_turn(self, request: TurnRequest, on_event: EventSink | None = None,
+                 cancel: threading.Event | None = None) -> TurnResult:
+        """Run one turn; the chat is saved after every message, so nothing is lost if a step fails."""
+        emit = on_event or (lambda name, data: None)
+        if not isinstance(request.question, str) or not request.question.strip():
+            raise StudyError("the question is empty")
+        with self.store.lock(request.chat_id):
+            return self._run_locked(request, emit, cancel or threading.Event())
+
+    def _run_locked(self, request: TurnRequest, emit: EventSink, cancel: threading.Event) -> TurnResult:
+        timings: list[dict[str, Any]] = []
+        clock = time.perf_counter()
+
+        def step(name: str, began: float) -> None:
+            timings.append({"step": name, "seconds": round(time.perf_counter() - began, 4)})
+
+        chat = self.store.load(request.chat_id)
+        study = open_study(request.images, self.experts.load_volume, request.modality or chat.modality)
+        axis, index = study.check_slice(request.axis, request.slice_index)
+        step("load", clock)
+
+        began = time.perf_counter()
+        first_message = len(chat.messages)
+        chat.study = {**chat.study, **request.study, "images": study.paths}
+        chat.modality = study.modality
+        user = self._user_message(chat, study, request.question, axis, index)
+        chat.messages.append(user)
+        self.store.save(chat)
+        step("render", began)
+
+        calls: list[ExpertCall] = []
+        labels: tuple[Volume, dict[int, str]] | None = None
+        answer, cancelled = "", False
+        for round_number in range(self.max_rounds + 1):
+            began = time.perf_counter()
+            answer, cancelled = self._generate(chat, request, emit, cancel, round_number)
+            step(f"generate {round_number + 1}", began)
+            chat.messages.append(Message("assistant", answer))
+            self.store.save(chat)
+            if cancelled:
+                break
+            scan = find_triggers(answer, self.registry, max_triggers=self.max_triggers)
+            for problem in scan.problems:
+                chat.messages.append(Message("expert", "", error=problem, to_model=False))
+            if not scan.triggers:
+                break
+            if round_number == self.max_rounds:
+                names = ", ".join(trigger.raw for trigger in scan.triggers)
+                chat.messages.append(Message("expert", "", to_model=False, error=(
+                    f"expert round limit ({self.max_rounds}) reached; not run: {names}")))
+                break
+            question = None if scan.segmented_only else request.question
+            for trigger in scan.triggers:
+                began = time.perf_counter()
+                message, call, produced = self._run_expert(chat, study, trigger, axis, index, question, emit)
+                step(f"expert {trigger.name}", began)
+                chat.messages.append(message)
+                calls.append(call)
+                labels = produced or labels
+                self.store.save(chat)
+            if scan.segmented_only:
+                break
+
+        label_names, label_colors = {}, {}
+        if labels is not None:
+            volume, names = labels
+            label_names = {name: int(label_id) for label_id, name in sorted(names.items())}
+            chat.labels = self._store_labels(chat, volume)
+            label_colors = self._display_colors(calls, names)
+        self.store.save(chat)
+        timings.append({"step": "total", "seconds": round(time.perf_counter() - clock, 4)})
+        return TurnResult(chat, answer, first_message, calls, labels[0] if labels else None, label_names,
+                          label_colors, timings, dict(self.vlm_info), axis, index, cancelled)
+
+    # --- steps ---------------------------------------------------------------------------------
+
+    def _user_message(self, chat: Chat, study: Study, question: str, axis: str, index: int) -> Message:
+        """The annotator's turn as the model sees it: card (first turn), slice(s), modality line, question."""
+        number = sum(1 for message in chat.messages if message.role == "user") + 1
+        names = []
+        for position, picture in enumerate(study.render(axis, index)):
+            names.append(self.store.save_image(chat.chat_id, f"turn{number:03d}_slice{position}.png", picture))
+        if study.is_brats:
+            preamble = ("T1(contrast enhanced): <image>, T1: <image>, T2: <image>, FLAIR: <image> "
+                        "These are different MRI modalities.\n")
+        else:
+            preamble = f"<image>This is a {study.modality} image.\n"
+        card = self.registry.model_card() if not any(m.role == "user" for m in chat.messages) else ""
+        return Message("user", card + preamble + question, images=names, question=question)
+
+    def _generate(self, chat: Chat, request: TurnRequest, emit: EventSink, cancel: threading.Event,
+                  round_number: int) -> tuple[str, bool]:
+        """The model's answer to the chat so far; drops the oldest exchanges if the context is full."""
+        messages = list(chat.messages)
+        while True:
+            turns, image_names = vlm_conversation(messages)
+            images = [self.store.image(chat.chat_id, name) for name in image_names]
+            try:
+                result = self.vlm.generate(
+                    turns, images, max_new_tokens=request.max_new_tokens, temperature=request.temperature,
+                    top_p=request.top_p, stream=lambda piece: emit("token", {"text": piece, "round": round_number}),
+                    cancel=cancel,
+                )
+            except PromptTooLongError:
+                shorter = self._drop_oldest_exchange(messages)
+                if shorter is None:
+                    raise
+                messages = shorter
+                continue
+            return result.text, result.stopped_by == "cancelled"
+
+    def _drop_oldest_exchange(self, messages: list[Message]) -> list[Message] | None:
+        """``messages`` without the first question and its answers (the card moves to the next question)."""
+        questions = [i for i, message in enumerate(messages) if message.role == "user" and message.question]
+        if len(questions) < 2:
+            return None
+        kept = messages[questions[1]:]
+        first = kept[0]
+        kept[0] = Message("user", self.registry.model_card() + first.text, list(first.images), first.question)
+        return kept
+
+    def _run_expert(self, chat: Chat, study: Study, trigger: Trigger, axis: str, index: int,
+                    question: str | None, emit: EventSink) -> tuple[Message, ExpertCall, tuple | None]:
+        """Run one trigger on the whole study; failures become an expert message, never an exception."""
+        emit("expert_started", {"expert": trigger.name, "argument": trigger.argument})
+        began = time.perf_counter()
+        spec = self.registry.get(trigger.name)
+        try:
+            message, call, produced = self._expert_result(chat, study, spec, trigger, axis, index, question)
+        except Exception as err:  # an expert failing must not end the turn; the model and user are told
+            logger.warning("expert %s(%s) failed: %s", trigger.name, trigger.argument, err)
+            text = error_feedback(str(err))
+            message = Message("expert", text, expert=trigger.name, argument=trigger.argument, error=str(err))
+            call, produced = ExpertCall(trigger.name, trigger.argument, 0.0, error=str(err)), None
+        call.seconds = time.perf_counter() - began
+        emit("expert_finished", call.as_dict())
+        return message, call, produced
+
+    def _expert_result(self, chat: Chat, study: Study, spec: ExpertSpec, trigger: Trigger, axis: str,
+                       index: int, question: str | None) -> tuple[Message, ExpertCall, tuple | None]:
+        number = sum(1 for message in chat.messages if message.role == "expert") + 1
+        if spec.runner == "cxr":
+            if study.modality != "CXR":
+                raise StudyError(f"{spec.name} runs on chest X-rays; this study is {study.modality}")
+            run = self.experts.classify_cxr(study.primary_path)
+            text = run.result.feedback_text(question)
+            message = Message("expert", text, expert=spec.name, argument=trigger.argument)
+            return message, ExpertCall(spec.name, trigger.argument, 0.0, run.cached), None
+
+        if spec.runner == "brats":
+            if not study.is_brats:
+                raise StudyError(f"{spec.name} needs the four MRI sequences (T1c, T1, T2, FLAIR); this study has one image")
+            run = self.experts.segment_brain(study.paths)
+        elif spec.runner == "vista3d":
+            if study.modality != "CT":
+                raise StudyError(f"{spec.name} segments CT volumes; this study is {study.modality}")
+            run = self.experts.segment_ct(study.primary_path, argument=trigger.argument)
+        else:
+            raise StudyError(f"{spec.name} is not run by this product")
+        result = run.result
+        overlay, drawn = render_overlay(study.primary, result.labels, axis, index, overlay_colors_float(),
+                                        modality=study.modality)
+        present = [label_id for label_id, _ in drawn]
+        image = self.store.save_image(chat.chat_id, f"expert{number:03d}_{spec.name.lower()}.png", overlay)
+        if spec.runner == "brats":
+            text = brats_feedback(present, question)
+        else:
+            text = segmentation_feedback(present, result.label_names, question)
+        names = {name: int(label_id) for label_id, name in sorted(result.label_names.items())}
+        message = Message("expert", text, images=[image], expert=spec.name, argument=trigger.argument)
+        return message, ExpertCall(spec.name, trigger.argument, 0.0, run.cached, label_names=names), (
+            result.labels, dict(result.label_names))
+
+    def _store_labels(self, chat: Chat, labels: Volume) -> str:
+        """Keep the turn's labelmap in the chat folder (the data engine and corrections use it)."""
+        number = sum(1 for message in chat.messages if message.role == "user")
+        name = f"turn{number:03d}_labels.nii.gz"
+        write_labelmap(labels.array, labels.geometry, self.store.folder(chat.chat_id) / name)
+        return name
+
+    def _display_colors(self, calls: list[ExpertCall], names: Mapping[int, str]) -> dict[str, list[int]]:
+        """Slicer display colours (RGB 0-255) of the returned labels, from the expert's config."""
+        expert = next((call.expert for call in reversed(calls) if call.label_names), None)
+        if expert is None:
+            return {}
+        spec = self.registry.get(expert)
+        return {name: list(spec.label_color(int(label_id))) for label_id, name in sorted(names.items())}
+

@@ -1,0 +1,121 @@
+"""Chats on disk: one folder per chat with ``chat.json`` (the transcript and what it is about) and
+the PNG images the model saw. A chat survives a server restart; writes are atomic, so a request
+that fails halfway never loses what was there before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from vila_m3.chat.transcript import Message
+
+_CHAT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class ChatIdError(ValueError):
+    """A chat id that is not safe as a folder name."""
+
+
+@dataclass
+class Chat:
+    """A conversation about one study.
+
+    Attributes:
+        chat_id: the client's id (letters, digits, ``_``, ``-``, ``.``; at most 128).
+        study: what the chat is about, e.g. ``{"image": "ct_abdomen"}`` or the four sequences.
+        modality: ``CT``, ``MRI`` or ``CXR`` as decided on the first turn.
+        messages: the transcript.
+        labels: the last labelmap the experts produced, as a file name in the chat folder, if any.
+    """
+
+    chat_id: str
+    study: dict[str, Any] = field(default_factory=dict)
+    modality: str | None = None
+    messages: list[Message] = field(default_factory=list)
+    labels: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "chat_id": self.chat_id,
+            "study": self.study,
+            "modality": self.modality,
+            "labels": self.labels,
+            "messages": [message.as_dict() for message in self.messages],
+        }
+
+
+class ChatStore:
+    """All chats under one folder; one lock per chat so a chat's turns run one at a time."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    @staticmethod
+    def check_id(chat_id: str) -> str:
+        if not isinstance(chat_id, str) or not _CHAT_ID.match(chat_id):
+            raise ChatIdError(
+                f"chat_id {chat_id!r} is not valid: use 1-128 letters, digits, '_', '-' or '.', starting with a "
+                f"letter or digit"
+            )
+        return chat_id
+
+    @staticmethod
+    def new_id() -> str:
+        return uuid.uuid4().hex
+
+    def folder(self, chat_id: str) -> Path:
+        return self.root / self.check_id(chat_id)
+
+    def lock(self, chat_id: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(self.check_id(chat_id), threading.Lock())
+
+    def load(self, chat_id: str) -> Chat:
+        """The stored chat, or a new empty one."""
+        path = self.folder(chat_id) / "chat.json"
+        if not path.is_file():
+            return Chat(chat_id)
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return Chat(
+            chat_id=data["chat_id"],
+            study=data.get("study", {}),
+            modality=data.get("modality"),
+            labels=data.get("labels"),
+            messages=[Message.from_dict(item) for item in data.get("messages", [])],
+        )
+
+    def save(self, chat: Chat) -> None:
+        """Write ``chat.json`` atomically (a temporary file renamed over the old one)."""
+        folder = self.folder(chat.chat_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=folder, prefix=".chat-", suffix=".json")
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            json.dump(chat.as_dict(), out, indent=1)
+        os.replace(temporary, folder / "chat.json")
+
+    def save_image(self, chat_id: str, name: str, image: Image.Image) -> str:
+        """Store a PNG the model sees in the chat's folder; returns its name."""
+        folder = self.folder(chat_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / name, format="PNG")
+        return name
+
+    def image(self, chat_id: str, name: str) -> Image.Image:
+        with Image.open(self.folder(chat_id) / name) as picture:
+            return picture.convert("RGB")
+
+    def chat_ids(self) -> list[str]:
+        return sorted(path.parent.name for path in self.root.glob("*/chat.json"))
