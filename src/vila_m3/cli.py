@@ -1,4 +1,4 @@
-"""The ``vila-m3`` command line: ``serve``, ``samples`` and ``models list | verify | pull``."""
+"""The ``vila-m3`` command line: ``serve``, ``samples``, ``models list | verify | pull`` and ``vlm inspect | ask``."""
 
 from __future__ import annotations
 
@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     pulling.add_argument("--vlm", help="with --task vila_m3: which checkpoint (default: configs/app.yaml default_vlm)")
     pulling.add_argument("--models-dir", help="default: $VILA_M3_MODELS_DIR or ./models")
     pulling.set_defaults(handler=_models_pull)
+    from vila_m3.vlm_cli import add_commands
+
+    add_commands(commands)
     return parser
 
 
