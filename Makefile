@@ -19,10 +19,15 @@ BIN := $(VENV)/bin
 CONSTRAINTS := $(abspath requirements/constraints.txt)
 STAMP := $(VENV)/.installed
 
-.PHONY: run test samples lint venv clean-venv
+.PHONY: run demo test samples lint venv clean-venv
 
 run: $(STAMP) samples
 	@$(BIN)/vila-m3 serve --host $(HOST) --port $(PORT) --studies $(STUDIES) --models-dir $(MODELS_DIR) --app $(APP) $(CONF)
+
+# The server with tiny RANDOM stand-in weights in models-demo/: every task runs, no answer means anything.
+demo: $(STAMP) samples
+	@test -f models-demo/.staged || { $(BIN)/vila-m3 models stand-ins --models-dir models-demo && touch models-demo/.staged; }
+	@$(BIN)/vila-m3 serve --host $(HOST) --port $(PORT) --studies $(STUDIES) --models-dir models-demo --app $(APP) $(CONF)
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -204,3 +204,25 @@ def test_cli_pull_by_task_names_the_task_and_fails_offline_without_traceback(tmp
     unknown = run_cli(tmp_path, "pull", "--task", "segment")
     assert unknown.returncode == 2
     assert "unknown model 'segment' in --task; valid names are: all, vila_m3, vista3d, brats, cxr" in unknown.stderr
+
+
+def test_stand_ins_are_flagged_in_the_task_report(tmp_path):
+    from vila_m3.models.stand_ins import stage_stand_ins
+    from vila_m3.tasks import format_statuses
+
+    stage_stand_ins(tmp_path / "models", ("brats",))
+    statuses = task_statuses(select_tasks("brats,vista3d"), tmp_path / "models")
+    assert statuses[0].available and statuses[0].stand_in
+    assert "brats    available (tiny RANDOM stand-in weights: not a medical model)" in format_statuses(statuses)
+    assert not statuses[1].available and not statuses[1].stand_in
+
+
+def test_stand_ins_never_overwrite_real_weights(tmp_path):
+    from vila_m3.models.stand_ins import stage_stand_ins
+
+    real = tmp_path / "models" / "bundles" / "vista3d" / "configs"
+    real.mkdir(parents=True)
+    (real / "metadata.json").write_text('{"version": "0.5.4"}', encoding="utf-8")
+    with pytest.raises(ValueError, match="not a stand-in; not overwriting it"):
+        stage_stand_ins(tmp_path / "models", ("vista3d",))
+    assert (real / "metadata.json").read_text(encoding="utf-8") == '{"version": "0.5.4"}'

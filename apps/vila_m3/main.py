@@ -98,7 +98,8 @@ class VilaM3App(MONAILabelApp):
 
         def make_loop() -> ChatLoop:
             vlm = open_vlm(self.conf, self.models_dir, self.vlm_id)
-            return ChatLoop(vlm, self.experts, registry, ChatStore(chats_dir), max_rounds=max_rounds)
+            name = None if remote_settings(self.conf) else f"{self.vlm_id} (local checkpoint)"
+            return ChatLoop(vlm, self.experts, registry, ChatStore(chats_dir), max_rounds=max_rounds, vlm_name=name)
 
         turns = ChatTurns(make_loop, self.datastore())
         from monailabel.app import app as server  # the running FastAPI app

@@ -117,6 +117,22 @@ def _models_pull(args: argparse.Namespace) -> int:
     return status
 
 
+def _models_stand_ins(args: argparse.Namespace) -> int:
+    from vila_m3.models.manifest import resolve_models_dir
+    from vila_m3.models.stand_ins import STAND_IN_TASKS, stage_stand_ins
+
+    models_dir = resolve_models_dir(args.models_dir)
+    tasks = tuple(args.task or STAND_IN_TASKS)
+    try:
+        written = stage_stand_ins(models_dir, tasks)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"Tiny RANDOM stand-ins for {', '.join(tasks)} in {models_dir} ({len(written)} models): they exercise "
+          "every code path but are not medical models; every answer made with them says so.")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vila-m3", description="VILA-M3 for MONAI Label and 3D Slicer")
     parser.add_argument("--version", action="version", version=f"vila-m3 {__version__}")
@@ -156,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     pulling.add_argument("--vlm", help="with --task vila_m3: which checkpoint (default: configs/app.yaml default_vlm)")
     pulling.add_argument("--models-dir", help="default: $VILA_M3_MODELS_DIR or ./models")
     pulling.set_defaults(handler=_models_pull)
+    stand_ins = model_commands.add_parser("stand-ins", help="write tiny random stand-ins (demos and tests only)")
+    stand_ins.add_argument("--task", action="append", help="vista3d, brats, cxr, vila_m3 (default: all)")
+    stand_ins.add_argument("--models-dir", required=True, help="a folder of its own, e.g. models-demo")
+    stand_ins.set_defaults(handler=_models_stand_ins)
     from vila_m3.vlm_cli import add_commands
 
     add_commands(commands)

@@ -32,6 +32,7 @@ class TaskStatus:
     model_ids: tuple[str, ...]
     missing: tuple[Path, ...]
     reason: str | None
+    stand_in: bool = False
 
     @property
     def available(self) -> bool:
@@ -119,7 +120,8 @@ def task_statuses(
                 f"`vila-m3 models pull --task {name}{vlm_option} --models-dir {models_dir}` "
                 f"(air-gapped: `vila-m3 models list` shows what to copy where)"
             )
-        statuses.append(TaskStatus(name, str(task.get("description", "")), model_ids, missing, reason))
+        stand_in = not missing and any(manifest[mid].is_stand_in(models_dir) for mid in model_ids)
+        statuses.append(TaskStatus(name, str(task.get("description", "")), model_ids, missing, reason, stand_in))
     return statuses
 
 
@@ -129,5 +131,7 @@ def format_statuses(statuses: list[TaskStatus]) -> str:
     lines = []
     for status in statuses:
         state = "available" if status.available else f"not available: {status.reason}"
+        if status.stand_in:
+            state += " (tiny RANDOM stand-in weights: not a medical model)"
         lines.append(f"  {status.name:<{width}}  {state}")
     return "\n".join(lines) if lines else "  (no tasks selected)"

@@ -39,6 +39,7 @@ from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 
 from vila_m3.imaging import Geometry
+from vila_m3.models.manifest import STAND_IN_FIELD
 
 __all__ = [
     "CHECKPOINT_FILE",
@@ -61,9 +62,6 @@ INFERENCE_CONFIG = "configs/inference.json"
 METADATA_CONFIG = "configs/metadata.json"
 CHECKPOINT_FILE = "models/model.pt"
 REQUIRED_FILES: tuple[str, ...] = (INFERENCE_CONFIG, METADATA_CONFIG, CHECKPOINT_FILE)
-
-STAND_IN_FIELD = "vila_m3_stand_in"
-"""Field of ``metadata.json`` that marks a stand-in bundle (random weights); its value says so in words."""
 
 #: Published MD5 sums of the official ``models/model.pt`` files (the bundles' ``large_files.yml``).
 #: Only a file with one of these sums may be unpickled with ``weights_only=False`` (see

@@ -15,6 +15,8 @@ from pathlib import Path
 from vila_m3.configs import load_config
 
 MODELS_DIR_ENV = "VILA_M3_MODELS_DIR"
+STAND_IN_FIELD = "vila_m3_stand_in"  # in a stand-in's config.json / configs/metadata.json
+STAND_IN_MARKER = "VILA_M3_STAND_IN.txt"  # beside stand-in single-file weights
 
 
 def resolve_models_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
@@ -43,6 +45,16 @@ class ModelEntry:
     def location(self, models_dir: Path) -> Path:
         """The model's folder or file under ``models_dir``."""
         return models_dir / self.path
+
+    def is_stand_in(self, models_dir: Path) -> bool:
+        """True when what is staged is a tiny random stand-in (its config or a marker file says so)."""
+        root = self.location(models_dir)
+        if self.is_single_file:
+            return (root.parent / STAND_IN_MARKER).is_file()
+        for config in (root / "config.json", root / "configs" / "metadata.json"):
+            if config.is_file() and STAND_IN_FIELD in config.read_text(encoding="utf-8", errors="replace"):
+                return True
+        return False
 
     def missing_files(self, models_dir: Path) -> list[Path]:
         """Required files that are not present under ``models_dir``; empty when the model is ready."""

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vila_m3.models.manifest import ModelEntry, ModelManifest
+from vila_m3.models.manifest import STAND_IN_MARKER, ModelEntry, ModelManifest
 
 __all__ = [
     "STAND_IN_MARKER",
@@ -56,8 +56,6 @@ __all__ = [
 
 XRV_FOLDER = "torchxrayvision"
 """Folder under the models directory that holds the xrv weight files (xrv's ``cache_dir``)."""
-STAND_IN_MARKER = "VILA_M3_STAND_IN.txt"
-"""Marker file, inside :data:`XRV_FOLDER`, present only where the weights are stand-ins."""
 STAND_IN_NOTE = "tiny random weights for tests; not a medical model"
 XRV_KIND = "xrv_weights"
 

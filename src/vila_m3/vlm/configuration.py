@@ -15,10 +15,9 @@ from typing import Any
 import torch
 from transformers import LlamaConfig, PreTrainedConfig, SiglipVisionConfig
 
-__all__ = ["STAND_IN_FIELD", "VilaConfig", "dtype_from_string", "legacy_config_dict"]
+from vila_m3.models.manifest import STAND_IN_FIELD
 
-STAND_IN_FIELD = "vila_m3_stand_in"
-"""Top-level config field that marks a tiny random checkpoint made for tests (never a real model)."""
+__all__ = ["STAND_IN_FIELD", "VilaConfig", "dtype_from_string", "legacy_config_dict"]
 
 _DEFAULT_MAX_LENGTH = 4096
 
