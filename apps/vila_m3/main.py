@@ -25,7 +25,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from fastapi import HTTPException
 from lib.chat import ChatInferTask, ChatTurns, chat_router
-from lib.infers import BratsInferTask, CxrInferTask, Vista3DInferTask
+from lib.infers import BratsInferTask, CxrInferTask, Vista3DInferTask, datastore_path
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
@@ -114,7 +114,4 @@ class VilaM3App(MONAILabelApp):
             if session is None:
                 raise HTTPException(422, f"session '{session_id}' not found (expired?)")
             return session.image
-        uri = self.datastore().get_image_uri(image) if image else ""
-        if not uri or not os.path.exists(uri):
-            raise HTTPException(422, f"image '{image}' is not in the datastore")
-        return uri
+        return datastore_path(self.datastore(), image)

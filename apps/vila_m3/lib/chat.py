@@ -25,7 +25,7 @@ from monailabel.config import settings
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from lib.infers import BAD_INPUT
+from lib.infers import BAD_INPUT, datastore_path
 from vila_m3.chat.loop import ChatLoop, TurnRequest, TurnResult
 from vila_m3.chat.store import ChatIdError
 from vila_m3.chat.study import StudyError
@@ -87,21 +87,13 @@ class ChatTurns:
         if given:
             if not isinstance(given, dict):
                 raise HTTPException(BAD_INPUT, "params.sequences must map t1c, t1, t2, flair to image ids")
-            return {name: self._path(value) for name, value in given.items()}
+            return {name: datastore_path(self.datastore, value) for name, value in given.items()}
         if not image:
             raise HTTPException(BAD_INPUT, "an image id, a session or params.sequences is required")
         siblings = sibling_sequences(image) if os.path.isfile(image) else {}
         if len(siblings) == len(set(SEQUENCE_ALIASES.values())):
             return {name: str(path) for name, path in siblings.items()}
         return {"image": image}
-
-    def _path(self, image: str) -> str:
-        if os.path.exists(image):
-            return image
-        uri = self.datastore.get_image_uri(image)
-        if not uri or not os.path.exists(uri):
-            raise HTTPException(BAD_INPUT, f"image '{image}' is not in the datastore")
-        return uri
 
     def run(self, request: dict[str, Any], on_event=None) -> TurnResult:
         turn = self.turn_request(request)

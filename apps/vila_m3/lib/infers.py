@@ -26,6 +26,16 @@ logger = logging.getLogger(__name__)
 BAD_INPUT = 422
 
 
+def datastore_path(datastore: Any, image: str) -> str:
+    """The file of ``image``: an existing path as it is, else a datastore image id; HTTP 422 if neither."""
+    if image and os.path.exists(image):
+        return image
+    uri = datastore.get_image_uri(image) if image else ""
+    if not uri or not os.path.exists(uri):
+        raise HTTPException(BAD_INPUT, f"image '{image}' is not in the datastore")
+    return uri
+
+
 def input_errors() -> tuple[type[Exception], ...]:
     """Exception types that mean "the request is wrong", answered with HTTP 422."""
     from vila_m3.experts.result import ExpertInputError
@@ -101,17 +111,9 @@ class BratsInferTask(ExpertInferTask):
         if given is not None:
             if not isinstance(given, dict):
                 raise HTTPException(BAD_INPUT, "sequences must map sequence names (t1c, t1, t2, flair) to image ids")
-            return {name: self._resolve(image) for name, image in given.items()}
+            return {name: datastore_path(self.datastore, image) for name, image in given.items()}
         found = {name: str(path) for name, path in sibling_sequences(request["image"]).items()}
         return found or {"t1c": request["image"]}
-
-    def _resolve(self, image: str) -> str:
-        if os.path.exists(image):
-            return image
-        uri = self.datastore.get_image_uri(image)
-        if not uri or not os.path.exists(uri):
-            raise HTTPException(BAD_INPUT, f"BRATS: image '{image}' is not in the datastore")
-        return uri
 
     def run(self, request: dict[str, Any]) -> ExpertRun:
         paths = self.sequence_paths(request)

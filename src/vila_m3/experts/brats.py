@@ -27,7 +27,6 @@ tumour (edema), else 0.
 
 from __future__ import annotations
 
-import threading
 import time
 import warnings
 from collections.abc import Iterable, Mapping
@@ -40,8 +39,8 @@ from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import Activationsd, AsDiscreted, Compose, Invertd, InvertibleTransform
 
-from vila_m3.experts.bundle import BundleError, LazyNetwork, image_from_arrays, ras_affine
-from vila_m3.experts.registry import ExpertRegistry, ExpertSpec
+from vila_m3.experts.bundle import BundleError, BundleRunner, image_from_arrays, ras_affine
+from vila_m3.experts.registry import ExpertSpec
 from vila_m3.experts.result import ExpertInputError, ExpertRunError, SegmentationResult
 from vila_m3.imaging import Geometry, Volume
 
@@ -166,7 +165,7 @@ def _resample_onto(volume: Volume, reference: Geometry) -> np.ndarray:
     return sitk.GetArrayFromImage(resampled)
 
 
-class BratsRunner:
+class BratsRunner(BundleRunner):
     """Runs BRATS from a bundle folder; the network is loaded once (on the first run) and kept.
 
     Args:
@@ -180,6 +179,8 @@ class BratsRunner:
         BundleError: the folder is not a complete bundle (the message names the missing file).
     """
 
+    EXPERT_NAME = EXPERT_NAME
+
     def __init__(
         self,
         bundle_dir: str | Path,
@@ -187,10 +188,7 @@ class BratsRunner:
         spec: ExpertSpec | None = None,
         trusted_sha256: Iterable[str] = (),
     ) -> None:
-        self._network = LazyNetwork(bundle_dir, device, trusted_sha256)
-        self.bundle = self._network.bundle
-        self.spec = spec if spec is not None else ExpertRegistry.from_config().configured_spec(EXPERT_NAME)
-        self._run_lock = threading.Lock()
+        super().__init__(bundle_dir, device, spec, trusted_sha256)
         roi = self.bundle.get("inferer#roi_size")
         overlap = self.bundle.get("inferer#overlap")
         if roi is None or overlap is None:
@@ -199,30 +197,6 @@ class BratsRunner:
         self.overlap = float(overlap)
         self.sw_batch_size = int(self.bundle.get("inferer#sw_batch_size", 1))
         self.mode = str(self.bundle.get("inferer#mode", "constant"))
-
-    @property
-    def device(self) -> torch.device:
-        """Where the network runs."""
-        return self._network.device
-
-    @property
-    def stand_in(self) -> bool:
-        """True when the bundle is a stand-in (tiny random weights)."""
-        return self.bundle.info.is_stand_in
-
-    @property
-    def load_count(self) -> int:
-        """How many times the network has been loaded."""
-        return self._network.load_count
-
-    @property
-    def loaded(self) -> bool:
-        """Whether the network is in memory now."""
-        return self._network.loaded
-
-    def release(self) -> None:
-        """Free the network (and its GPU memory); the next run loads it again."""
-        self._network.release()
 
     # ---------------------------------------------------------------------------------- input
 

@@ -456,3 +456,63 @@ class LazyNetwork:
             self._network = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+class BundleRunner:
+    """What every bundle-backed expert runner shares: the network loaded once on first use and kept
+    until :meth:`release`, the bundle's settings, the expert's registry entry, and a run lock.
+
+    Subclasses set ``EXPERT_NAME`` (the registry name) and implement ``run``.
+
+    Args:
+        bundle_dir: the bundle folder (real, or a tiny stand-in in the same layout).
+        device: torch device; None: CUDA if available, else CPU.
+        spec: the expert's registry entry; None reads it from ``configs/experts.yaml``.
+        trusted_sha256: SHA-256 sums of ``models/model.pt`` the caller vouches for (see
+            :meth:`MonaiBundle.read_state_dict`).
+
+    Raises:
+        BundleError: the folder is not a complete bundle (the message names the missing file).
+    """
+
+    EXPERT_NAME = ""
+
+    def __init__(self, bundle_dir: str | Path, device: str | torch.device | None = None, spec: Any = None,
+                 trusted_sha256: Iterable[str] = ()) -> None:
+        from vila_m3.experts.registry import ExpertRegistry
+
+        self._network = LazyNetwork(bundle_dir, device, trusted_sha256)
+        self.bundle = self._network.bundle
+        self.spec = spec if spec is not None else ExpertRegistry.from_config().configured_spec(self.EXPERT_NAME)
+        self._run_lock = threading.Lock()
+
+    def _setting(self, config_id: str) -> Any:
+        """A required value of the bundle's ``inference.json``."""
+        value = self.bundle.get(config_id)
+        if value is None:
+            raise BundleError(f"{self.bundle.root / INFERENCE_CONFIG}: has no '{config_id}'")
+        return value
+
+    @property
+    def device(self) -> torch.device:
+        """Where the network runs."""
+        return self._network.device
+
+    @property
+    def stand_in(self) -> bool:
+        """True when the bundle is a stand-in (tiny random weights)."""
+        return self.bundle.info.is_stand_in
+
+    @property
+    def load_count(self) -> int:
+        """How many times the network has been loaded (1 after any number of runs without release)."""
+        return self._network.load_count
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the network is in memory now."""
+        return self._network.loaded
+
+    def release(self) -> None:
+        """Free the network (and its GPU memory); the next run loads it again."""
+        self._network.release()

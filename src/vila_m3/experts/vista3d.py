@@ -23,7 +23,6 @@ the configured overlap (0.3) is used for class prompts too, where the bundle's i
 
 from __future__ import annotations
 
-import threading
 import time
 import warnings
 from collections.abc import Iterable, Sequence
@@ -36,8 +35,8 @@ from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInfererAdapt
 from monai.transforms import Compose, Invertd
 
-from vila_m3.experts.bundle import BundleError, LazyNetwork, image_from_arrays, ras_affine
-from vila_m3.experts.registry import ExpertRegistry, ExpertSpec
+from vila_m3.experts.bundle import BundleRunner, image_from_arrays, ras_affine
+from vila_m3.experts.registry import ExpertSpec
 from vila_m3.experts.result import ExpertInputError, ExpertRunError, SegmentationResult
 from vila_m3.imaging import Volume, labelmap_like
 
@@ -56,7 +55,7 @@ _CT_MODALITIES = frozenset({"CT"})
 _GEOMETRY_ATOL = 1e-3
 
 
-class Vista3DRunner:
+class Vista3DRunner(BundleRunner):
     """Runs VISTA3D from a bundle folder; the network is loaded once (on the first run) and kept.
 
     Args:
@@ -72,6 +71,8 @@ class Vista3DRunner:
         BundleError: the folder is not a complete bundle (the message names the missing file).
     """
 
+    EXPERT_NAME = EXPERT_NAME
+
     def __init__(
         self,
         bundle_dir: str | Path,
@@ -79,46 +80,13 @@ class Vista3DRunner:
         spec: ExpertSpec | None = None,
         trusted_sha256: Iterable[str] = (),
     ) -> None:
-        self._network = LazyNetwork(bundle_dir, device, trusted_sha256)
-        self.bundle = self._network.bundle
-        self.spec = spec if spec is not None else ExpertRegistry.from_config().configured_spec(EXPERT_NAME)
-        self._run_lock = threading.Lock()
+        super().__init__(bundle_dir, device, spec, trusted_sha256)
         self.resample_spacing = self._setting("resample_spacing")
         self.roi_size = tuple(int(v) for v in self._setting("inferer#roi_size"))
         self.overlap = float(self._setting("inferer#overlap"))
         self.sw_batch_size = int(self.bundle.get("inferer#sw_batch_size", 1))
 
-    def _setting(self, config_id: str):
-        value = self.bundle.get(config_id)
-        if value is None:
-            raise BundleError(f"{self.bundle.root / 'configs/inference.json'}: has no '{config_id}'")
-        return value
-
     # ---------------------------------------------------------------------------------- state
-
-    @property
-    def device(self) -> torch.device:
-        """Where the network runs."""
-        return self._network.device
-
-    @property
-    def stand_in(self) -> bool:
-        """True when the bundle is a stand-in (tiny random weights)."""
-        return self.bundle.info.is_stand_in
-
-    @property
-    def load_count(self) -> int:
-        """How many times the network has been loaded (1 after any number of runs without release)."""
-        return self._network.load_count
-
-    @property
-    def loaded(self) -> bool:
-        """Whether the network is in memory now."""
-        return self._network.loaded
-
-    def release(self) -> None:
-        """Free the network (and its GPU memory); the next run loads it again."""
-        self._network.release()
 
     # ---------------------------------------------------------------------------------- input
 
