@@ -1,0 +1,515 @@
+"""Chat overhead: a chat turn's wall time through the HTTP endpoint against the model and expert calls.
+
+Setup (all in a temporary folder): a synthetic 512 x 512 x 200 int16 CT (``--shape``; a body with a
+liver, a tumour and a spine, written with SimpleITK), a stand-in VISTA3D bundle
+(``stage_stand_ins(models_dir, ("vista3d",))``), a scripted OpenAI-compatible server on 127.0.0.1
+that answers instantly (``tests/fake_openai_server.py``, in a child process of its own; per turn
+"... Let me trigger <VISTA3D(hepatic tumor)>." and then "Yes.") and a real MONAI Label server
+(``tests/server_harness.py``) with ``--conf models vila_m3,vista3d`` and ``vlm_url``/``vlm_model``
+pointing at the fake server.
+
+What is measured:
+
+* **HTTP turn**: ``POST /infer/vila_m3?image=ID`` with form field ``params`` =
+  ``{"prompt", "chat_id", "slice_index", "axis"}``, new ``chat_id`` every turn, same image and slice,
+  after two warm-up turns (the first loads the volume and runs the expert; later turns hit the volume
+  and result caches). Wall time from sending the request to having the whole multipart response
+  (answer JSON + labelmap). ``headers at`` is when the response headers arrived.
+* **compute, endpoint steps**: the sum of the ``generate k`` and ``expert X`` steps of the
+  ``timings`` list the endpoint returns for the same turn.
+* **compute, calls alone (in-process)**: the same turns run in this process with ``ChatLoop`` and
+  the real ``RemoteVLM`` against the same fake server (same conversation sizes, no HTTP in front of
+  the loop): the time inside ``RemoteVLM.generate`` plus inside ``ExpertService.segment_ct``
+  (cached). The in-process ``run_turn`` wall time is printed too ("loop without HTTP").
+
+The report prints medians: HTTP turn time, compute, overhead = HTTP - compute (ms) and overhead /
+compute (%), against the targets (overhead <= 5 % of compute, and <= 50 ms per turn on a cached CT).
+With a VLM that answers instantly, "compute" is a few milliseconds of request building and local
+HTTP, so the percentage is dominated by the tiny denominator; the absolute overhead (ms per turn) is
+the number to compare with the 50 ms target, and the percentage becomes meaningful once the model
+takes seconds. Then where the time goes: every endpoint step (``load``, ``render``, ``generate k``,
+``expert X``, the rest of ``total``), what happens after the loop (``HTTP - total``), and in-process
+timings of the suspects (labelmap NIfTI write, its copy, the multipart body, JSON encoding, the PNGs
+sent to the VLM, the modality check on the whole volume).
+
+Run: ``.venv/bin/python benchmarks/chat_overhead.py [--turns 10] [--quick] [--shape 512,512,200]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import requests
+import SimpleITK as sitk
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from fake_openai_server import FakeOpenAIServer, sse  # noqa: E402
+from requests_toolbelt import MultipartEncoder  # noqa: E402
+from requests_toolbelt.multipart.decoder import MultipartDecoder  # noqa: E402
+from server_harness import RunningServer, start_monailabel  # noqa: E402
+
+from vila_m3.chat.loop import ChatLoop, TurnRequest  # noqa: E402
+from vila_m3.chat.store import ChatStore  # noqa: E402
+from vila_m3.chat.study import detect_modality  # noqa: E402
+from vila_m3.chat.vlm_backend import open_vlm  # noqa: E402
+from vila_m3.experts.registry import ExpertRegistry  # noqa: E402
+from vila_m3.experts.service import ExpertService  # noqa: E402
+from vila_m3.imaging import render_slice, write_labelmap  # noqa: E402
+from vila_m3.models.stand_ins import stage_stand_ins  # noqa: E402
+from vila_m3.vlm.remote import build_messages, image_data_url  # noqa: E402
+
+TRIGGER = "This looks like a CT image. Let me trigger <VISTA3D(hepatic tumor)>."
+FINAL = "Yes."
+QUESTION = "Is there a liver tumor?"
+VLM_MODEL = "fake-vila-m3"
+WARMUP_TURNS = 2
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+def write_ct(path: Path, shape_xyz: tuple[int, int, int], spacing: tuple[float, float, float], seed: int = 0) -> None:
+    """A synthetic abdominal CT (int16 HU): air, a body with fat and muscle, liver with a tumour, spine."""
+    nx, ny, nz = shape_xyz
+    sx, sy, sz = spacing
+    u = ((np.arange(nx, dtype=np.float32) - (nx - 1) / 2) * sx)[None, None, :]
+    v = ((np.arange(ny, dtype=np.float32) - (ny - 1) / 2) * sy)[None, :, None]
+    w = ((np.arange(nz, dtype=np.float32) - (nz - 1) / 2) * sz)[:, None, None]
+    half = np.array([nx * sx, ny * sy, nz * sz], dtype=np.float32) / 2
+
+    def ellipse(cu: float, cv: float, a: float, b: float) -> np.ndarray:  # (1, y, x), same on every slice
+        return ((u - cu) / a) ** 2 + ((v - cv) / b) ** 2 <= 1.0
+
+    def ellipsoid(cu: float, cv: float, cw: float, a: float, b: float, c: float) -> np.ndarray:
+        return ((u - cu) / a) ** 2 + ((v - cv) / b) ** 2 + ((w - cw) / c) ** 2 <= 1.0
+
+    hu = np.full((nz, ny, nx), -1000, dtype=np.int16)
+    body = np.broadcast_to(ellipse(0.0, 0.0, 0.85 * half[0], 0.65 * half[1]), hu.shape)
+    hu[body] = -100
+    hu[np.broadcast_to(ellipse(0.0, 0.0, 0.78 * half[0], 0.58 * half[1]), hu.shape)] = 45
+    liver = ellipsoid(-0.35 * half[0], -0.05 * half[1], 0.15 * half[2], 0.3 * half[0], 0.3 * half[1], 0.45 * half[2])
+    hu[liver] = 60
+    hu[ellipsoid(-0.4 * half[0], -0.05 * half[1], 0.15 * half[2], 0.06 * half[0], 0.06 * half[0], 0.06 * half[0])] = 20
+    hu[np.broadcast_to(ellipse(0.0, 0.4 * half[1], 0.06 * half[0], 0.06 * half[0]), hu.shape)] = 700
+    rng = np.random.default_rng(seed)
+    noise = rng.standard_normal(hu.shape, dtype=np.float32) * 8.0
+    hu = np.where(body, hu + np.rint(noise).astype(np.int16), hu).astype(np.int16)
+    image = sitk.GetImageFromArray(hu)
+    image.SetSpacing(spacing)
+    image.SetOrigin(tuple(float(-h + s / 2) for h, s in zip(half, spacing, strict=True)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path), useCompression=path.name.endswith(".gz"))
+
+
+# ------------------------------------------------------------------------------------ the fake VLM
+
+
+def _serve_fake_vlm(connection: Any, turns: int) -> None:
+    """Child process: the scripted fake server with ``turns`` (trigger, final answer) pairs queued."""
+    fake = FakeOpenAIServer(models=(VLM_MODEL,))
+    fake.script(*[reply for _ in range(turns) for reply in (sse([TRIGGER]), sse([FINAL]))])
+    fake.start()
+    connection.send(fake.url)
+    connection.recv()  # until the parent says stop
+    fake.stop()
+
+
+class FakeVLMProcess:
+    """The fake OpenAI-compatible server in a process of its own, so that it competes with neither the
+    MONAI Label server nor the in-process loop for this process's interpreter lock. Every turn of
+    both paths takes the next two scripted replies (trigger, then the final answer), in order."""
+
+    def __init__(self, turns: int):
+        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+        self._connection, child = context.Pipe()
+        self._process = context.Process(target=_serve_fake_vlm, args=(child, turns), daemon=True)
+        self._process.start()
+        if not self._connection.poll(60):
+            self._process.kill()
+            raise RuntimeError("the fake VLM server did not start")
+        self.url: str = self._connection.recv()
+
+    def stop(self) -> None:
+        if self._process.is_alive():
+            self._connection.send("stop")
+            self._process.join(10)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(5)
+
+
+# ------------------------------------------------------------------------------------- HTTP turns
+
+
+@dataclass
+class HttpTurn:
+    wall: float
+    headers_at: float
+    response_bytes: int
+    labelmap_bytes: int
+    decode_s: float
+    answer: dict[str, Any]
+
+    def step(self, name: str) -> float:
+        return sum(t["seconds"] for t in self.answer["timings"] if t["step"] == name)
+
+    def steps(self, prefix: str) -> float:
+        return sum(t["seconds"] for t in self.answer["timings"] if t["step"].startswith(prefix))
+
+    @property
+    def compute(self) -> float:
+        return self.steps("generate ") + self.steps("expert ")
+
+
+def http_turn(server: RunningServer, image_id: str, slice_index: int, axis: str) -> HttpTurn:
+    params = {"prompt": QUESTION, "chat_id": f"bench-{uuid.uuid4().hex[:12]}", "slice_index": slice_index,
+              "axis": axis}
+    start = time.perf_counter()
+    response = requests.post(f"{server.url}/infer/vila_m3", params={"image": image_id},
+                             data={"params": json.dumps(params)}, timeout=600)
+    body = response.content
+    wall = time.perf_counter() - start
+    if response.status_code != 200:
+        raise RuntimeError(f"turn failed: HTTP {response.status_code}: {body[:500]!r}\n{server.log_tail()}")
+    began = time.perf_counter()
+    labelmap = b""
+    if response.headers.get("content-type", "").startswith("application/json"):
+        answer = response.json()
+    else:
+        fields = {}
+        for part in MultipartDecoder.from_response(response).parts:
+            name = part.headers[b"Content-Disposition"].decode().split('name="')[1].split('"')[0]
+            fields[name] = part.content
+        answer = json.loads(fields["params"])
+        labelmap = fields.get("image", b"")
+    decode_s = time.perf_counter() - began
+    if answer.get("answer") != FINAL or not answer.get("experts"):
+        raise RuntimeError(f"unexpected answer: {json.dumps(answer)[:500]}")
+    return HttpTurn(wall, response.elapsed.total_seconds(), len(body), len(labelmap), decode_s, answer)
+
+
+# ------------------------------------------------------------------------------ in-process turns
+
+
+class TimedVLM:
+    """The real VLM client, timing each ``generate`` and keeping its inputs."""
+
+    def __init__(self, vlm: Any):
+        self.vlm = vlm
+        self.is_stand_in = bool(getattr(vlm, "is_stand_in", False))
+        self.calls: list[tuple[float, list, list]] = []
+
+    def describe(self) -> str:
+        return self.vlm.describe()
+
+    def generate(self, conversation, images=(), **kwargs):
+        start = time.perf_counter()
+        result = self.vlm.generate(conversation, images, **kwargs)
+        self.calls.append((time.perf_counter() - start, list(conversation), list(images)))
+        return result
+
+
+class TimedExperts(ExpertService):
+    """The real expert service, timing each ``segment_ct`` call."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.calls: list[tuple[float, bool]] = []
+
+    def segment_ct(self, *args: Any, **kwargs: Any):
+        start = time.perf_counter()
+        run = super().segment_ct(*args, **kwargs)
+        self.calls.append((time.perf_counter() - start, run.cached))
+        return run
+
+
+@dataclass
+class LoopTurn:
+    wall: float
+    vlm: float
+    experts: float
+    request_build: float
+    result: Any = field(repr=False)
+    vlm_calls: list = field(repr=False, default_factory=list)
+
+    def step(self, name: str) -> float:
+        return sum(t["seconds"] for t in self.result.timings if t["step"] == name)
+
+
+def loop_turn(loop: ChatLoop, ct_path: Path, image_id: str, slice_index: int, axis: str) -> LoopTurn:
+    vlm: TimedVLM = loop.vlm  # type: ignore[assignment]
+    experts: TimedExperts = loop.experts  # type: ignore[assignment]
+    vlm.calls.clear()
+    experts.calls.clear()
+    request = TurnRequest(chat_id=f"inproc-{uuid.uuid4().hex[:12]}", question=QUESTION,
+                          images={"image": str(ct_path)}, axis=axis, slice_index=slice_index,
+                          study={"image": image_id})
+    start = time.perf_counter()
+    result = loop.run_turn(request)
+    wall = time.perf_counter() - start
+    if result.answer != FINAL or not result.experts:
+        raise RuntimeError(f"unexpected in-process answer: {result.answer!r}")
+    calls = list(vlm.calls)
+    build = 0.0
+    for _, conversation, images in calls:  # what building the VLM request (PNG + base64 of each image) costs
+        began = time.perf_counter()
+        build_messages(conversation, images)
+        build += time.perf_counter() - began
+    return LoopTurn(wall, sum(c[0] for c in calls), sum(c[0] for c in experts.calls), build, result, calls)
+
+
+# ----------------------------------------------------------------------------------------- report
+
+
+def ms(seconds: float) -> str:
+    return f"{1000 * seconds:9.1f}"
+
+
+def med(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def suspects(loop_result: Any, loop: ChatLoop, ct_volume: Any, answer: dict[str, Any], scratch: Path,
+             repeats: int) -> list[tuple[str, float, str]]:
+    """In-process timings (median of ``repeats``) of the steps that may make up the overhead, and a few
+    variants of them for comparison."""
+    labels = loop_result.labels
+    rows: list[tuple[str, float, str]] = []
+
+    def timed(label: str, action, note: str = "") -> Any:
+        values, out = [], None
+        for _ in range(repeats):
+            start = time.perf_counter()
+            out = action()
+            values.append(time.perf_counter() - start)
+        rows.append((label, med(values), note))
+        return out
+
+    target = scratch / "labels.nii.gz"
+    timed("labelmap write, .nii.gz (ChatLoop._store_labels, every turn)",
+          lambda: write_labelmap(labels.array, labels.geometry, target))
+    rows[-1] = (*rows[-1][:2], f"{'x'.join(map(str, labels.array.shape[::-1]))} {labels.array.dtype}, "
+                f"{target.stat().st_size / 1e6:.2f} MB")
+    plain = scratch / "labels.nii"
+    timed("  for comparison: the same written uncompressed (.nii)",
+          lambda: write_labelmap(labels.array, labels.geometry, plain))
+    timed("labelmap copy for the response (ChatInferTask)", lambda: shutil.copyfile(target, scratch / "copy.nii.gz"))
+    text = timed("json.dumps of the turn's answer", lambda: json.dumps(answer))
+    rows[-1] = (*rows[-1][:2], f"{len(text) / 1e3:.1f} kB")
+
+    def multipart() -> bytes:
+        with (scratch / "copy.nii.gz").open("rb") as handle:
+            fields = {"params": (None, text, "application/json"), "image": ("labels.nii.gz", handle, "application/gzip")}
+            return MultipartEncoder(fields=fields).to_string()
+
+    timed("multipart body (MultipartEncoder.to_string)", multipart)
+    timed("chat.json save (ChatStore.save; a turn saves it ~6 times)", lambda: loop.store.save(loop_result.chat))
+    timed("modality check: nanmin over the whole volume", lambda: detect_modality(ct_volume))
+    picture = timed("slice rendering (render_slice)",
+                    lambda: render_slice(ct_volume, loop_result.axis, loop_result.slice_index, "CT"))
+    timed("PNG save of the slice (ChatStore.save_image)", lambda: picture.save(scratch / "slice.png", format="PNG"))
+    timed("  for comparison: PNG save with compress_level=1",
+          lambda: picture.save(scratch / "slice1.png", format="PNG", compress_level=1))
+    timed("PNG re-read for the VLM (ChatStore.image)", lambda: loop.store.image(loop_result.chat.chat_id,
+                                                                                loop_result.chat.messages[0].images[0]))
+    timed("PNG + base64 data URL of one slice (RemoteVLM request)", lambda: image_data_url(picture))
+    return rows
+
+
+def report(args: argparse.Namespace, shape_text: str, warm: list[HttpTurn], turns: list[HttpTurn],
+           local_warm: list[LoopTurn], local: list[LoopTurn], suspect_rows: list[tuple[str, float, str]]) -> None:
+    http = med([t.wall for t in turns])
+    compute_steps = med([t.compute for t in turns])
+    compute_alone = med([t.vlm + t.experts for t in local])
+    loop_wall = med([t.wall for t in local])
+
+    print()
+    print(f"chat turn on a cached {shape_text} CT (axis {args.axis}, slice {args.slice_index}); VLM: scripted fake "
+          "OpenAI server on 127.0.0.1 in its own process (instant answers); VISTA3D: stand-in weights; CPU")
+    cold = ", ".join(f"{item['step']} {item['seconds']:.2f} s" for item in warm[0].answer["timings"])
+    print(f"first (cold) HTTP turn {warm[0].wall:.2f} s: {cold}")
+    print(f"first (cold) in-process turn {local_warm[0].wall:.2f} s")
+    print(f"medians over {len(turns)} turns per path (new chat_id each turn, same image and slice)")
+    print()
+    rows = [
+        ("HTTP turn (request sent -> whole response read)", http),
+        ("  response headers received after", med([t.headers_at for t in turns])),
+        ("compute, endpoint steps (sum of 'generate k' + 'expert X')", compute_steps),
+        ("compute, calls alone in-process (RemoteVLM.generate + segment_ct)", compute_alone),
+        ("  RemoteVLM.generate, both rounds", med([t.vlm for t in local])),
+        ("    of which building the request (PNG + base64 of the images)", med([t.request_build for t in local])),
+        ("    the rest (HTTP to the fake VLM, SSE parsing)", med([t.vlm - t.request_build for t in local])),
+        ("  ExpertService.segment_ct (cached)", med([t.experts for t in local])),
+        ("in-process ChatLoop.run_turn (no HTTP)", loop_wall),
+    ]
+    width = max(len(label) for label, _ in rows)
+    print(f"{'':<{width}}  {'ms':>9}")
+    for label, value in rows:
+        print(f"{label:<{width}}  {ms(value)}")
+
+    print()
+    for name, compute in (("endpoint steps", compute_steps), ("calls alone", compute_alone)):
+        overhead = http - compute
+        print(f"overhead = HTTP - compute ({name}): {1000 * overhead:.1f} ms per turn "
+              f"[{'ok' if overhead <= 0.050 else 'MISS'}: target <= 50 ms]; {100 * overhead / compute:.0f} % of "
+              f"compute [{'ok' if overhead <= 0.05 * compute else 'MISS'}: target <= 5 %]")
+    print(f"HTTP turn - in-process loop: {1000 * (http - loop_wall):.1f} ms ({http / loop_wall:.2f}x)")
+    print("(with an instant fake VLM, 'compute' is mostly our own request building and local HTTP, so the "
+          "percentage says little; the ms per turn is the number to compare)")
+
+    print()
+    print("where the turn goes (each turn's 'timings' steps, medians, ms)")
+    names: list[str] = []
+    for t in turns:
+        for item in t.answer["timings"]:
+            if item["step"] not in names and item["step"] != "total":
+                names.append(item["step"])
+    table = [(f"step '{name}'", med([t.step(name) for t in turns]), med([t.step(name) for t in local]))
+             for name in names]
+    table.append(("rest of 'total' (labelmap .nii.gz write, chat.json saves)",
+                  med([t.step("total") - sum(t.step(n) for n in names) for t in turns]),
+                  med([t.step("total") - sum(t.step(n) for n in names) for t in local])))
+    table.append(("= ChatLoop 'total'", med([t.step("total") for t in turns]), med([t.step("total") for t in local])))
+    table.append(("after the loop (labelmap copy, multipart, MONAI Label, transfer)",
+                  med([t.wall - t.step("total") for t in turns]), med([t.wall - t.step("total") for t in local])))
+    width = max(len(label) for label, _, _ in table)
+    print(f"  {'':<{width}}  {'HTTP':>9}  {'in-proc':>9}")
+    for label, server_value, local_value in table:
+        print(f"  {label:<{width}}  {ms(server_value)}  {ms(local_value)}")
+    print(f"  client side, not in the HTTP turn: decoding the multipart response {ms(med([t.decode_s for t in turns]))} ms")
+    print(f"  response {med([t.response_bytes for t in turns]) / 1e6:.2f} MB, of which the labelmap "
+          f"{med([t.labelmap_bytes for t in turns]) / 1e6:.2f} MB")
+
+    print()
+    print("suspects, timed in-process on the same data (median of 3, ms)")
+    width = max(len(label) for label, _, _ in suspect_rows)
+    for label, value, note in suspect_rows:
+        print(f"  {label:<{width}}  {ms(value)}  {note}")
+
+
+# ------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--turns", type=int, default=20, help="measured turns per path (default 20)")
+    parser.add_argument("--quick", action="store_true", help="5 measured turns per path")
+    parser.add_argument("--shape", default="512,512,200", help="CT size x,y,z in voxels (default 512,512,200)")
+    parser.add_argument("--spacing", default="0.8,0.8,2.0", help="CT voxel size x,y,z in mm (default 0.8,0.8,2.0)")
+    parser.add_argument("--compressed", action="store_true", help="write the CT as .nii.gz instead of .nii")
+    parser.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"))
+    parser.add_argument("--slice-index", type=int, default=None, help="slice shown (default: the middle one)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.turns = 5
+    try:
+        args.shape = tuple(int(v) for v in args.shape.split(","))
+        args.spacing = tuple(float(v) for v in args.spacing.split(","))
+    except ValueError:
+        parser.error("--shape and --spacing take three comma-separated numbers")
+    if len(args.shape) != 3 or len(args.spacing) != 3 or min(args.shape) < 16:
+        parser.error("--shape and --spacing take three numbers; each size at least 16")
+    if args.turns < 1:
+        parser.error("--turns must be at least 1")
+    count = {"axial": args.shape[2], "coronal": args.shape[1], "sagittal": args.shape[0]}[args.axis]
+    if args.slice_index is None:
+        args.slice_index = count // 2
+    elif not 0 <= args.slice_index < count:
+        parser.error(f"--slice-index must be within 0..{count - 1} for the {args.axis} axis")
+    return args
+
+
+def start_server(work: Path, conf: dict[str, str]) -> RunningServer:
+    """The MONAI Label server, with its temporary files (MONAI Label writes a logging config there at
+    start; the infer task its labelmap copies) inside ``work`` too."""
+    server_tmp = work / "server-tmp"
+    server_tmp.mkdir(exist_ok=True)
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(server_tmp)  # read by the child at start; this process's tempdir is already set
+    try:
+        return start_monailabel(work / "server", work / "studies", conf=conf)
+    finally:
+        if before is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = before
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    shape_text = "x".join(map(str, args.shape))
+    # started first, before this process has any threads: (warm-up + measured turns) x (HTTP, in-process)
+    fake = FakeVLMProcess(turns=2 * (WARMUP_TURNS + args.turns))
+    server: RunningServer | None = None
+    experts: TimedExperts | None = None
+    try:
+        with tempfile.TemporaryDirectory(prefix="vila-m3-bench-chat-") as tmp:
+            work = Path(tmp)
+            image_id = f"ct_{shape_text}"
+            ct_path = work / "studies" / (image_id + (".nii.gz" if args.compressed else ".nii"))
+            start = time.perf_counter()
+            write_ct(ct_path, args.shape, args.spacing)
+            print(f"CT {shape_text} int16 written in {time.perf_counter() - start:.1f} s "
+                  f"({ct_path.stat().st_size / 1e6:.0f} MB, {ct_path.name})", flush=True)
+            models_dir = work / "models"
+            stage_stand_ins(models_dir, ("vista3d",))
+            conf = {"models": "vila_m3,vista3d", "vlm_url": fake.url, "vlm_model": VLM_MODEL,
+                    "chats_dir": str(work / "chats"), "models_dir": str(models_dir)}
+
+            try:
+                start = time.perf_counter()
+                server = start_server(work, conf)
+                print(f"server up in {time.perf_counter() - start:.1f} s at {server.url}", flush=True)
+                warm = []
+                for number in range(WARMUP_TURNS):
+                    warm.append(http_turn(server, image_id, args.slice_index, args.axis))
+                    print(f"warm-up HTTP turn {number + 1}: {warm[-1].wall:.2f} s "
+                          f"(expert cached: {warm[-1].answer['experts'][0]['cached']})", flush=True)
+                turns = [http_turn(server, image_id, args.slice_index, args.axis) for _ in range(args.turns)]
+                if not all(t.answer["experts"][0]["cached"] for t in turns):
+                    print("note: some measured turns did not hit the expert result cache")
+                print(f"{len(turns)} HTTP turns measured", flush=True)
+            finally:
+                if server is not None:
+                    server.stop()
+
+            # the same turns in this process: the app's VLM client, registry and expert service, no HTTP
+            registry = ExpertRegistry.from_config(
+                available=lambda spec: None if spec.name == "VISTA3D" else "not staged or not selected on this server")
+            experts = TimedExperts(models_dir, registry=registry, idle_release_s=0)
+            loop = ChatLoop(TimedVLM(open_vlm(conf, models_dir, "vila_m3_8b")), experts, registry,
+                            ChatStore(work / "chats-in-process"))
+            local_warm = []
+            for number in range(WARMUP_TURNS):
+                local_warm.append(loop_turn(loop, ct_path, image_id, args.slice_index, args.axis))
+                print(f"warm-up in-process turn {number + 1}: {local_warm[-1].wall:.2f} s", flush=True)
+            local = [loop_turn(loop, ct_path, image_id, args.slice_index, args.axis) for _ in range(args.turns)]
+            print(f"{len(local)} in-process turns measured", flush=True)
+
+            _, ct_volume = experts.load_volume(ct_path)
+            scratch = work / "scratch"
+            scratch.mkdir()
+            suspect_rows = suspects(local[-1].result, loop, ct_volume, turns[-1].answer, scratch, 3)
+            report(args, shape_text, warm, turns, local_warm, local, suspect_rows)
+    finally:
+        if experts is not None:
+            experts.close()
+        fake.stop()
+
+
+if __name__ == "__main__":
+    main()
