@@ -41,9 +41,12 @@ def isolated_env(workdir: Path) -> dict[str, str]:
     """The environment for a server or command whose writes must stay inside ``workdir``."""
     home = workdir / "home"
     home.mkdir(parents=True, exist_ok=True)
+    temporary = workdir / "tmp"  # MONAI Label leaves a logging config in the temp folder at each start
+    temporary.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env.update(
         HOME=str(home),
+        TMPDIR=str(temporary),
         MONAI_LABEL_SESSION_PATH=str(workdir / "sessions"),
         MONAI_LABEL_DATASTORE_AUTO_RELOAD="false",
         HF_HUB_OFFLINE="1",

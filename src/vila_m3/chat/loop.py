@@ -9,8 +9,10 @@ expert message to the model and a visible error, never an exception out of the t
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,6 +144,8 @@ class ChatLoop:
         self.store = store
         self.max_rounds = max_rounds
         self.max_triggers = max_triggers
+        # id(labelmap) -> (weak reference to it, the file first written for it)
+        self._label_files: dict[int, tuple[weakref.ref, Path]] = {}
         describe = getattr(vlm, "describe", None)
         self.vlm_info = {
             "name": vlm_name or (describe() if callable(describe) else type(vlm).__name__),
@@ -326,11 +330,21 @@ class ChatLoop:
             result.labels, dict(result.label_names))
 
     def _store_labels(self, chat: Chat, labels: Volume) -> str:
-        """Keep the turn's labelmap in the chat folder (the data engine and corrections use it)."""
+        """Keep the turn's labelmap in the chat folder (the data engine and corrections use it).
+
+        Encoding a large labelmap takes a while (~0.25 s for 512x512x200), so an expert result seen
+        before (the same cached object) is copied from the file written for it the first time.
+        """
         number = sum(1 for message in chat.messages if message.role == "user")
-        name = f"turn{number:03d}_labels.nii.gz"
-        write_labelmap(labels.array, labels.geometry, self.store.folder(chat.chat_id) / name)
-        return name
+        target = self.store.folder(chat.chat_id) / f"turn{number:03d}_labels.nii.gz"
+        reference, written = self._label_files.get(id(labels), (None, None))
+        if reference is not None and reference() is labels and written.is_file():
+            shutil.copyfile(written, target)
+        else:
+            write_labelmap(labels.array, labels.geometry, target)
+            self._label_files = {key: entry for key, entry in self._label_files.items() if entry[0]() is not None}
+            self._label_files[id(labels)] = (weakref.ref(labels), target)
+        return target.name
 
     def _display_colors(self, calls: list[ExpertCall], names: Mapping[int, str]) -> dict[str, list[int]]:
         """Slicer display colours (RGB 0-255) of the returned labels, from the expert's config."""

@@ -11,6 +11,7 @@ import re
 import tempfile
 import threading
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from PIL import Image
 
 from vila_m3.chat.transcript import Message
 
+IMAGE_CACHE_ENTRIES = 64
 _CHAT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -62,6 +64,7 @@ class ChatStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
+        self._images: OrderedDict[tuple[str, str], Image.Image] = OrderedDict()  # recently used pictures
 
     @staticmethod
     def check_id(chat_id: str) -> str:
@@ -110,12 +113,27 @@ class ChatStore:
         """Store a PNG the model sees in the chat's folder; returns its name."""
         folder = self.folder(chat_id)
         folder.mkdir(parents=True, exist_ok=True)
-        image.save(folder / name, format="PNG")
+        image.save(folder / name, format="PNG", compress_level=1)  # lossless; level 1 is ~3x faster
+        self._remember((chat_id, name), image)
         return name
 
     def image(self, chat_id: str, name: str) -> Image.Image:
+        """A stored picture (RGB); the same object while it stays among the recently used."""
+        with self._guard:
+            cached = self._images.get((chat_id, name))
+            if cached is not None:
+                self._images.move_to_end((chat_id, name))
+                return cached
         with Image.open(self.folder(chat_id) / name) as picture:
-            return picture.convert("RGB")
+            image = picture.convert("RGB")
+        self._remember((chat_id, name), image)
+        return image
+
+    def _remember(self, key: tuple[str, str], image: Image.Image) -> None:
+        with self._guard:
+            self._images[key] = image
+            while len(self._images) > IMAGE_CACHE_ENTRIES:
+                self._images.popitem(last=False)
 
     def chat_ids(self) -> list[str]:
         return sorted(path.parent.name for path in self.root.glob("*/chat.json"))

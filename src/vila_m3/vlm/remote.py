@@ -32,12 +32,14 @@ import os
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
 import urllib3.exceptions
+from PIL import Image
 
 from .errors import ImageCountError, VlmError
 from .generation import GenerationResult, StopReason
@@ -123,12 +125,28 @@ def image_data_url(image: ImageInput) -> str:
         raise TypeError(
             "A preprocessed tensor cannot be sent to a remote model; pass a PIL image, a uint8 array or a path."
         )
+    if isinstance(image, Image.Image):
+        reference, url = _DATA_URLS.get(id(image), (None, None))
+        if reference is not None and reference() is image:
+            return url
     pil = _to_pil(image)
     if pil.mode not in ("L", "RGB"):
         pil = pil.convert("RGB")
     buffer = io.BytesIO()
-    pil.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    pil.save(buffer, format="PNG", compress_level=1)  # lossless either way; level 1 is ~3x faster
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    if isinstance(image, Image.Image):
+        with _DATA_URLS_LOCK:
+            for key in [key for key, (ref, _) in _DATA_URLS.items() if ref() is None]:
+                del _DATA_URLS[key]
+            _DATA_URLS[id(image)] = (weakref.ref(image), url)
+    return url
+
+
+# Data URLs of PIL images already encoded, by id(image) with a weak reference to check identity:
+# a chat resends its earlier images every round.
+_DATA_URLS: dict[int, tuple[weakref.ref, str]] = {}
+_DATA_URLS_LOCK = threading.Lock()
 
 
 def build_messages(
