@@ -106,7 +106,8 @@ class ChatTurns:
         except VlmError as err:
             raise HTTPException(503, f"the VLM could not answer: {err}") from None
         finally:
-            self.running.pop(turn.chat_id, None)
+            if self.running.get(turn.chat_id) is cancel:  # a later turn of the same chat may have replaced it
+                del self.running[turn.chat_id]
 
     def labels_file(self, chat_id: str) -> str | None:
         chat = self.loop.store.load(chat_id)
