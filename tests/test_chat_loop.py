@@ -286,3 +286,11 @@ def test_a_cached_expert_result_is_encoded_once_and_copied_into_later_chats(tmp_
     first_file = loop.store.folder("first") / first.chat.labels
     second_file = loop.store.folder("second") / second.chat.labels
     assert second_file.read_bytes() == first_file.read_bytes()
+
+
+def test_each_turn_takes_the_modality_of_its_own_image(tmp_path, sample_data, service, registry):
+    loop, vlm = make_loop(tmp_path, service, registry, ["ok"])
+    loop.run_turn(ct_request(sample_data, chat_id="switch"))
+    second = loop.run_turn(TurnRequest("switch", "And this X-ray?", {"image": str(sample_data / "studies/cxr_chest.png")}))
+    assert second.chat.modality == "CXR"
+    assert vlm.calls[1][0][-1] == ("user", "<image>This is a CXR image.\nAnd this X-ray?")

@@ -173,7 +173,7 @@ class ChatLoop:
             timings.append({"step": name, "seconds": round(time.perf_counter() - began, 4)})
 
         chat = self.store.load(request.chat_id)
-        study = open_study(request.images, self.experts.load_volume, request.modality or chat.modality)
+        study = open_study(request.images, self.experts.load_volume, request.modality)
         axis, index = study.check_slice(request.axis, request.slice_index)
         step("load", clock)
 
