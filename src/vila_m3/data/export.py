@@ -1,0 +1,337 @@
+"""``vila-m3 datagen``: a dataset folder of expert-training conversations from a datastore and chats.
+
+Layout of the export (all names relative to it)::
+
+    train.json, val.json   VILA / LLaVA records (configs/datagen_schema.json)
+    images/<sha256>.png    the slices and overlays the records refer to
+    manifest.json          seed, source, config and question-pool hashes, counts, records' provenance
+                           (split, category, group, kind, answer, slice; hashed source), files with sha256
+    summary.txt, .png      counts by expert, group, answer and split; skipped inputs with reasons
+
+Steps: pair images with final labels (:mod:`.cases`), make each case's records (:mod:`.conversations`),
+turn chats into records with corrections (:mod:`.chats`), drop any record holding an identifier of the
+source DICOM headers or a generic identifier pattern (:mod:`.privacy`), deduplicate, split by patient
+or volume and repeat by category (:mod:`.balance`), write, then scan the written export.
+
+The export is written next to ``out_dir`` and moved into place when complete; ``out_dir`` must be empty,
+absent, or an earlier export (which is replaced).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from vila_m3 import __version__
+from vila_m3.chat.store import Chat
+from vila_m3.data.balance import TRAIN, VAL, Placed, deduplicate, listed, place
+from vila_m3.data.cases import Case, CaseError, LoadedCase, collect_cases, load_case
+from vila_m3.data.chats import ChatConverter, ChatStudy, chat_study_ids
+from vila_m3.data.config import DatagenConfig, load_datagen_config
+from vila_m3.data.conversations import ConversationBuilder
+from vila_m3.data.privacy import Finding, hashed_id, scan_export, scan_text
+from vila_m3.data.questions import QuestionPools
+from vila_m3.data.records import ImageWriter, Record
+from vila_m3.data.sources import DatastoreImage, Skip, SourceError, open_datastore
+from vila_m3.data.summary import draw_summary, format_summary, summarize
+from vila_m3.experts.registry import ExpertRegistry
+from vila_m3.imaging.sequences import SEQUENCE_ORDER, sequence_of
+
+FORMAT = "vila-m3-datagen"
+FORMAT_VERSION = 1
+
+
+class ExportError(RuntimeError):
+    """The export cannot be made (bad output folder, unreadable datastore); the message says why."""
+
+
+@dataclass
+class ExportResult:
+    """What an export did.
+
+    Attributes:
+        out_dir: the dataset folder.
+        manifest: the manifest written.
+        summary: the counts (as in ``summary.txt``; sources hashed).
+        skips: what was left out, with raw source ids (for the admin; not written to the export).
+        findings: what the final privacy scan of the export found (empty: passed).
+    """
+
+    out_dir: Path
+    manifest: dict[str, Any]
+    summary: dict[str, Any]
+    skips: list[Skip] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def privacy_passed(self) -> bool:
+        return not self.findings
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-able result (e.g. the answer of a server route)."""
+        return {
+            "out_dir": str(self.out_dir),
+            "counts": self.manifest["counts"],
+            "summary": self.summary,
+            "skipped": [{"source": s.source, "kind": s.kind, "reason": s.reason} for s in self.skips],
+            "privacy": {"passed": self.privacy_passed, "findings": [str(f) for f in self.findings]},
+        }
+
+
+def export_dataset(
+    datastore: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    chats_dir: str | os.PathLike[str] | None = None,
+    seed: int | None = None,
+    config: DatagenConfig | None = None,
+    questions_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    token: str | None = None,
+    identifiers: Iterable[str] = (),
+) -> ExportResult:
+    """Export expert-training conversations (see the module docstring).
+
+    Args:
+        datastore: a MONAI Label studies folder, or a server URL (``http://host:port``).
+        out_dir: the dataset folder to write.
+        chats_dir: the server's chats folder (``<app>/chats`` or ``--conf chats_dir``), or None.
+        seed: question, slice and split draws (default: the config's).
+        config: datagen settings (default: ``configs/datagen.yaml``).
+        questions_dir: question pools (default: ``configs/questions``).
+        progress: show tqdm progress bars (stderr).
+        token: bearer token for a server with authentication.
+        identifiers: more values that must not appear (besides those of the source DICOM headers).
+
+    Raises:
+        ExportError: the output folder is not usable or the datastore cannot be read.
+    """
+    config = config or load_datagen_config()
+    seed = config.seed if seed is None else int(seed)
+    pools = QuestionPools.load(questions_dir)
+    registry = ExpertRegistry.from_config(
+        available=(lambda spec: None if spec.runner else "not run by this product") if config.card == "product" else None
+    )
+    out = Path(out_dir).resolve()
+    _check_output(out)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        with tempfile.TemporaryDirectory(prefix="vila-m3-datagen-") as cache:
+            try:
+                source = open_datastore(datastore, cache, tag=config.label_tag, token=token)
+            except SourceError as err:
+                raise ExportError(str(err)) from None
+            images = ImageWriter(staging, config.id_length)
+            engine = _Engine(config, seed, pools, registry, images, source, set(identifiers), progress)
+            records, skips = engine.datastore_records()
+            chat_notes: dict[str, int] = {}
+            if chats_dir is not None and config.chats.get("include", True):
+                chat_records, chat_skips, chat_notes = engine.chat_records(Path(chats_dir))
+                records += chat_records
+                skips += chat_skips
+            records, privacy_skips = engine.privacy_gate(records)
+            skips += privacy_skips
+            records, duplicates = deduplicate(records)
+            placed, units = place(records, config.val_fraction, seed, config.multipliers, config.id_length)
+            removed = images.remove_unused({path for item in placed for path in item.record.images})
+            notes = {"duplicates_removed": duplicates, "unused_images_removed": removed, **chat_notes}
+            summary = summarize(placed, skips, seed, **notes)
+            manifest = _write(staging, placed, units, summary, config, pools, registry, seed, source.location,
+                              chats_dir)
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+        findings = scan_export(staging, engine.identifiers)
+        _replace(out, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ExportResult(out, manifest, summary, skips, findings)
+
+
+def export_from_app(datastore_path_or_url: str, chats_dir: str | None, out_dir: str, seed: int = 0) -> dict[str, Any]:
+    """The export as a server task for admins: no progress bars, a JSON-able result.
+
+    Returns:
+        ``{"out_dir", "counts", "summary", "skipped": [{"source", "kind", "reason"}], "privacy":
+        {"passed", "findings"}}`` (``skipped`` names the raw image / chat ids, for the admin).
+    """
+    result = export_dataset(datastore_path_or_url, out_dir, chats_dir=chats_dir, seed=seed, progress=False)
+    return result.as_dict()
+
+
+class _Engine:
+    """The steps of one export that share state (the datastore, written images, identifiers)."""
+
+    def __init__(self, config: DatagenConfig, seed: int, pools: QuestionPools, registry: ExpertRegistry,
+                 images: ImageWriter, source, identifiers: set[str], progress: bool):
+        self.config, self.seed, self.registry, self.images = config, seed, registry, images
+        self.source = source
+        self.identifiers = identifiers
+        self.progress = progress
+        self.builder = ConversationBuilder(config, pools, registry, images)
+        self.cases: list[Case] = []
+        self.loaded_ok: set[str] = set()
+        self.unit_of_image: dict[str, str] = {}
+        self._cache: OrderedDict[str, LoadedCase] = OrderedDict()
+
+    def datastore_records(self) -> tuple[list[Record], list[Skip]]:
+        self.cases, skips = collect_cases(self.source)
+        records: list[Record] = []
+        for case in tqdm(self.cases, desc="volumes", unit="volume", disable=not self.progress):
+            try:
+                loaded = load_case(case, self.source)
+            except CaseError as err:
+                skips.append(Skip(case.labelled.label_name or case.source_id, "label", str(err)))
+                continue
+            self.identifiers |= loaded.identifiers
+            made = self.builder.records(loaded, self.seed)
+            if not made:
+                skips.append(Skip(case.source_id, "label", "no structure of the label belongs to a conversation "
+                                  "group (configs/datagen.yaml)"))
+            records += made
+            self.loaded_ok.add(case.source_id)
+            self.unit_of_image.update({image_id: loaded.split_key for image_id in case.image_ids})
+        return records, skips
+
+    def chat_records(self, chats_dir: Path) -> tuple[list[Record], list[Skip], dict[str, int]]:
+        converter = ChatConverter(self.config, self.registry, self.images, self.chat_study)
+        count = len(list(chats_dir.glob("*/chat.json"))) if chats_dir.is_dir() else 0
+        with tqdm(total=count, desc="chats", unit="chat", disable=not self.progress) as bar:
+            outcome = converter.convert(chats_dir, progress=bar.update)
+        notes = {"chats": len(outcome.records), "chat_expert_turns_corrected": outcome.corrected_turns,
+                 "chat_expert_turns_changed_by_correction": outcome.changed_turns}
+        return outcome.records, outcome.skips, notes
+
+    def chat_study(self, chat: Chat) -> ChatStudy:
+        """Split unit and final label of a chat's study (matched to the datastore by image id or file name)."""
+        by_image = {image_id: case for case in self.cases for image_id in case.image_ids}
+        images: dict[str, DatastoreImage] = {image.image_id: image for image in self.source.images()}
+        studies = {case.source_id for case in self.cases if case.is_brats}
+        brats_chat = set((chat.study or {}).get("images") or {}) == set(SEQUENCE_ORDER)
+        candidates = chat_study_ids(chat)
+        for candidate in candidates:
+            case = by_image.get(candidate)
+            if case is not None:
+                unit = self.unit_of_image.get(candidate) or (
+                    f"study:{case.source_id}" if case.is_brats else f"image:{case.source_id}")
+                usable = case.source_id in self.loaded_ok and case.is_brats == brats_chat
+                loader: Callable[[], LoadedCase] | None = (lambda c=case: self._load(c)) if usable else None
+                return ChatStudy(unit, loader, case.labelled.label_time)
+            image = images.get(candidate)
+            if image is not None:
+                found = sequence_of(image.file_name)
+                return ChatStudy(f"study:{found[0]}" if found and found[0] in studies else f"image:{candidate}")
+        return ChatStudy(f"chat-study:{candidates[0]}" if candidates else f"chat:{chat.chat_id}")
+
+    def _load(self, case: Case) -> LoadedCase:
+        if case.source_id not in self._cache:
+            self._cache[case.source_id] = load_case(case, self.source)
+            while len(self._cache) > 2:
+                self._cache.popitem(last=False)
+        return self._cache[case.source_id]
+
+    def privacy_gate(self, records: list[Record]) -> tuple[list[Record], list[Skip]]:
+        """Records whose texts hold no identifier or identifier-like pattern, and skips for the others."""
+        kept, skips = [], []
+        clean: set[str] = set()
+        for record in records:
+            problem = None
+            for _, text in record.turns:
+                if text in clean:
+                    continue
+                findings = scan_text(text, "", self.identifiers)
+                if findings:
+                    problem = findings[0].reason
+                    break
+                clean.add(text)
+            if problem is None:
+                kept.append(record)
+            else:
+                skips.append(Skip(record.source, "record", f"left out: its text {problem}"))
+        return kept, skips
+
+
+def _check_output(out: Path) -> None:
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ExportError(f"{out} is a file; give a folder for the export")
+    if not any(out.iterdir()):
+        return
+    try:
+        manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        manifest = None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ExportError(f"{out} is not empty and holds no earlier export; choose an empty or new folder")
+
+
+def _replace(out: Path, staging: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staging, out)
+
+
+def _write(folder: Path, placed: list[Placed], units: dict[str, str], summary: dict[str, Any],
+           config: DatagenConfig, pools: QuestionPools, registry: ExpertRegistry, seed: int,
+           datastore: str | os.PathLike[str], chats_dir: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """Write the split files, the summary and the manifest (last); returns the manifest."""
+    counts = {
+        "records": len(placed),
+        "train": {"records": sum(p.split == TRAIN for p in placed), "listed": sum(p.repeats for p in placed
+                                                                                  if p.split == TRAIN)},
+        "val": {"records": sum(p.split == VAL for p in placed)},
+        "images": len({path for p in placed for path in p.record.images}),
+        "skipped": len(summary["skipped"]),
+    }
+    for split in (TRAIN, VAL):
+        _write_json(folder / f"{split}.json", listed(placed, split))
+    (folder / "summary.txt").write_text(format_summary(summary), encoding="utf-8")
+    draw_summary(summary, folder / "summary.png")
+    files = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        files.append({"path": path.relative_to(folder).as_posix(), "sha256": hashlib.sha256(data).hexdigest(),
+                      "bytes": len(data)})
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "generator": f"vila-m3 {__version__}",
+        "seed": seed,
+        "source": str(datastore),
+        "chats": str(Path(chats_dir).resolve()) if chats_dir is not None else None,
+        "config_sha256": config.sha256(),
+        "questions_sha256": pools.sha256,
+        "card_sha256": hashlib.sha256(registry.model_card().encode("utf-8")).hexdigest(),
+        "multipliers": dict(config.multipliers),
+        "val_fraction": config.val_fraction,
+        "counts": counts,
+        "splits": {split: sorted(hashed_id(seed, "unit", unit) for unit, s in units.items() if s == split)
+                   for split in (TRAIN, VAL)},
+        "records": [
+            {"id": p.record_id, "split": p.split, "repeats": p.repeats, "category": p.record.category,
+             "group": p.record.group, "kind": p.record.kind, "answer": p.record.answer,
+             "source": hashed_id(seed, "source", p.record.source), "unit": hashed_id(seed, "unit", p.record.split_key),
+             "axis": p.record.axis, "slice": p.record.index}
+            for p in placed
+        ],
+        "files": files,
+    }
+    _write_json(folder / "manifest.json", manifest)
+    return manifest
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

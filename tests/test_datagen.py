@@ -1,0 +1,518 @@
+"""The data engine: exports of expert-training conversations from final labels and chats.
+
+The datastore is a copy of the sample studies with their ground truths saved as the annotator's
+final labels (``labels/final/<image file name>``; the chest X-ray's findings as
+``labels/final/cxr_chest.json``). Answers are recomputed here from the labels, independently of the
+engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from chat_doubles import ScriptedVLM
+from PIL import Image, PngImagePlugin
+from scipy import ndimage
+from server_harness import start_monailabel
+
+from vila_m3.chat.loop import ChatLoop, TurnRequest
+from vila_m3.chat.store import ChatStore
+from vila_m3.chat.transcript import Message, vlm_conversation
+from vila_m3.data import check_structure, export_dataset, load_datagen_config, scan_export
+from vila_m3.data.cli import main as datagen_main
+from vila_m3.data.privacy import dicom_identifiers, find_dicom_files, hashed_id
+from vila_m3.data.questions import QuestionPoolError, QuestionPools
+from vila_m3.data.validate import load_schema, schema_errors
+from vila_m3.experts.colors import overlay_colors_float
+from vila_m3.experts.feedback import brats_feedback, classification_feedback, segmentation_feedback
+from vila_m3.experts.registry import ExpertRegistry
+from vila_m3.experts.service import ExpertService
+from vila_m3.imaging import labelmap_like, read_labelmap, read_volume, write_labelmap
+from vila_m3.imaging.overlay import render_overlay
+from vila_m3.imaging.slices import render_label_slice, render_slice
+from vila_m3.models.stand_ins import stage_stand_ins
+
+SEQUENCES = ("t1c", "t1", "t2", "flair")
+CT_TRIGGER = "This looks like a CT image. Let me trigger <VISTA3D({group})>. "
+BRATS_TRIGGER = "This looks like an MRI image sequence. Let me first trigger <BRATS()>."
+CXR_TRIGGER = "This looks like an chest x-ray. Let me first trigger <CXR()>."
+BRATS_PREFIX = "T1(contrast enhanced): <image>, T1: <image>, T2: <image>, FLAIR: <image> These are different MRI modalities.\n"
+PATIENT_NAME = "Phantom^Abdomen"  # PatientName of the sample CT series
+PATIENT_ID = "PHANTOM-CT-ABD"  # its PatientID
+
+
+def make_datastore(root: Path, sample_data: Path, cxr: bool = True, ct: bool = True, brats: bool = True) -> Path:
+    """A MONAI Label studies folder with the sample ground truths as final labels."""
+    studies = root / "studies"
+    final = studies / "labels" / "final"
+    final.mkdir(parents=True)
+    if ct:
+        shutil.copy(sample_data / "studies" / "ct_abdomen.nii.gz", studies)
+        shutil.copy(sample_data / "ground_truth" / "ct_abdomen.nii.gz", final / "ct_abdomen.nii.gz")
+    if brats:
+        for sequence in SEQUENCES:
+            shutil.copy(sample_data / "studies" / f"brain_mri_{sequence}.nii.gz", studies)
+        shutil.copy(sample_data / "ground_truth" / "brain_mri.nii.gz", final / "brain_mri_t1c.nii.gz")
+    if cxr:
+        shutil.copy(sample_data / "studies" / "cxr_chest.png", studies)
+        shutil.copy(sample_data / "ground_truth" / "cxr_chest.json", final / "cxr_chest.json")
+    return studies
+
+
+def load_split(folder: Path) -> tuple[list[dict], list[dict]]:
+    return (json.loads((folder / "train.json").read_text(encoding="utf-8")),
+            json.loads((folder / "val.json").read_text(encoding="utf-8")))
+
+
+def images_of(record: dict) -> list[str]:
+    return [record["image"]] if "image" in record else record.get("images", [])
+
+
+def unique_records(folder: Path) -> list[tuple[dict, dict]]:
+    """(record, its manifest provenance) once per record (repeats left out)."""
+    train, val = load_split(folder)
+    provenance = {entry["id"]: entry for entry in json.loads((folder / "manifest.json").read_text())["records"]}
+    return [(record, provenance[record["id"]]) for record in train + val if record["id"] in provenance]
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as picture:
+        return np.asarray(picture.convert("RGB"))
+
+
+def product_registry() -> ExpertRegistry:
+    return ExpertRegistry.from_config(available=lambda spec: None if spec.runner else "not run by this product")
+
+
+def all_files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def datastore(tmp_path_factory: pytest.TempPathFactory, sample_data: Path) -> Path:
+    return make_datastore(tmp_path_factory.mktemp("datastore"), sample_data)
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory: pytest.TempPathFactory, datastore: Path) -> Path:
+    out = tmp_path_factory.mktemp("exports") / "seed0"
+    result = export_dataset(datastore, out, seed=0, progress=False)
+    assert result.privacy_passed and not result.skips, (result.findings, result.skips)
+    return out
+
+
+# ------------------------------------------------------------------------------------- format
+
+
+def test_the_export_validates_against_the_schema(export):
+    schema = load_schema()
+    jsonschema = pytest.importorskip("jsonschema")
+    for records in load_split(export):
+        jsonschema.Draft7Validator(schema).validate(records)
+        assert schema_errors(records, schema) == []
+    assert check_structure(export) == []
+    # The built-in validator does reject what the schema forbids.
+    broken = [{"id": "Phantom", "image": "x.png", "images": ["images/ab12cd34.png"] * 2,
+               "conversations": [{"from": "doctor", "value": ""}]}]
+    errors = schema_errors(broken, schema)
+    assert any("$[0].id" in e for e in errors) and any("from" in e for e in errors)
+    assert any("must not have" in e for e in errors) and any("fewer than 2" in e for e in errors)
+
+
+def test_every_image_placeholder_has_its_image_and_every_file_exists(export):
+    train, val = load_split(export)
+    assert train and val
+    for record in train + val:
+        paths = images_of(record)
+        text = "".join(turn["value"] for turn in record["conversations"])
+        assert text.count("<image>") == len(paths) >= 1
+        assert [t["from"] for t in record["conversations"]] == ["human", "gpt"] * (len(record["conversations"]) // 2)
+        for path in paths:
+            assert (export / path).is_file() and re.fullmatch(r"images/[0-9a-f]{16}\.png", path)
+    listed = {entry["path"] for entry in json.loads((export / "manifest.json").read_text())["files"]}
+    assert {f"images/{p.name}" for p in (export / "images").iterdir()} <= listed
+    assert {"train.json", "val.json", "summary.txt", "summary.png"} <= listed
+
+
+def test_conversations_follow_the_protocol_texts(export, sample_data):
+    card = product_registry().model_card()
+    by_category: dict[str, list[dict]] = {}
+    for record, meta in unique_records(export):
+        by_category.setdefault(meta["category"], []).append((record, meta))
+    assert set(by_category) == {"vista3d", "brats", "cxr"}
+    for record, meta in by_category["vista3d"]:
+        turns = [t["value"] for t in record["conversations"]]
+        assert turns[0].startswith(card + " <image>This is a CT image.\n")
+        question = turns[0][len(card + " <image>This is a CT image.\n"):]
+        if meta["kind"] == "segment":
+            assert len(turns) == 2 and len(images_of(record)) == 1
+            assert re.fullmatch(rf"I segmented .+ using <VISTA3D\({meta['group']}\)>\.", turns[1])
+            continue
+        assert turns[1] == CT_TRIGGER.format(group=meta["group"])
+        assert turns[2].startswith("The results are <image>. The colors in this image describe ")
+        assert turns[2].endswith("Use this result to respond to this prompt:\n" + question)
+    for record, meta in by_category["brats"]:
+        turns = [t["value"] for t in record["conversations"]]
+        assert turns[0].startswith(card + BRATS_PREFIX)
+        if meta["kind"] != "segment":
+            assert turns[1] == BRATS_TRIGGER and len(images_of(record)) == 5
+    findings = json.loads((sample_data / "ground_truth" / "cxr_chest.json").read_text())["findings"]
+    for record, _ in by_category["cxr"]:
+        turns = [t["value"] for t in record["conversations"]]
+        question = turns[0].split("This is a CXR image.\n", 1)[1]
+        assert turns[1] == CXR_TRIGGER
+        assert turns[2] == classification_feedback(findings, question)
+    segment = [record for record, meta in by_category["vista3d"] if meta["group"] == "everything"
+               and meta["kind"] == "segment"]
+    assert segment[0]["conversations"][1]["value"] == "I segmented the entire image using <VISTA3D(everything)>."
+
+
+def test_vista3d_answers_agree_with_the_final_label(export, sample_data):
+    ct = read_volume(sample_data / "studies" / "ct_abdomen.nii.gz")
+    labels = read_labelmap(sample_data / "ground_truth" / "ct_abdomen.nii.gz")
+    tumours = ndimage.label(labels.array == 26)[1]
+    spec = product_registry().get("VISTA3D")
+    checked = {"presence": 0, "count": 0, "visible": 0}
+    answers = set()
+    for record, meta in unique_records(export):
+        if meta["category"] != "vista3d":
+            continue
+        axis, index = meta["axis"], meta["slice"]
+        slice_png, *rest = images_of(record)
+        assert np.array_equal(pixels(export / slice_png), np.asarray(render_slice(ct, axis, index, "CT")))
+        if meta["kind"] == "segment":
+            continue
+        group = spec.resolve_argument(meta["group"]).labels
+        ids = [i for i in group.values() if (labels.array == i).any()]
+        restricted = labelmap_like(ct, np.where(np.isin(labels.array, ids), labels.array, 0))
+        overlay, drawn = render_overlay(ct, restricted, axis, index, overlay_colors_float(), "CT")
+        assert np.array_equal(pixels(export / rest[0]), np.asarray(overlay))
+        on_slice = set(np.unique(render_label_slice(labels, axis, index))) & set(ids)
+        question = record["conversations"][0]["value"].rsplit("\n", 1)[1]
+        names = {label_id: name for name, label_id in group.items()}
+        assert record["conversations"][2]["value"] == segmentation_feedback(sorted(on_slice), names, question)
+        answer = record["conversations"][3]["value"]
+        if meta["kind"] == "presence":
+            asked = max((name for name in group if re.search(rf"\b{name}\b", question)), key=len)
+            assert answer == ("yes" if group[asked] in on_slice else "no")
+            answers.add((meta["group"], answer))
+        elif meta["kind"] == "count":
+            assert meta["group"] == "hepatic tumor"
+            assert answer == f"There are {tumours} hepatic tumors." and tumours >= 2
+        else:
+            shown = [names[i] for i in sorted(on_slice)]
+            if len(shown) > 1:
+                assert answer == f"The image shows {', '.join(shown[:-1])} and {shown[-1]}."
+            elif shown:
+                assert answer == f"The image shows {shown[0]}."
+            else:
+                assert answer == "None of the segmented structures is visible in this image."
+        checked[meta["kind"]] += 1
+    assert all(checked.values()), checked
+    # Slices through and away from the tumour: both answers occur for the hepatic tumor group.
+    assert {("hepatic tumor", "yes"), ("hepatic tumor", "no")} <= answers
+
+
+def test_brats_and_cxr_answers_agree_with_the_final_labels(export, sample_data):
+    labels = read_labelmap(sample_data / "ground_truth" / "brain_mri.nii.gz")
+    t1c = read_volume(sample_data / "studies" / "brain_mri_t1c.nii.gz")
+    findings = json.loads((sample_data / "ground_truth" / "cxr_chest.json").read_text())["findings"]
+    regions = {"presence": {1, 2, 4}, "core": {1, 4}, "enhancing": {4}, "edema": {2}}
+    seen = set()
+    for record, meta in unique_records(export):
+        turns = [t["value"] for t in record["conversations"]]
+        if meta["category"] == "brats" and meta["kind"] in regions:
+            on_slice = set(np.unique(render_label_slice(labels, meta["axis"], meta["slice"]))) - {0}
+            expected = "yes" if on_slice & regions[meta["kind"]] else "no"
+            assert turns[3] == expected
+            question = turns[0].rsplit("\n", 1)[1]
+            assert turns[2] == brats_feedback(sorted(on_slice), question)
+            overlay, _ = render_overlay(t1c, labels, meta["axis"], meta["slice"], overlay_colors_float(), "MRI")
+            assert np.array_equal(pixels(export / images_of(record)[4]), np.asarray(overlay))
+            seen.add(("brats", expected))
+        if meta["category"] == "cxr" and meta["kind"] == "finding":
+            asked = next(name for name in findings if name.lower() in turns[0].lower().rsplit("\n", 1)[1])
+            assert turns[3] == ("yes" if findings[asked] else "no")
+            seen.add(("cxr", turns[3]))
+    assert seen == {("brats", "yes"), ("brats", "no"), ("cxr", "yes"), ("cxr", "no")}
+
+
+# -------------------------------------------------------------------------- reproducibility, split
+
+
+def test_the_same_seed_gives_the_same_bytes_and_another_seed_other_draws(export, datastore, tmp_path):
+    again = export_dataset(datastore, tmp_path / "again", seed=0, progress=False).out_dir
+    assert all_files(again) == all_files(export)
+    other = export_dataset(datastore, tmp_path / "other", seed=1, progress=False).out_dir
+
+    def questions(folder: Path) -> list[str]:
+        return sorted(r["conversations"][0]["value"].rsplit("\n", 1)[1] for r, _ in unique_records(folder))
+
+    assert questions(other) != questions(export)
+    assert json.loads((other / "manifest.json").read_text())["seed"] == 1
+
+
+def test_the_split_never_shares_a_volume_and_train_repeats_follow_the_multipliers(export):
+    manifest = json.loads((export / "manifest.json").read_text())
+    split_of_unit: dict[str, set[str]] = {}
+    for entry in manifest["records"]:
+        split_of_unit.setdefault(entry["unit"], set()).add(entry["split"])
+    assert len(split_of_unit) == 3 and all(len(splits) == 1 for splits in split_of_unit.values())
+    train, val = load_split(export)
+    assert val and {r["id"] for r in train}.isdisjoint({r["id"] for r in val})
+    assert {p for r in train for p in images_of(r)}.isdisjoint({p for r in val for p in images_of(r)})
+    multipliers = load_datagen_config().multipliers
+    for entry in manifest["records"]:
+        expected = multipliers[entry["category"]] if entry["split"] == "train" else 1
+        copies = [r for r in (train if entry["split"] == "train" else val) if r["id"].split(".")[0] == entry["id"]]
+        assert entry["repeats"] == expected == len(copies)
+        assert len({json.dumps(r["conversations"]) for r in copies}) == 1
+    summary = (export / "summary.txt").read_text()
+    assert re.search(r"records by expert", summary) and re.search(r"\n  vista3d\s+\d+", summary)
+    assert (export / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------------------ privacy
+
+
+def test_the_privacy_check_passes_on_the_export_and_fails_on_planted_identifiers(export, tmp_path, sample_data,
+                                                                                 capsys):
+    assert datagen_main(["datagen-check", str(export)]) == 0
+    dicom = str(sample_data / "dicom" / "ct_abdomen")
+    # A value from the DICOM headers that matches no generic pattern is found once the headers are read.
+    planted = tmp_path / "planted-id"
+    shutil.copytree(export, planted)
+    train = json.loads((planted / "train.json").read_text())
+    train[0]["conversations"][-1]["value"] += f" (patient {PATIENT_ID})"
+    (planted / "train.json").write_text(json.dumps(train))
+    assert datagen_main(["datagen-check", str(planted), "--privacy-only"]) == 0
+    assert datagen_main(["datagen-check", str(planted), "--privacy-only", "--dicom", dicom]) == 1
+    assert PATIENT_ID in capsys.readouterr().out
+    assert datagen_main(["datagen-check", str(planted)]) == 1  # the checksum no longer matches either
+    assert "sha256 differs" in capsys.readouterr().out
+    # The patient's name in a file name, a JSON value, or a PNG text chunk.
+    for where in ("file name", "json", "png chunk"):
+        copy = tmp_path / where.replace(" ", "-")
+        shutil.copytree(export, copy)
+        if where == "file name":
+            (copy / "images" / f"{PATIENT_NAME}.png").write_bytes((next((copy / "images").iterdir())).read_bytes())
+        elif where == "json":
+            manifest = json.loads((copy / "manifest.json").read_text())
+            manifest["note"] = {"PatientName": PATIENT_NAME}
+            (copy / "manifest.json").write_text(json.dumps(manifest))
+        else:
+            target = next((copy / "images").iterdir())
+            info = PngImagePlugin.PngInfo()
+            info.add_text("Comment", f"scan of {PATIENT_NAME.replace('^', ' ')}")
+            Image.open(target).save(target, pnginfo=info)
+        assert datagen_main(["datagen-check", str(copy), "--privacy-only", "--dicom", dicom]) == 1, where
+        output = capsys.readouterr().out
+        assert "Phantom" in output and "privacy:" in output, where
+
+
+def test_a_dicom_series_is_split_by_hashed_patient_and_its_identifiers_never_reach_the_export(
+        tmp_path, sample_data):
+    studies = make_datastore(tmp_path, sample_data, ct=False, brats=False)
+    shutil.copytree(sample_data / "dicom" / "ct_abdomen", studies / "ct_series")
+    shutil.copy(sample_data / "ground_truth" / "ct_abdomen.nii.gz", studies / "labels" / "final" / "ct_series.nii.gz")
+    # A chat whose question names the patient: its record must be left out.
+    store = ChatStore(tmp_path / "chats")
+    chat = store.load("named")
+    store.save_image("named", "turn001_slice0.png", Image.new("RGB", (8, 8)))
+    chat.study = {"image": "ct_series"}
+    chat.messages = [Message("user", f"<image>This is a CT image.\nIs {PATIENT_NAME} sick?", ["turn001_slice0.png"],
+                             question=f"Is {PATIENT_NAME} sick?"), Message("assistant", "I cannot tell.")]
+    store.save(chat)
+    result = export_dataset(studies, tmp_path / "out", chats_dir=tmp_path / "chats", seed=3, progress=False)
+    assert result.privacy_passed
+    assert [s.reason for s in result.skips if s.source == "named"] == [
+        "left out: its text identifier from the source DICOM headers"]
+    manifest = json.loads((result.out_dir / "manifest.json").read_text())
+    units = {entry["unit"] for entry in manifest["records"] if entry["category"] == "vista3d"}
+    assert units == {hashed_id(3, "unit", f"patient:{PATIENT_ID}")}
+    identifiers = dicom_identifiers(find_dicom_files(studies / "ct_series"))
+    assert {PATIENT_NAME, PATIENT_ID, "20240115"} <= identifiers
+    assert scan_export(result.out_dir, identifiers) == []
+    blob = b"".join(all_files(result.out_dir).values()).lower()
+    assert b"phantom" not in blob and b"ct_series" not in blob
+    # datagen-check reads the identifiers from the manifest's source folder by itself.
+    assert datagen_main(["datagen-check", str(result.out_dir)]) == 0
+
+
+# ---------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_are_skipped_with_reasons_and_the_export_completes(tmp_path, sample_data):
+    studies = make_datastore(tmp_path, sample_data, ct=False, brats=False)
+    final = studies / "labels" / "final"
+    shutil.copy(sample_data / "ground_truth" / "ct_abdomen.nii.gz", final / "ghost.nii.gz")
+    shutil.copy(sample_data / "studies" / "ct_abdomen.nii.gz", studies / "shifted.nii.gz")
+    truth = read_labelmap(sample_data / "ground_truth" / "ct_abdomen.nii.gz")
+    write_labelmap(truth.array[:-4], type(truth.geometry)(truth.geometry.spacing, truth.geometry.origin,
+                                                          truth.geometry.direction, truth.geometry.shape[:2] + (60,)),
+                   final / "shifted.nii.gz")
+    (studies / "broken.nii.gz").write_bytes(b"not a volume at all")
+    shutil.copy(sample_data / "ground_truth" / "ct_abdomen.nii.gz", final / "broken.nii.gz")
+    shutil.copy(sample_data / "studies" / "brain_mri_t2.nii.gz", studies / "lonely_t2.nii.gz")
+    shutil.copy(sample_data / "ground_truth" / "brain_mri.nii.gz", final / "lonely_t2.nii.gz")
+    result = export_dataset(studies, tmp_path / "out", seed=0, progress=False)
+    reasons = {skip.source: skip.reason for skip in result.skips}
+    assert reasons["ghost.nii.gz"] == "label without its image"
+    assert reasons["shifted.nii.gz"].startswith("label geometry does not match its image")
+    assert reasons["broken.nii.gz"].startswith("unreadable image") and str(studies) not in reasons["broken.nii.gz"]
+    assert "four sequences" in reasons["lonely_t2.nii.gz"]
+    summary = (result.out_dir / "summary.txt").read_text()
+    assert "skipped: 4" in summary and "label without its image" in summary and "ghost" not in summary
+    assert result.manifest["counts"]["records"] == 5  # the chest X-ray's records are still there
+    assert check_structure(result.out_dir) == []
+
+
+def test_a_study_stored_twice_is_exported_once(tmp_path, sample_data):
+    studies = make_datastore(tmp_path, sample_data, ct=False, brats=False)
+    shutil.copy(studies / "cxr_chest.png", studies / "cxr_copy.png")
+    shutil.copy(studies / "labels" / "final" / "cxr_chest.json", studies / "labels" / "final" / "cxr_copy.json")
+    result = export_dataset(studies, tmp_path / "out", seed=0, progress=False)
+    assert result.manifest["counts"]["records"] == 5
+    assert result.summary["notes"]["duplicates_removed"] == 5
+    assert len({entry["unit"] for entry in result.manifest["records"]}) == 1
+
+
+# -------------------------------------------------------------------------------------------- chats
+
+
+@pytest.fixture(scope="module")
+def chat_setup(tmp_path_factory: pytest.TempPathFactory, sample_data: Path):
+    """A chat about the CT (one expert turn, one plain turn) made by the real chat loop with stand-in
+    VISTA3D weights, in a datastore where the CT has no final label yet."""
+    root = tmp_path_factory.mktemp("chat")
+    studies = make_datastore(root, sample_data, cxr=False, brats=False)
+    (studies / "labels" / "final" / "ct_abdomen.nii.gz").unlink()
+    stage_stand_ins(root / "models", ("vista3d",))
+    registry = product_registry()
+    service = ExpertService(root / "models", registry=registry, idle_release_s=0)
+    answers = ["This looks like a CT image. Let me trigger <VISTA3D(hepatic tumor)>.", "Yes, one is visible.",
+               "The spleen looks normal."]
+    loop = ChatLoop(ScriptedVLM(answers), service, registry, ChatStore(root / "chats"))
+    ct = str(studies / "ct_abdomen.nii.gz")
+    loop.run_turn(TurnRequest("ct-chat", "Is there a liver tumor?", {"image": ct}, slice_index=44,
+                              study={"image": "ct_abdomen"}))
+    loop.run_turn(TurnRequest("ct-chat", "And the spleen?", {"image": ct}, slice_index=30,
+                              study={"image": "ct_abdomen"}))
+    service.close()
+    return root, studies
+
+
+def test_a_chat_becomes_one_multi_turn_record_as_the_model_saw_it(chat_setup, tmp_path):
+    root, studies = chat_setup
+    result = export_dataset(studies, tmp_path / "out", chats_dir=root / "chats", seed=0, progress=False)
+    records = unique_records(result.out_dir)
+    assert [meta["category"] for _, meta in records] == ["chat"]
+    record, meta = records[0]
+    chat = ChatStore(root / "chats").load("ct-chat")
+    turns, names = vlm_conversation(chat.messages)
+    assert [(t["from"], t["value"]) for t in record["conversations"]] == [
+        ({"user": "human", "assistant": "gpt"}[role], text) for role, text in turns]
+    assert [t["from"] for t in record["conversations"]] == ["human", "gpt"] * 3
+    assert len(images_of(record)) == len(names) == 3
+    for path, name in zip(images_of(record), names, strict=True):
+        assert np.array_equal(pixels(result.out_dir / path), pixels(root / "chats" / "ct-chat" / name))
+    assert meta["answer"] == "as recorded" and meta["group"] == "VISTA3D(hepatic tumor)"
+
+
+def test_a_final_label_saved_after_the_chat_replaces_the_experts_result(chat_setup, tmp_path, sample_data):
+    root, studies = chat_setup
+    final = studies / "labels" / "final" / "ct_abdomen.nii.gz"
+    shutil.copy(sample_data / "ground_truth" / "ct_abdomen.nii.gz", final)
+    try:
+        result = export_dataset(studies, tmp_path / "out", chats_dir=root / "chats", seed=0, progress=False)
+        chat_records = [r for r, meta in unique_records(result.out_dir) if meta["category"] == "chat"]
+        assert len(chat_records) == 1 and result.summary["notes"]["chat_expert_turns_corrected"] == 1
+        record = chat_records[0]
+        ct = read_volume(studies / "ct_abdomen.nii.gz")
+        truth = read_labelmap(final)
+        restricted = labelmap_like(ct, np.where(np.isin(truth.array, [1, 26]), truth.array, 0))
+        overlay, drawn = render_overlay(ct, restricted, "axial", 44, overlay_colors_float(), "CT")
+        expected = segmentation_feedback([i for i, _ in drawn], {1: "liver", 26: "hepatic tumor"},
+                                         "Is there a liver tumor?")
+        assert expected == ("The results are <image>. The colors in this image describe red: liver, blue: hepatic "
+                            "tumor. Use this result to respond to this prompt:\nIs there a liver tumor?")
+        assert record["conversations"][2]["value"] == expected
+        corrected = pixels(result.out_dir / images_of(record)[1])
+        assert np.array_equal(corrected, np.asarray(overlay))
+        assert not np.array_equal(corrected, pixels(root / "chats" / "ct-chat" / "expert001_vista3d.png"))
+        # The CT's own records come from the same final label and share the chat's split unit.
+        manifest = json.loads((result.out_dir / "manifest.json").read_text())
+        assert len({entry["unit"] for entry in manifest["records"]}) == 1
+        assert {entry["category"] for entry in manifest["records"]} == {"chat", "vista3d"}
+
+        # A final label older than the chat's expert result is not a correction of it.
+        chat_labels = root / "chats" / "ct-chat" / ChatStore(root / "chats").load("ct-chat").labels
+        old = chat_labels.stat().st_mtime - 60
+        os.utime(final, (old, old))
+        again = export_dataset(studies, tmp_path / "again", chats_dir=root / "chats", seed=0, progress=False)
+        metas = [meta for _, meta in unique_records(again.out_dir) if meta["category"] == "chat"]
+        assert [meta["answer"] for meta in metas] == ["as recorded"]
+    finally:
+        final.unlink()
+
+
+# --------------------------------------------------------------------------- question pools, server
+
+
+def test_question_pools_have_many_phrasings_and_a_site_can_add_its_own(tmp_path):
+    pools = QuestionPools.load()
+    expected = {"vista3d": ("presence", "count", "visible", "segment"),
+                "brats": ("presence", "core", "enhancing", "edema", "visible", "segment"),
+                "cxr": ("finding", "findings")}
+    for task, kinds in expected.items():
+        for kind in kinds:
+            assert len(pools.phrasings(task, kind)) >= 10, (task, kind)
+    folder = tmp_path / "questions"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "configs" / "questions", folder)
+    (folder / "zz_site.yaml").write_text('task: cxr\nkinds:\n  finding:\n    - "Our own {finding} question?"\n')
+    extended = QuestionPools.load(folder)
+    assert extended.phrasings("cxr", "finding")[-1] == "Our own {finding} question?"
+    assert extended.sha256 != pools.sha256
+    (folder / "zz_bad.yaml").write_text('task: cxr\nkinds:\n  finding:\n    - "Is there {0}?"\n')
+    with pytest.raises(QuestionPoolError, match="zz_bad.yaml"):
+        QuestionPools.load(folder)
+
+
+def test_the_data_engine_does_not_import_monai_label():
+    code = "import sys, vila_m3.data, vila_m3.data.cli; print(any(m.startswith('monailabel') for m in sys.modules))"
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert output.strip() == "False"
+
+
+@pytest.mark.server
+def test_a_running_servers_datastore_gives_the_same_records_as_its_folder(tmp_path, sample_data, export):
+    studies = make_datastore(tmp_path, sample_data)
+    server = start_monailabel(tmp_path / "server", studies)
+    try:
+        # The chest X-ray's findings reach the server the way a client saves them.
+        (studies / "labels" / "final" / "cxr_chest.json").unlink()
+        with open(sample_data / "ground_truth" / "cxr_chest.json", "rb") as findings:
+            response = requests.put(f"{server.url}/datastore/label", params={"image": "cxr_chest", "tag": "final"},
+                                    files={"label": ("cxr_chest.json", findings)}, timeout=60)
+        assert response.status_code == 200, response.text
+        assert datagen_main(["datagen", "--datastore", server.url, "--out", str(tmp_path / "http"), "--seed", "0",
+                             "--no-progress"]) == 0
+    finally:
+        server.stop()
+    assert (studies / "datastore_v2.json").is_file()  # the folder now has the server's datastore model
+    export_dataset(studies, tmp_path / "folder", seed=0, progress=False)
+    remote, folder, fixture = all_files(tmp_path / "http"), all_files(tmp_path / "folder"), all_files(export)
+    assert set(remote) == set(folder) == set(fixture)
+    for name in remote:
+        if name != "manifest.json":
+            assert remote[name] == folder[name] == fixture[name], name
+    assert json.loads(remote["manifest.json"])["source"] == server.url
