@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import socket
@@ -126,3 +127,21 @@ def test_make_run_serves_the_sample_studies(tmp_path):
         assert "Sample studies (synthetic phantoms, seed 0)" in log
     finally:
         server.stop()
+
+
+def test_an_admin_exports_training_conversations_from_the_running_server(sample_server, sample_data):
+    """The data engine's route: a final label saved through MONAI Label becomes training records."""
+    label = sample_data / "ground_truth" / f"{CT_ID}.nii.gz"
+    with label.open("rb") as stream:
+        saved = requests.put(f"{sample_server.url}/datastore/label", params={"image": CT_ID, "tag": "final"},
+                             files={"label": (label.name, stream)}, timeout=60)
+    assert saved.status_code == 200, saved.text[:300]
+    response = requests.post(f"{sample_server.url}/vila_m3/datagen/", params={"name": "round1", "seed": 0}, timeout=300)
+    assert response.status_code == 200, response.text[:500]
+    result = response.json()
+    assert Path(result["out_dir"]).name == "round1" and result["privacy"]["passed"] is True
+    train = json.loads((Path(result["out_dir"]) / "train.json").read_text(encoding="utf-8"))
+    val = json.loads((Path(result["out_dir"]) / "val.json").read_text(encoding="utf-8"))
+    assert any("<VISTA3D(hepatic tumor)>" in turn["value"] for record in train + val for turn in record["conversations"])
+    bad = requests.post(f"{sample_server.url}/vila_m3/datagen/", params={"name": "../escape"}, timeout=60)
+    assert bad.status_code == 422

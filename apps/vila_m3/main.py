@@ -8,6 +8,7 @@ A thin shell over the ``vila_m3`` package. App settings (``--conf KEY VALUE``):
 - ``vlm_url`` + ``vlm_model``: answer chats with a remote OpenAI-compatible server instead (vLLM, NIM,
   TGI; API key in ``VILA_M3_REMOTE_API_KEY``); the chat task then needs no local checkpoint;
 - ``chats_dir``: where chats are kept (default ``<app>/chats``); ``chat_max_rounds``: expert rounds per turn (3);
+- ``datagen_dir``: where ``POST /vila_m3/datagen/?name=...`` writes exports (default ``<app>/datagen``);
 - ``expert_idle_release_s``: seconds after which an unused expert frees its weights (default 600; 0 = never).
 
 A task whose weights are missing is not registered; the log says why, once, at start.
@@ -25,6 +26,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from fastapi import HTTPException
 from lib.chat import ChatInferTask, ChatTurns, chat_router
+from lib.datagen import datagen_router
 from lib.infers import BratsInferTask, CxrInferTask, Vista3DInferTask, datastore_path
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
@@ -75,6 +77,7 @@ class VilaM3App(MONAILabelApp):
             registry=registry,
             idle_release_s=float(self.conf.get("expert_idle_release_s", DEFAULT_IDLE_RELEASE_S)),
         )
+        self._add_datagen_route()
         infers: dict[str, InferTask] = {}
         for name in [name for name in catalogue if name in available]:
             task = catalogue[name]
@@ -91,9 +94,19 @@ class VilaM3App(MONAILabelApp):
                 infers[name] = CxrInferTask(self.experts, spec, description)
         return infers
 
+    def _chats_dir(self) -> Path:
+        return Path(self.conf.get("chats_dir") or Path(self.app_dir) / "chats")
+
+    def _add_datagen_route(self) -> None:
+        """``POST /vila_m3/datagen/``: the data engine for admins (local studies folders)."""
+        from monailabel.app import app as server
+
+        exports_dir = Path(self.conf.get("datagen_dir") or Path(self.app_dir) / "datagen")
+        server.include_router(datagen_router(self.studies, self._chats_dir(), exports_dir))
+
     def _chat_task(self, registry: ExpertRegistry, description: str) -> ChatInferTask:
         """The chat infer task, and its streaming routes on this server."""
-        chats_dir = Path(self.conf.get("chats_dir") or Path(self.app_dir) / "chats")
+        chats_dir = self._chats_dir()
         max_rounds = int(self.conf.get("chat_max_rounds", DEFAULT_MAX_ROUNDS))
 
         def make_loop() -> ChatLoop:

@@ -1,4 +1,5 @@
-"""The ``vila-m3`` command line: ``serve``, ``samples``, ``models list | verify | pull`` and ``vlm inspect | ask``."""
+"""The ``vila-m3`` command line: ``serve``, ``samples``, ``models list | verify | pull | stand-ins``,
+``vlm inspect | ask``, and ``datagen`` / ``datagen-check`` (the data engine)."""
 
 from __future__ import annotations
 
@@ -176,9 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     stand_ins.add_argument("--task", action="append", help="vista3d, brats, cxr, vila_m3 (default: all)")
     stand_ins.add_argument("--models-dir", required=True, help="a folder of its own, e.g. models-demo")
     stand_ins.set_defaults(handler=_models_stand_ins)
-    from vila_m3.vlm_cli import add_commands
+    from vila_m3.data.cli import add_commands as add_datagen_commands
+    from vila_m3.vlm_cli import add_commands as add_vlm_commands
 
-    add_commands(commands)
+    add_vlm_commands(commands)
+    add_datagen_commands(commands)
     return parser
 
 

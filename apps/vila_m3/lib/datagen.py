@@ -1,0 +1,35 @@
+"""``POST /vila_m3/datagen/?name=NAME&seed=0``: an admin exports expert-training conversations from
+the datastore's final labels and the stored chats (the data engine, ``vila_m3.data``)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException
+from fastapi.concurrency import run_in_threadpool
+from monailabel.config import settings
+from monailabel.endpoints.user.auth import RBAC, User
+
+from vila_m3.data import ExportError, export_from_app
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def datagen_router(studies: str, chats_dir: Path, exports_dir: Path) -> APIRouter:
+    """The export route; exports go to ``exports_dir/<name>``."""
+    router = APIRouter(prefix="/vila_m3/datagen", tags=["VILA-M3 data engine"])
+    admin_role = RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN)
+
+    @router.post("/", summary="Export expert-training conversations from final labels and chats (admin)")
+    async def export(name: str, seed: int = 0,
+                     user: User = Depends(admin_role)) -> dict[str, Any]:
+        if not _NAME.match(name):
+            raise HTTPException(422, "name: 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit")
+        try:
+            return await run_in_threadpool(export_from_app, studies, str(chats_dir), str(exports_dir / name), seed)
+        except ExportError as err:
+            raise HTTPException(409, str(err)) from None
+
+    return router
