@@ -21,6 +21,8 @@ from pathlib import Path
 import pydicom
 from PIL import Image
 
+from vila_m3.imaging.io import has_dicom_preamble
+
 ID_SALT = "vila-m3-datagen"
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 _NOT_DICOM = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".png", ".jpg", ".jpeg", ".json", ".yaml", ".yml", ".txt",
@@ -67,12 +69,7 @@ def is_dicom_file(path: Path) -> bool:
         return True
     if name.endswith(_NOT_DICOM) or name.startswith("."):
         return False
-    try:
-        with path.open("rb") as handle:
-            head = handle.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
+    return has_dicom_preamble(path)
 
 
 def find_dicom_files(location: str | os.PathLike[str]) -> list[Path]:

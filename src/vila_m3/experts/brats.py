@@ -39,7 +39,7 @@ from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import Activationsd, AsDiscreted, Compose, Invertd, InvertibleTransform
 
-from vila_m3.experts.bundle import BundleError, BundleRunner, image_from_arrays, ras_affine
+from vila_m3.experts.bundle import BundleRunner, image_from_arrays, ras_affine
 from vila_m3.experts.registry import ExpertSpec
 from vila_m3.experts.result import ExpertInputError, ExpertRunError, SegmentationResult
 from vila_m3.imaging import Geometry, Volume
@@ -189,13 +189,6 @@ class BratsRunner(BundleRunner):
         trusted_sha256: Iterable[str] = (),
     ) -> None:
         super().__init__(bundle_dir, device, spec, trusted_sha256)
-        roi = self.bundle.get("inferer#roi_size")
-        overlap = self.bundle.get("inferer#overlap")
-        if roi is None or overlap is None:
-            raise BundleError(f"{self.bundle.root / 'configs/inference.json'}: 'inferer' needs roi_size and overlap")
-        self.roi_size = tuple(int(v) for v in roi)
-        self.overlap = float(overlap)
-        self.sw_batch_size = int(self.bundle.get("inferer#sw_batch_size", 1))
         self.mode = str(self.bundle.get("inferer#mode", "constant"))
 
     # ---------------------------------------------------------------------------------- input

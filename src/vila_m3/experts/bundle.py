@@ -485,6 +485,10 @@ class BundleRunner:
         self.bundle = self._network.bundle
         self.spec = spec if spec is not None else ExpertRegistry.from_config().configured_spec(self.EXPERT_NAME)
         self._run_lock = threading.Lock()
+        # The sliding-window settings of the bundle's inferer.
+        self.roi_size = tuple(int(v) for v in self._setting("inferer#roi_size"))
+        self.overlap = float(self._setting("inferer#overlap"))
+        self.sw_batch_size = int(self.bundle.get("inferer#sw_batch_size", 1))
 
     def _setting(self, config_id: str) -> Any:
         """A required value of the bundle's ``inference.json``."""

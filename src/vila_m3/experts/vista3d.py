@@ -82,9 +82,6 @@ class Vista3DRunner(BundleRunner):
     ) -> None:
         super().__init__(bundle_dir, device, spec, trusted_sha256)
         self.resample_spacing = self._setting("resample_spacing")
-        self.roi_size = tuple(int(v) for v in self._setting("inferer#roi_size"))
-        self.overlap = float(self._setting("inferer#overlap"))
-        self.sw_batch_size = int(self.bundle.get("inferer#sw_batch_size", 1))
 
     # ---------------------------------------------------------------------------------- state
 

@@ -51,7 +51,8 @@ def _kind(path: Path) -> str | None:
     return None
 
 
-def _has_dicom_preamble(path: Path) -> bool:
+def has_dicom_preamble(path: Path) -> bool:
+    """True when the file starts with DICOM's 128-byte preamble and ``DICM``."""
     try:
         with path.open("rb") as f:
             head = f.read(132)
@@ -208,7 +209,7 @@ def read_volume(path: str | os.PathLike[str], series_id: str | None = None) -> V
     if path.stat().st_size == 0:
         raise VolumeReadError(f"{path}: the file is empty")
     kind = _kind(path)
-    if kind is None and _has_dicom_preamble(path):
+    if kind is None and has_dicom_preamble(path):
         kind = "dicom"
     if kind is None:
         known = ", ".join(_NIFTI + _NRRD + _DICOM + _PICTURE)
