@@ -16,6 +16,8 @@ CONF ?=
 PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin
+# Python's UTF-8 mode: text I/O stays UTF-8 even after a library switches the C locale (GDCM does).
+export PYTHONUTF8 := 1
 CONSTRAINTS := $(abspath requirements/constraints.txt)
 STAMP := $(VENV)/.installed
 

@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
         memory = {}
         for name in names:
             command = [sys.executable, __file__, *argv, "--worker", name, "--workdir", str(workdir)]
-            completed = subprocess.run(command, capture_output=True, text=True, check=False)
+            completed = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace", check=False)
             if completed.returncode != 0:
                 sys.stderr.write(completed.stderr)
                 raise SystemExit(f"memory worker {name} failed")

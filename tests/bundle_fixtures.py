@@ -80,7 +80,7 @@ def make_probe_bundle(out_dir: Path, threshold_hu: float) -> Path:
     """A VISTA3D stand-in whose ``network_def`` is :class:`IntensityProbe` at ``threshold_hu``."""
     root = make_tiny_vista3d_bundle(out_dir, seed=0)
     config_path = root / "configs" / "inference.json"
-    config = json.loads(config_path.read_text())
+    config = json.loads(config_path.read_text(encoding="utf-8"))
     config["network_def"] = {"_target_": "bundle_fixtures.IntensityProbe", "threshold": scaled_hu(threshold_hu)}
     config_path.write_text(json.dumps(config, indent=4))
     torch.save(IntensityProbe(scaled_hu(threshold_hu)).state_dict(), root / "models" / "model.pt")

@@ -52,6 +52,7 @@ def isolated_env(workdir: Path) -> dict[str, str]:
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
         PYTHONUNBUFFERED="1",
+        PYTHONUTF8="1",
     )
     env.pop("VILA_M3_MODELS_DIR", None)
     return env

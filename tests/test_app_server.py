@@ -64,7 +64,7 @@ def test_unknown_model_name_stops_the_app_with_the_valid_names(tmp_path, sample_
 
 def run_serve(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "vila_m3.cli", "serve", "--models-dir", str(tmp_path / "models"), *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=120, env=isolated_env(tmp_path))
+    return subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120, env=isolated_env(tmp_path))
 
 
 def assert_one_clear_line(result: subprocess.CompletedProcess, *fragments: str) -> None:

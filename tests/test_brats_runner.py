@@ -159,7 +159,7 @@ def test_sequence_of_another_subject_is_refused(runner, mri_sequences) -> None:
 def test_stand_in_bundle_layout(tiny_brats_bundle: Path) -> None:
     for name in ("configs/inference.json", "configs/metadata.json", "models/model.pt", "docs/README.md"):
         assert (tiny_brats_bundle / name).is_file(), name
-    metadata = json.loads((tiny_brats_bundle / "configs" / "metadata.json").read_text())
+    metadata = json.loads((tiny_brats_bundle / "configs" / "metadata.json").read_text(encoding="utf-8"))
     assert metadata["version"] == "0.5.2"
     assert metadata["vila_m3_stand_in"] == "tiny random weights for tests; not a medical model"
     channels = metadata["network_data_format"]["inputs"]["image"]["channel_def"]

@@ -80,7 +80,7 @@ def images_of(record: dict) -> list[str]:
 def unique_records(folder: Path) -> list[tuple[dict, dict]]:
     """(record, its manifest provenance) once per record (repeats left out)."""
     train, val = load_split(folder)
-    provenance = {entry["id"]: entry for entry in json.loads((folder / "manifest.json").read_text())["records"]}
+    provenance = {entry["id"]: entry for entry in json.loads((folder / "manifest.json").read_text(encoding="utf-8"))["records"]}
     return [(record, provenance[record["id"]]) for record in train + val if record["id"] in provenance]
 
 
@@ -138,7 +138,7 @@ def test_every_image_placeholder_has_its_image_and_every_file_exists(export):
         assert [t["from"] for t in record["conversations"]] == ["human", "gpt"] * (len(record["conversations"]) // 2)
         for path in paths:
             assert (export / path).is_file() and re.fullmatch(r"images/[0-9a-f]{16}\.png", path)
-    listed = {entry["path"] for entry in json.loads((export / "manifest.json").read_text())["files"]}
+    listed = {entry["path"] for entry in json.loads((export / "manifest.json").read_text(encoding="utf-8"))["files"]}
     assert {f"images/{p.name}" for p in (export / "images").iterdir()} <= listed
     assert {"train.json", "val.json", "summary.txt", "summary.png"} <= listed
 
@@ -165,7 +165,7 @@ def test_conversations_follow_the_protocol_texts(export, sample_data):
         assert turns[0].startswith(card + BRATS_PREFIX)
         if meta["kind"] != "segment":
             assert turns[1] == BRATS_TRIGGER and len(images_of(record)) == 5
-    findings = json.loads((sample_data / "ground_truth" / "cxr_chest.json").read_text())["findings"]
+    findings = json.loads((sample_data / "ground_truth" / "cxr_chest.json").read_text(encoding="utf-8"))["findings"]
     for record, _ in by_category["cxr"]:
         turns = [t["value"] for t in record["conversations"]]
         question = turns[0].split("This is a CXR image.\n", 1)[1]
@@ -225,7 +225,7 @@ def test_vista3d_answers_agree_with_the_final_label(export, sample_data):
 def test_brats_and_cxr_answers_agree_with_the_final_labels(export, sample_data):
     labels = read_labelmap(sample_data / "ground_truth" / "brain_mri.nii.gz")
     t1c = read_volume(sample_data / "studies" / "brain_mri_t1c.nii.gz")
-    findings = json.loads((sample_data / "ground_truth" / "cxr_chest.json").read_text())["findings"]
+    findings = json.loads((sample_data / "ground_truth" / "cxr_chest.json").read_text(encoding="utf-8"))["findings"]
     regions = {"presence": {1, 2, 4}, "core": {1, 4}, "enhancing": {4}, "edema": {2}}
     seen = set()
     for record, meta in unique_records(export):
@@ -258,11 +258,11 @@ def test_the_same_seed_gives_the_same_bytes_and_another_seed_other_draws(export,
         return sorted(r["conversations"][0]["value"].rsplit("\n", 1)[1] for r, _ in unique_records(folder))
 
     assert questions(other) != questions(export)
-    assert json.loads((other / "manifest.json").read_text())["seed"] == 1
+    assert json.loads((other / "manifest.json").read_text(encoding="utf-8"))["seed"] == 1
 
 
 def test_the_split_never_shares_a_volume_and_train_repeats_follow_the_multipliers(export):
-    manifest = json.loads((export / "manifest.json").read_text())
+    manifest = json.loads((export / "manifest.json").read_text(encoding="utf-8"))
     split_of_unit: dict[str, set[str]] = {}
     for entry in manifest["records"]:
         split_of_unit.setdefault(entry["unit"], set()).add(entry["split"])
@@ -276,7 +276,7 @@ def test_the_split_never_shares_a_volume_and_train_repeats_follow_the_multiplier
         copies = [r for r in (train if entry["split"] == "train" else val) if r["id"].split(".")[0] == entry["id"]]
         assert entry["repeats"] == expected == len(copies)
         assert len({json.dumps(r["conversations"]) for r in copies}) == 1
-    summary = (export / "summary.txt").read_text()
+    summary = (export / "summary.txt").read_text(encoding="utf-8")
     assert re.search(r"records by expert", summary) and re.search(r"\n  vista3d\s+\d+", summary)
     assert (export / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -291,7 +291,7 @@ def test_the_privacy_check_passes_on_the_export_and_fails_on_planted_identifiers
     # A value from the DICOM headers that matches no generic pattern is found once the headers are read.
     planted = tmp_path / "planted-id"
     shutil.copytree(export, planted)
-    train = json.loads((planted / "train.json").read_text())
+    train = json.loads((planted / "train.json").read_text(encoding="utf-8"))
     train[0]["conversations"][-1]["value"] += f" (patient {PATIENT_ID})"
     (planted / "train.json").write_text(json.dumps(train))
     assert datagen_main(["datagen-check", str(planted), "--privacy-only"]) == 0
@@ -306,7 +306,7 @@ def test_the_privacy_check_passes_on_the_export_and_fails_on_planted_identifiers
         if where == "file name":
             (copy / "images" / f"{PATIENT_NAME}.png").write_bytes((next((copy / "images").iterdir())).read_bytes())
         elif where == "json":
-            manifest = json.loads((copy / "manifest.json").read_text())
+            manifest = json.loads((copy / "manifest.json").read_text(encoding="utf-8"))
             manifest["note"] = {"PatientName": PATIENT_NAME}
             (copy / "manifest.json").write_text(json.dumps(manifest))
         else:
@@ -336,7 +336,7 @@ def test_a_dicom_series_is_split_by_hashed_patient_and_its_identifiers_never_rea
     assert result.privacy_passed
     assert [s.reason for s in result.skips if s.source == "named"] == [
         "left out: its text identifier from the source DICOM headers"]
-    manifest = json.loads((result.out_dir / "manifest.json").read_text())
+    manifest = json.loads((result.out_dir / "manifest.json").read_text(encoding="utf-8"))
     units = {entry["unit"] for entry in manifest["records"] if entry["category"] == "vista3d"}
     assert units == {hashed_id(3, "unit", f"patient:{PATIENT_ID}")}
     identifiers = dicom_identifiers(find_dicom_files(studies / "ct_series"))
@@ -370,7 +370,7 @@ def test_bad_inputs_are_skipped_with_reasons_and_the_export_completes(tmp_path, 
     assert reasons["shifted.nii.gz"].startswith("label geometry does not match its image")
     assert reasons["broken.nii.gz"].startswith("unreadable image") and str(studies) not in reasons["broken.nii.gz"]
     assert "four sequences" in reasons["lonely_t2.nii.gz"]
-    summary = (result.out_dir / "summary.txt").read_text()
+    summary = (result.out_dir / "summary.txt").read_text(encoding="utf-8")
     assert "skipped: 4" in summary and "label without its image" in summary and "ghost" not in summary
     assert result.manifest["counts"]["records"] == 5  # the chest X-ray's records are still there
     assert check_structure(result.out_dir) == []
@@ -450,7 +450,7 @@ def test_a_final_label_saved_after_the_chat_replaces_the_experts_result(chat_set
         assert np.array_equal(corrected, np.asarray(overlay))
         assert not np.array_equal(corrected, pixels(root / "chats" / "ct-chat" / "expert001_vista3d.png"))
         # The CT's own records come from the same final label and share the chat's split unit.
-        manifest = json.loads((result.out_dir / "manifest.json").read_text())
+        manifest = json.loads((result.out_dir / "manifest.json").read_text(encoding="utf-8"))
         assert len({entry["unit"] for entry in manifest["records"]}) == 1
         assert {entry["category"] for entry in manifest["records"]} == {"chat", "vista3d"}
 
@@ -489,7 +489,7 @@ def test_question_pools_have_many_phrasings_and_a_site_can_add_its_own(tmp_path)
 
 def test_the_data_engine_does_not_import_monai_label():
     code = "import sys, vila_m3.data, vila_m3.data.cli; print(any(m.startswith('monailabel') for m in sys.modules))"
-    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace", check=True).stdout
     assert output.strip() == "False"
 
 

@@ -83,8 +83,8 @@ def experts_config() -> dict:
 
 
 def _tables() -> tuple[dict, dict]:
-    classes = json.loads((CONFIGS / "vista3d_classes.json").read_text())
-    groups = json.loads((CONFIGS / "vista3d_label_groups.json").read_text())
+    classes = json.loads((CONFIGS / "vista3d_classes.json").read_text(encoding="utf-8"))
+    groups = json.loads((CONFIGS / "vista3d_label_groups.json").read_text(encoding="utf-8"))
     return classes, groups
 
 
@@ -302,8 +302,8 @@ def test_config_tables_keep_the_shared_reference_content():
     if not SHARED_REFERENCE.is_dir():
         pytest.skip("no shared reference tables on this machine; the configs copies are the source of truth")
     for name in ("vista3d_classes.json", "vista3d_label_groups.json"):
-        ours = json.loads((CONFIGS / name).read_text())
-        reference = json.loads((SHARED_REFERENCE / name).read_text())
+        ours = json.loads((CONFIGS / name).read_text(encoding="utf-8"))
+        reference = json.loads((SHARED_REFERENCE / name).read_text(encoding="utf-8"))
         ours.pop("source", None)
         reference.pop("source", None)
         assert ours == reference, name
@@ -408,7 +408,7 @@ def test_load_config_rejects_bad_files(tmp_path):
 def test_registry_reads_tables_from_an_overridden_config_dir(tmp_path, monkeypatch):
     for name in ("experts.yaml", "vista3d_classes.json", "vista3d_label_groups.json"):
         (tmp_path / name).write_text((CONFIGS / name).read_text(encoding="utf-8"), encoding="utf-8")
-    groups = json.loads((tmp_path / "vista3d_label_groups.json").read_text())
+    groups = json.loads((tmp_path / "vista3d_label_groups.json").read_text(encoding="utf-8"))
     groups["groups"]["muscles"] = {"left iliopsoas": 106}
     (tmp_path / "vista3d_label_groups.json").write_text(json.dumps(groups))
     monkeypatch.setenv("VILA_M3_CONFIG_DIR", str(tmp_path))
@@ -419,5 +419,5 @@ def test_registry_reads_tables_from_an_overridden_config_dir(tmp_path, monkeypat
 def test_importing_the_experts_package_does_not_import_monai_label():
     code = "import sys, vila_m3.experts; print(sorted(m for m in sys.modules if m.split('.')[0] in ('monailabel', 'torch', 'monai')))"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, check=True)
     assert result.stdout.strip() == "[]"

@@ -165,7 +165,7 @@ def run_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = isolated_env(tmp_path)
     env["HF_ENDPOINT"] = f"http://127.0.0.1:{free_port()}"  # never the real hub
     return subprocess.run([sys.executable, "-m", "vila_m3.cli", "models", *args, "--models-dir", str(tmp_path / "m")],
-                          capture_output=True, text=True, timeout=120, env=env)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120, env=env)
 
 
 def test_cli_list_shows_every_manifest_model_and_where_it_goes(tmp_path):

@@ -92,7 +92,7 @@ def test_different_seed_changes_noise_not_anatomy(samples: tuple[Path, dict], tm
 
 def test_manifest_content_matches_files(samples: tuple[Path, dict]) -> None:
     out, manifest = samples
-    assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert json.loads((out / "manifest.json").read_text(encoding="utf-8")) == manifest
     assert manifest["seed"] == 0
     assert manifest["generator_version"] == GENERATOR_VERSION
     assert set(manifest["studies"]) == {CT_ID, MRI_ID, CXR_ID}
@@ -128,7 +128,7 @@ def test_existing_samples_are_reused_and_incomplete_ones_redone(tmp_path: Path) 
     assert missing.is_file()
     assert ct_file.stat().st_mtime_ns != stamp
 
-    stale = json.loads((tmp_path / "manifest.json").read_text())
+    stale = json.loads((tmp_path / "manifest.json").read_text(encoding="utf-8"))
     stale["generator_version"] = GENERATOR_VERSION - 1
     (tmp_path / "manifest.json").write_text(json.dumps(stale))
     assert generate_samples(tmp_path, seed=3)["generator_version"] == GENERATOR_VERSION
@@ -305,7 +305,7 @@ def test_cxr_png_and_dicom_hold_the_same_pixels(samples: tuple[Path, dict]) -> N
 
 def test_cxr_shows_cardiomegaly(samples: tuple[Path, dict]) -> None:
     out, manifest = samples
-    truth = json.loads((out / manifest["studies"][CXR_ID]["files"]["findings"]).read_text())
+    truth = json.loads((out / manifest["studies"][CXR_ID]["files"]["findings"]).read_text(encoding="utf-8"))
     assert set(truth["findings"]) <= XRV_PATHOLOGIES
     assert truth["findings"]["Cardiomegaly"] is True
     assert truth["findings"]["Effusion"] is False

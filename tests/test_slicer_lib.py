@@ -202,12 +202,12 @@ def verhoeff_ok(number: str) -> bool:
 
 
 def test_terminology_codes_are_well_formed_snomed_concepts_and_names_are_real_labels():
-    table = json.loads(TERMINOLOGY_FILE.read_text())
+    table = json.loads(TERMINOLOGY_FILE.read_text(encoding="utf-8"))
     for key, (scheme, value, meaning) in table["codes"].items():
         assert scheme == "SCT" and value.isdigit() and meaning, key
         assert verhoeff_ok(value), f"{key}: {value} fails the SNOMED CT check digit"
         assert value[-3:-1] == "00", f"{key}: {value} is not a concept id (partition 00)"
-    vista3d = set(json.loads((REPO / "configs" / "vista3d_classes.json").read_text())["classes"].values())
+    vista3d = set(json.loads((REPO / "configs" / "vista3d_classes.json").read_text(encoding="utf-8"))["classes"].values())
     brats = {"tumor core", "edema", "enhancing tumor"}
     assert set(table["entries"]) <= vista3d | brats
     assert {"liver", "spleen", "left kidney", "pancreas", "hepatic tumor", "lung", "bone", "aorta",
@@ -569,7 +569,7 @@ def test_the_library_imports_without_slicer_and_uses_only_stdlib_and_requests():
     allowed = set(sys.stdlib_module_names) | {"requests"}
     lib = REPO / "slicer_extension" / "VILAM3Chat" / "VILAM3ChatLib"
     for path in lib.glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0:

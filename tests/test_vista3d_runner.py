@@ -232,12 +232,12 @@ def test_stand_in_bundle_layout(tiny_vista3d_bundle: Path) -> None:
     for name in ("configs/inference.json", "configs/metadata.json", "models/model.pt", "docs/README.md",
                  "scripts/__init__.py", "scripts/inferer.py", "scripts/evaluator.py"):
         assert (tiny_vista3d_bundle / name).is_file(), name
-    metadata = json.loads((tiny_vista3d_bundle / "configs" / "metadata.json").read_text())
+    metadata = json.loads((tiny_vista3d_bundle / "configs" / "metadata.json").read_text(encoding="utf-8"))
     assert metadata["version"] == "0.5.4"
     assert metadata["vila_m3_stand_in"] == "tiny random weights for tests; not a medical model"
     channel_def = metadata["network_data_format"]["outputs"]["pred"]["channel_def"]
     assert {int(k): v for k, v in channel_def.items()} == CLASSES
-    inference = json.loads((tiny_vista3d_bundle / "configs" / "inference.json").read_text())
+    inference = json.loads((tiny_vista3d_bundle / "configs" / "inference.json").read_text(encoding="utf-8"))
     for key in ("network_def", "preprocessing_transforms", "inferer", "postprocessing", "evaluator",
                 "checkpointloader", "subclass", "everything_labels", "resample_spacing", "patch_size"):
         assert key in inference, key

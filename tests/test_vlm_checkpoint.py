@@ -126,15 +126,15 @@ def test_save_pretrained_writes_release_layout_and_reloads(chat_llama3: VilaChat
     out = tmp_path / "saved"
     chat_llama3.model.save_pretrained(out, tokenizer=chat_llama3.tokenizer, max_shard_size="100KB")
 
-    top = json.loads((out / "config.json").read_text())
+    top = json.loads((out / "config.json").read_text(encoding="utf-8"))
     assert top["model_type"] == "llava_llama" and top["architectures"] == ["LlavaLlamaModel"]
     assert top["hidden_size"] == 64 and top["mm_hidden_size"] == 32 and top["mm_vision_select_layer"] == -2
     assert top["llm_cfg"]["tokenizer_model_max_length"] == 4096
     assert top["mm_projector_cfg"]["mm_projector_type"] == "mlp_downsample"
     assert top["vila_m3_stand_in"] and top["s2"] is False
-    llm_cfg = json.loads((out / "llm" / "config.json").read_text())
+    llm_cfg = json.loads((out / "llm" / "config.json").read_text(encoding="utf-8"))
     assert llm_cfg["torch_dtype"] == "float32" and llm_cfg["rope_theta"] == 500000.0  # readable by old code too
-    index = json.loads((out / "llm" / "model.safetensors.index.json").read_text())
+    index = json.loads((out / "llm" / "model.safetensors.index.json").read_text(encoding="utf-8"))
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and all(s.startswith("model-0000") for s in shards)
     with safe_open(str(out / "vision_tower" / "model.safetensors"), "pt") as handle:
@@ -202,7 +202,7 @@ def _broken_copy(source: Path, tmp_path: Path) -> Path:
 
 
 def _edit_json(path: Path, **changes) -> None:
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     data.update(changes)
     path.write_text(json.dumps(data))
 
@@ -280,7 +280,7 @@ def test_error_invalid_json_and_several_problems_in_one_message(tiny_vicuna: Pat
 def test_error_missing_llm_tensor(tiny_llama3: Path, tmp_path: Path) -> None:  # noqa: F811
     folder = _broken_copy(tiny_llama3, tmp_path)
     index_path = folder / "llm" / "model.safetensors.index.json"
-    index = json.loads(index_path.read_text())
+    index = json.loads(index_path.read_text(encoding="utf-8"))
     key = "model.layers.1.mlp.down_proj.weight"
     shard = folder / "llm" / index["weight_map"].pop(key)
     state = load_file(str(shard))

@@ -12,7 +12,7 @@ from vlm_fixtures import tiny_llama3, tiny_vicuna  # noqa: F401  (session fixtur
 
 
 def vila_m3(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vila_m3.cli", "vlm", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "vila_m3.cli", "vlm", *args], capture_output=True, text=True, encoding="utf-8", errors="replace",
                           timeout=300, env=isolated_env(tmp_path))
 
 

@@ -97,7 +97,7 @@ def reference_vision_features(folder: Path, pixels: torch.Tensor, select_layer: 
     Returns:
         ``(S / patch)^2, C)`` features, all tokens kept.
     """
-    cfg = json.loads((folder / "vision_tower" / "config.json").read_text())
+    cfg = json.loads((folder / "vision_tower" / "config.json").read_text(encoding="utf-8"))
     w = {k.removeprefix("vision_model."): v.float() for k, v in load_file(str(folder / "vision_tower" / "model.safetensors")).items()}
     heads, eps = cfg["num_attention_heads"], cfg["layer_norm_eps"]
     patches = torch.nn.functional.conv2d(
@@ -163,7 +163,7 @@ def reference_logits(folder: Path, prompt: str, images: list[Image.Image]) -> tu
     """Logits ``(L, vocab)`` of the whole prompt and the prompt ids (with -200 placeholders)."""
     tokenizer = AutoTokenizer.from_pretrained(str(folder / "llm"), local_files_only=True)
     llm = LlamaForCausalLM.from_pretrained(str(folder / "llm"), dtype=torch.float32, local_files_only=True).eval()
-    size = json.loads((folder / "vision_tower" / "config.json").read_text())["image_size"]
+    size = json.loads((folder / "vision_tower" / "config.json").read_text(encoding="utf-8"))["image_size"]
     ids = reference_input_ids(tokenizer, prompt)
     embed = llm.get_input_embeddings()
     pieces = []

@@ -139,5 +139,6 @@ def serve(plan: ServePlan) -> None:
     # Nothing downloads at run time: weights are staged beforehand (`vila-m3 models ...`).
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.setdefault("PYTHONUTF8", "1")  # text I/O stays UTF-8 even after a library switches the C locale
     command = plan.command()
     os.execve(command[0], command, env)
