@@ -123,7 +123,7 @@ def vista3d_inference_config(real_sizes: bool = False) -> dict[str, Any]:
         "input_dict": "${'image': '/data/Task09_Spleen/imagesTr/spleen_10.nii.gz', 'label_prompt': [3]}",
         "everything_labels": f"$list(set([i+1 for i in range(132)]) - set({_VISTA3D_NOT_EVERYTHING}))",
         "metadata_path": "$@bundle_root + '/configs/metadata.json'",
-        "metadata": "$json.loads(pathlib.Path(@metadata_path).read_text(encoding="utf-8"))",
+        "metadata": "$json.loads(pathlib.Path(@metadata_path).read_text())",
         "labels_dict": "$@metadata['network_data_format']['outputs']['pred']['channel_def']",
         "subclass": {
             "2": subclass["2"],
