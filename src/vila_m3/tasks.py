@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vila_m3.configs import load_config
 from vila_m3.models.manifest import ModelManifest
@@ -66,23 +67,29 @@ def select_tasks(
     return list(dict.fromkeys(names))
 
 
-def _expert_weights(expert_name: str) -> tuple[str, ...]:
-    experts = load_config("experts.yaml")["experts"]
-    for expert in experts:
-        if expert["name"] == expert_name:
-            return tuple(expert.get("weights") or ())
-    raise TaskSelectionError(f"configs/app.yaml names expert '{expert_name}', which experts.yaml does not define")
+def _expert_weights(expert_name: str, registry: Any = None) -> tuple[str, ...]:
+    """The weights an expert of ``configs/experts.yaml`` needs, as the expert registry reads them."""
+    from vila_m3.experts.registry import ExpertRegistry, UnknownExpert
+
+    registry = registry if registry is not None else ExpertRegistry.from_config()
+    try:
+        return tuple(registry.configured_spec(expert_name).weights)
+    except UnknownExpert:
+        raise TaskSelectionError(
+            f"configs/app.yaml names expert '{expert_name}', which experts.yaml does not define"
+        ) from None
 
 
-def required_models(task: dict, vlm_id: str, remote_vlm: bool = False) -> tuple[str, ...]:
+def required_models(task: dict, vlm_id: str, remote_vlm: bool = False, registry: Any = None) -> tuple[str, ...]:
     """The model ids of the manifest that ``task`` (an entry of the catalogue) needs.
 
-    With a remote VLM (``--conf vlm_url``) the chat task needs no local weights.
+    With a remote VLM (``--conf vlm_url``) the chat task needs no local weights. ``registry``: an
+    already built ExpertRegistry, to avoid reading the expert configs again.
     """
     if task.get("vlm"):
         return () if remote_vlm else (vlm_id,)
     if task.get("expert"):
-        return _expert_weights(task["expert"])
+        return _expert_weights(task["expert"], registry)
     return ()
 
 
@@ -106,10 +113,15 @@ def task_statuses(
     if vlm_id not in checkpoints:
         raise TaskSelectionError(f"unknown VLM '{vlm_id}' in --conf vlm; valid ids are: {', '.join(checkpoints)}")
 
+    registry = None
+    if any(catalogue[name].get("expert") for name in names):
+        from vila_m3.experts.registry import ExpertRegistry
+
+        registry = ExpertRegistry.from_config()
     statuses = []
     for name in names:
         task = catalogue[name]
-        model_ids = required_models(task, vlm_id, remote_vlm)
+        model_ids = required_models(task, vlm_id, remote_vlm, registry)
         missing = tuple(manifest.missing(model_ids, models_dir))
         reason = None
         if missing:

@@ -30,7 +30,7 @@ from vila_m3.chat.loop import ChatLoop, TurnRequest, TurnResult
 from vila_m3.chat.store import ChatIdError
 from vila_m3.chat.study import StudyError
 from vila_m3.imaging import VolumeReadError
-from vila_m3.imaging.sequences import SEQUENCE_ALIASES, sibling_sequences
+from vila_m3.imaging.sequences import SEQUENCE_ORDER, sibling_sequences
 from vila_m3.vlm.errors import VlmError
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class ChatTurns:
         if not image:
             raise HTTPException(BAD_INPUT, "an image id, a session or params.sequences is required")
         siblings = sibling_sequences(image) if os.path.isfile(image) else {}
-        if len(siblings) == len(set(SEQUENCE_ALIASES.values())):
+        if len(siblings) == len(SEQUENCE_ORDER):
             return {name: str(path) for name, path in siblings.items()}
         return {"image": image}
 

@@ -79,8 +79,7 @@ class ExpertInferTask(InferTask):
         handle, path = tempfile.mkstemp(suffix=".nii.gz", prefix=f"{self.spec.name.lower()}-")
         os.close(handle)
         write_labelmap(result.labels.array, result.labels.geometry, path)
-        names = {name: int(label_id) for label_id, name in sorted(result.label_names.items())}
-        return path, {"label_names": names, "argument": result.argument}
+        return path, {"label_names": result.ids_by_name, "argument": result.argument}
 
 
 class Vista3DInferTask(ExpertInferTask):

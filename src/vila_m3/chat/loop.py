@@ -24,6 +24,7 @@ from vila_m3.chat.transcript import Message, vlm_conversation
 from vila_m3.experts.colors import overlay_colors_float
 from vila_m3.experts.feedback import brats_feedback, error_feedback, segmentation_feedback
 from vila_m3.experts.registry import ExpertRegistry, ExpertSpec
+from vila_m3.experts.result import SegmentationResult
 from vila_m3.experts.service import ExpertService
 from vila_m3.experts.triggers import Trigger, find_triggers
 from vila_m3.imaging import Volume, write_labelmap
@@ -187,7 +188,7 @@ class ChatLoop:
         step("render", began)
 
         calls: list[ExpertCall] = []
-        labels: tuple[Volume, dict[int, str]] | None = None
+        segmentation: SegmentationResult | None = None  # the last segmentation of the turn
         answer, cancelled = "", False
         for round_number in range(self.max_rounds + 1):
             began = time.perf_counter()
@@ -214,21 +215,21 @@ class ChatLoop:
                 step(f"expert {trigger.name}", began)
                 chat.messages.append(message)
                 calls.append(call)
-                labels = produced or labels
+                segmentation = produced or segmentation
                 self.store.save(chat)
             if scan.segmented_only:
                 break
 
         label_names, label_colors = {}, {}
-        if labels is not None:
-            volume, names = labels
-            label_names = {name: int(label_id) for label_id, name in sorted(names.items())}
-            chat.labels = self._store_labels(chat, volume)
-            label_colors = self._display_colors(calls, names)
+        if segmentation is not None:
+            label_names = segmentation.ids_by_name
+            chat.labels = self._store_labels(chat, segmentation.labels)
+            label_colors = self._display_colors(calls, segmentation.label_names)
         self.store.save(chat)
         timings.append({"step": "total", "seconds": round(time.perf_counter() - clock, 4)})
-        return TurnResult(chat, answer, first_message, calls, labels[0] if labels else None, label_names,
-                          label_colors, timings, dict(self.vlm_info), axis, index, cancelled)
+        labels = segmentation.labels if segmentation is not None else None
+        return TurnResult(chat, answer, first_message, calls, labels, label_names, label_colors, timings,
+                          dict(self.vlm_info), axis, index, cancelled)
 
     # --- steps ---------------------------------------------------------------------------------
 
@@ -278,7 +279,7 @@ class ChatLoop:
         return kept
 
     def _run_expert(self, chat: Chat, study: Study, trigger: Trigger, axis: str, index: int,
-                    question: str | None, emit: EventSink) -> tuple[Message, ExpertCall, tuple | None]:
+                    question: str | None, emit: EventSink) -> tuple[Message, ExpertCall, SegmentationResult | None]:
         """Run one trigger on the whole study; failures become an expert message, never an exception."""
         emit("expert_started", {"expert": trigger.name, "argument": trigger.argument})
         began = time.perf_counter()
@@ -295,7 +296,7 @@ class ChatLoop:
         return message, call, produced
 
     def _expert_result(self, chat: Chat, study: Study, spec: ExpertSpec, trigger: Trigger, axis: str,
-                       index: int, question: str | None) -> tuple[Message, ExpertCall, tuple | None]:
+                       index: int, question: str | None) -> tuple[Message, ExpertCall, SegmentationResult | None]:
         number = sum(1 for message in chat.messages if message.role == "expert") + 1
         if spec.runner == "cxr":
             if study.modality != "CXR":
@@ -324,10 +325,8 @@ class ChatLoop:
             text = brats_feedback(present, question)
         else:
             text = segmentation_feedback(present, result.label_names, question)
-        names = {name: int(label_id) for label_id, name in sorted(result.label_names.items())}
         message = Message("expert", text, images=[image], expert=spec.name, argument=trigger.argument)
-        return message, ExpertCall(spec.name, trigger.argument, 0.0, run.cached, label_names=names), (
-            result.labels, dict(result.label_names))
+        return message, ExpertCall(spec.name, trigger.argument, 0.0, run.cached, label_names=result.ids_by_name), result
 
     def _store_labels(self, chat: Chat, labels: Volume) -> str:
         """Keep the turn's labelmap in the chat folder (the data engine and corrections use it).

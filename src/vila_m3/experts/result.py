@@ -50,6 +50,11 @@ class SegmentationResult:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def ids_by_name(self) -> dict[str, int]:
+        """``{name: label id}`` in ascending id, the form MONAI Label clients expect as ``label_names``."""
+        return {name: int(label_id) for label_id, name in sorted(self.label_names.items())}
+
+    @property
     def present_ids(self) -> list[int]:
         """Label ids that occur in ``labels`` (ascending, background excluded)."""
         return [int(v) for v in np.unique(self.labels.array) if v != 0]
