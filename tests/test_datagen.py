@@ -3,7 +3,9 @@
 The datastore is a copy of the sample studies with their ground truths saved as the annotator's
 final labels (``labels/final/<image file name>``; the chest X-ray's findings as
 ``labels/final/cxr_chest.json``). Answers are recomputed here from the labels, independently of the
-engine.
+engine. Questions are matched back to the phrasings of the pools (``phrasing_pattern``) to check that
+they name what they ask about, use synonyms as configured, and come from the chosen side of the
+held-out split.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import string
 import subprocess
 import sys
 from pathlib import Path
@@ -29,8 +32,18 @@ from vila_m3.chat.store import ChatStore
 from vila_m3.chat.transcript import Message, vlm_conversation
 from vila_m3.data import check_structure, export_dataset, load_datagen_config, scan_export
 from vila_m3.data.cli import main as datagen_main
+from vila_m3.data.config import DatagenConfigError, parse_datagen_config
+from vila_m3.data.conversations import ConversationBuilder
 from vila_m3.data.privacy import dicom_identifiers, find_dicom_files, hashed_id
-from vila_m3.data.questions import QuestionPoolError, QuestionPools
+from vila_m3.data.questions import (
+    HELDOUT,
+    TRAIN,
+    QuestionPoolError,
+    QuestionPools,
+    phrasing_side,
+    split_phrasings,
+)
+from vila_m3.data.records import ImageWriter
 from vila_m3.data.validate import load_schema, schema_errors
 from vila_m3.experts.colors import overlay_colors_float
 from vila_m3.experts.feedback import brats_feedback, classification_feedback, segmentation_feedback
@@ -97,6 +110,40 @@ def all_files(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def question_of(record: dict) -> str:
+    """The question of a record's first turn (the text after the last line break)."""
+    return record["conversations"][0]["value"].rsplit("\n", 1)[1]
+
+
+def phrasing_pattern(phrasing: str) -> re.Pattern:
+    """A regex matching the phrasing with its placeholders filled (each placeholder is a named group)."""
+    parts, names = [], []
+    for literal, name, _, _ in string.Formatter().parse(phrasing):
+        parts.append(re.escape(literal))
+        if name is not None:
+            parts.append(f"(?P={name})" if name in names else f"(?P<{name}>.+?)")
+            names.append(name)
+    return re.compile("".join(parts))
+
+
+def matching_phrasings(pools: QuestionPools, task: str, kind: str, question: str) -> list[tuple[str, dict]]:
+    """(phrasing, filled fields) of every phrasing of ``task`` / ``kind`` that gives ``question``."""
+    found = []
+    for phrasing in pools.phrasings(task, kind):
+        match = phrasing_pattern(phrasing).fullmatch(question)
+        if match:
+            found.append((phrasing, match.groupdict()))
+    return found
+
+
+def config_with(**changes: dict) -> object:
+    """configs/datagen.yaml with some sections updated (``section={key: value}``)."""
+    raw = dict(load_datagen_config().raw)
+    for section, values in changes.items():
+        raw[section] = {**(raw.get(section) or {}), **values}
+    return parse_datagen_config(raw)
+
+
 @pytest.fixture(scope="module")
 def datastore(tmp_path_factory: pytest.TempPathFactory, sample_data: Path) -> Path:
     return make_datastore(tmp_path_factory.mktemp("datastore"), sample_data)
@@ -148,7 +195,7 @@ def test_conversations_follow_the_protocol_texts(export, sample_data):
     by_category: dict[str, list[dict]] = {}
     for record, meta in unique_records(export):
         by_category.setdefault(meta["category"], []).append((record, meta))
-    assert set(by_category) == {"vista3d", "brats", "cxr"}
+    assert set(by_category) == {"vista3d", "brats", "cxr", "general"}
     for record, meta in by_category["vista3d"]:
         turns = [t["value"] for t in record["conversations"]]
         assert turns[0].startswith(card + " <image>This is a CT image.\n")
@@ -181,6 +228,10 @@ def test_vista3d_answers_agree_with_the_final_label(export, sample_data):
     labels = read_labelmap(sample_data / "ground_truth" / "ct_abdomen.nii.gz")
     tumours = ndimage.label(labels.array == 26)[1]
     spec = product_registry().get("VISTA3D")
+    pools = QuestionPools.load()
+    synonyms = load_datagen_config().vista3d["synonyms"]
+    canonical = {name: name for name in spec.ids_by_name}
+    canonical.update({other: name for name, others in synonyms.items() for other in others})
     checked = {"presence": 0, "count": 0, "visible": 0}
     answers = set()
     for record, meta in unique_records(export):
@@ -202,12 +253,14 @@ def test_vista3d_answers_agree_with_the_final_label(export, sample_data):
         assert record["conversations"][2]["value"] == segmentation_feedback(sorted(on_slice), names, question)
         answer = record["conversations"][3]["value"]
         if meta["kind"] == "presence":
-            asked = max((name for name in group if re.search(rf"\b{name}\b", question)), key=len)
+            said = {fields["structure"] for _, fields in matching_phrasings(pools, "vista3d", "presence", question)}
+            assert len(said) == 1, (question, said)
+            asked = canonical[said.pop()]
             assert answer == ("yes" if group[asked] in on_slice else "no")
             answers.add((meta["group"], answer))
         elif meta["kind"] == "count":
             assert meta["group"] == "hepatic tumor"
-            assert answer == f"There are {tumours} hepatic tumors." and tumours >= 2
+            assert answer == f"There are {tumours} hepatic tumors." and tumours >= 2  # canonical, never a synonym
         else:
             shown = [names[i] for i in sorted(on_slice)]
             if len(shown) > 1:
@@ -372,7 +425,8 @@ def test_bad_inputs_are_skipped_with_reasons_and_the_export_completes(tmp_path, 
     assert "four sequences" in reasons["lonely_t2.nii.gz"]
     summary = (result.out_dir / "summary.txt").read_text(encoding="utf-8")
     assert "skipped: 4" in summary and "label without its image" in summary and "ghost" not in summary
-    assert result.manifest["counts"]["records"] == 5  # the chest X-ray's records are still there
+    per_case = load_datagen_config().general["per_case"]
+    assert result.manifest["counts"]["records"] == 5 + per_case  # the chest X-ray's records are still there
     assert check_structure(result.out_dir) == []
 
 
@@ -381,8 +435,9 @@ def test_a_study_stored_twice_is_exported_once(tmp_path, sample_data):
     shutil.copy(studies / "cxr_chest.png", studies / "cxr_copy.png")
     shutil.copy(studies / "labels" / "final" / "cxr_chest.json", studies / "labels" / "final" / "cxr_copy.json")
     result = export_dataset(studies, tmp_path / "out", seed=0, progress=False)
-    assert result.manifest["counts"]["records"] == 5
-    assert result.summary["notes"]["duplicates_removed"] == 5
+    per_case = load_datagen_config().general["per_case"]
+    assert result.manifest["counts"]["records"] == 5 + per_case
+    assert result.summary["notes"]["duplicates_removed"] == 5 + per_case
     assert len({entry["unit"] for entry in result.manifest["records"]}) == 1
 
 
@@ -452,7 +507,7 @@ def test_a_final_label_saved_after_the_chat_replaces_the_experts_result(chat_set
         # The CT's own records come from the same final label and share the chat's split unit.
         manifest = json.loads((result.out_dir / "manifest.json").read_text(encoding="utf-8"))
         assert len({entry["unit"] for entry in manifest["records"]}) == 1
-        assert {entry["category"] for entry in manifest["records"]} == {"chat", "vista3d"}
+        assert {entry["category"] for entry in manifest["records"]} == {"chat", "vista3d", "general"}
 
         # A final label older than the chat's expert result is not a correction of it.
         chat_labels = root / "chats" / "ct-chat" / ChatStore(root / "chats").load("ct-chat").labels
@@ -465,6 +520,236 @@ def test_a_final_label_saved_after_the_chat_replaces_the_experts_result(chat_set
         final.unlink()
 
 
+# ------------------------------------------------------ questions: subjects, synonyms, no expert, held out
+
+
+def expected_owners(spec, config) -> dict[str, str]:
+    """Which group presence questions about a structure belong to: its focus group, else the first group
+    in argument order holding it, ``everything`` last (computed here from the spec, not the engine)."""
+    focus = config.vista3d["focus"]
+    owners = {structure: group for group, structure in focus.items()}
+    for group in [*(g for g in spec.args if g != spec.default_arg), spec.default_arg]:
+        for name in spec.groups[group]:
+            owners.setdefault(name, group)
+    return owners
+
+
+def test_every_vista3d_question_names_what_it_asks_about_so_the_argument_follows(export):
+    config = load_datagen_config()
+    spec = product_registry().get("VISTA3D")
+    pools = QuestionPools.load()
+    subjects = {group: config.vista3d["subjects"].get(group, config.vista3d["default_subject"].format(group=group))
+                for group in spec.args}
+    assert len(set(subjects.values())) == len(spec.args) == 10  # one subject per argument, no two alike
+    assert all("{subject}" in phrasing for phrasing in pools.phrasings("vista3d", "visible"))
+    synonyms = config.vista3d["synonyms"]
+    canonical = {name: name for name in spec.ids_by_name}
+    canonical.update({other: name for name, others in synonyms.items() for other in others})
+    owners = expected_owners(spec, config)
+    routed: dict[tuple[str, str], set[str]] = {}
+    kinds = set()
+    for record, meta in unique_records(export):
+        if meta["category"] != "vista3d" or meta["kind"] == "segment":
+            continue
+        question = question_of(record)
+        filled = matching_phrasings(pools, "vista3d", meta["kind"], question)
+        assert filled, question
+        if meta["kind"] == "visible":
+            assert {fields["subject"] for _, fields in filled} == {subjects[meta["group"]]}, question
+            key = subjects[meta["group"]]
+        else:
+            field = "structure" if meta["kind"] == "presence" else "structures"
+            said = {fields.get(field) for _, fields in filled} - {None}
+            assert len(said) == 1, question
+            name = said.pop()
+            key = canonical[name] if meta["kind"] == "presence" else canonical[name[:-1]]
+            assert owners[key] == meta["group"], (question, meta["group"])
+        routed.setdefault((meta["kind"], key), set()).add(meta["group"])
+        kinds.add(meta["kind"])
+    assert kinds == {"presence", "visible", "count"}
+    # The same question (up to phrasing and synonym) never asks for two different arguments.
+    assert all(len(groups) == 1 for groups in routed.values()), routed
+    assert len({group for groups in routed.values() for group in groups}) >= 3
+
+
+def test_synonyms_name_structures_in_questions_while_triggers_and_answers_stay_canonical(tmp_path, sample_data):
+    studies = make_datastore(tmp_path, sample_data, cxr=False, brats=False)
+    config = config_with(vista3d={"synonym_fraction": 1.0}, slices={"axes": ["axial", "sagittal"]})
+    result = export_dataset(studies, tmp_path / "out", seed=0, config=config, progress=False)
+    synonyms = config.vista3d["synonyms"]
+    pools = QuestionPools.load()
+    seen = set()
+    for record, meta in unique_records(result.out_dir):
+        turns = [turn["value"] for turn in record["conversations"]]
+        question = question_of(record)
+        if meta["category"] == "general" and meta["kind"] == "plane":
+            assert turns[1] == f"This is {'an' if meta['axis'] == 'axial' else 'a'} {meta['axis']} slice."
+            seen.add(("plane", meta["axis"]))
+        if meta["category"] != "vista3d" or meta["group"] != "hepatic tumor":
+            continue
+        if meta["kind"] == "segment":
+            targets = {f["target"] for _, f in matching_phrasings(pools, "vista3d", "segment", question)}
+            assert targets & {f"the {name}" for name in synonyms["hepatic tumor"]}, question
+            assert turns[1] == "I segmented the hepatic tumor using <VISTA3D(hepatic tumor)>."
+            seen.add("segment")
+            continue
+        assert turns[1] == CT_TRIGGER.format(group="hepatic tumor")
+        if meta["kind"] == "presence":
+            said = {f["structure"] for _, f in matching_phrasings(pools, "vista3d", "presence", question)}
+            assert len(said) == 1 and said <= set(synonyms["hepatic tumor"]), question
+            assert turns[3] in ("yes", "no")
+            seen.add("presence")
+        elif meta["kind"] == "count":
+            said = {f["structures"] for _, f in matching_phrasings(pools, "vista3d", "count", question)}
+            assert len(said) == 1 and said <= {f"{name}s" for name in synonyms["hepatic tumor"]}, question
+            assert re.fullmatch(r"There are \d+ hepatic tumors\.", turns[3])
+            seen.add("count")
+    assert seen == {"segment", "presence", "count", ("plane", "axial"), ("plane", "sagittal")}
+
+
+def test_synonyms_are_drawn_with_their_fraction_and_clashes_are_refused(tmp_path):
+    pools, registry = QuestionPools.load(), product_registry()
+    builder = ConversationBuilder(load_datagen_config(), pools, registry, ImageWriter(tmp_path))
+    names = ["hepatic tumor", *builder.synonyms["hepatic tumor"]]
+    assert {"liver tumour", "liver tumor", "hepatic tumour", "liver lesion", "hepatoma"} <= set(names)
+    for structure in ("pancreatic tumor", "lung tumor", "bone lesion", "left kidney", "right kidney", "liver",
+                      "spleen"):
+        assert builder.synonyms[structure], structure
+    rng = np.random.default_rng(5)
+    draws = [builder.spoken("hepatic tumor", rng) for _ in range(3000)]
+    assert 0.45 < sum(d != "hepatic tumor" for d in draws) / len(draws) < 0.55
+    assert set(draws) == set(names)
+    again = np.random.default_rng(5)
+    assert [builder.spoken("hepatic tumor", again) for _ in range(3000)] == draws
+    assert builder.spoken("gallbladder", rng) == "gallbladder"  # no synonyms configured
+    assert builder.plural("liver tumour") == "liver tumours" and builder.plural("hepatoma") == "hepatomas"
+    never = ConversationBuilder(config_with(vista3d={"synonym_fraction": 0.0}), pools, registry, ImageWriter(tmp_path))
+    assert {never.spoken("hepatic tumor", rng) for _ in range(200)} == {"hepatic tumor"}
+    with pytest.raises(DatagenConfigError, match="spleen"):
+        ConversationBuilder(config_with(vista3d={"synonyms": {"spleen": ["liver"]}}), pools, registry,
+                            ImageWriter(tmp_path))
+    with pytest.raises(DatagenConfigError, match="more than one structure"):
+        config_with(vista3d={"synonyms": {"spleen": ["lien"], "liver": ["lien"]}})
+    with pytest.raises(DatagenConfigError, match="synonym_fraction"):
+        config_with(vista3d={"synonym_fraction": 1.5})
+
+
+def test_questions_that_need_no_expert_are_one_exchange_without_a_trigger(export, sample_data):
+    config = load_datagen_config()
+    card = product_registry().model_card()
+    pools = QuestionPools.load()
+    ct = read_volume(sample_data / "studies" / "ct_abdomen.nii.gz")
+    t1c = read_volume(sample_data / "studies" / "brain_mri_t1c.nii.gz")
+    per_case = config.general["per_case"]
+    answers = config.general["answers"]
+    counts: dict[tuple[str, str], int] = {}
+    cxr_images = {images_of(r)[0] for r, meta in unique_records(export) if meta["category"] == "cxr"}
+    for record, meta in unique_records(export):
+        if meta["category"] != "general":
+            continue
+        modality, kind = meta["group"], meta["kind"]
+        turns = [(turn["from"], turn["value"]) for turn in record["conversations"]]
+        question = question_of(record)
+        assert len(turns) == 2 and len(images_of(record)) == 1
+        assert turns[0] == ("human", card + f" <image>This is a {modality} image.\n" + question)
+        assert question in pools.phrasings("general", kind)
+        expected = answers["modality"][modality] if kind == "modality" else answers["plane"][meta["axis"]]
+        assert turns[1] == ("gpt", expected) and "<" not in expected and "trigger" not in expected
+        picture = pixels(export / images_of(record)[0])
+        if modality == "CXR":
+            assert kind == "modality" and images_of(record)[0] in cxr_images
+        else:
+            volume = ct if modality == "CT" else t1c  # the BRATS study shows its T1c slice alone
+            assert np.array_equal(picture, np.asarray(render_slice(volume, meta["axis"], meta["slice"], modality)))
+        counts[(modality, kind)] = counts.get((modality, kind), 0) + 1
+    axes = len(config.axes)
+    assert counts == {("CT", "modality"): per_case * axes, ("CT", "plane"): per_case * axes,
+                      ("MRI", "modality"): per_case * axes, ("MRI", "plane"): per_case * axes,
+                      ("CXR", "modality"): per_case}
+    # No phrasing names a structure, a tumour or a finding: those need an expert.
+    findings = json.loads((sample_data / "ground_truth" / "cxr_chest.json").read_text(encoding="utf-8"))["findings"]
+    names = {*product_registry().get("VISTA3D").ids_by_name, *product_registry().get("BRATS").ids_by_name,
+             *(name.lower().replace("_", " ") for name in findings), "tumor", "tumour", "lesion", "mass", "finding"}
+    for kind in ("modality", "plane"):
+        for phrasing in pools.phrasings("general", kind):
+            assert not [n for n in names if re.search(rf"\b{re.escape(n)}s?\b", phrasing.lower())], phrasing
+    with pytest.raises(DatagenConfigError, match="general.answers.plane"):
+        config_with(general={"answers": {"modality": answers["modality"]}})
+
+
+def test_each_kinds_phrasings_are_split_into_train_and_held_out_by_their_text(tmp_path):
+    pools = QuestionPools.load()
+    train, heldout = pools.restricted("train"), pools.restricted("heldout", 0.25)
+    assert pools.restricted("all") is pools and (train.use, heldout.use) == (TRAIN, HELDOUT)
+    assert len({pools.sha256, train.sha256, heldout.sha256}) == 3
+    assignment = pools.assignment(0.25)
+    for task, kinds in pools.pools.items():
+        for kind, phrasings in kinds.items():
+            sides = assignment[task][kind]
+            assert set(train.phrasings(task, kind)) == {p for p in phrasings if sides[p] == TRAIN}
+            assert set(heldout.phrasings(task, kind)) == {p for p in phrasings if sides[p] == HELDOUT}
+            assert set(train.phrasings(task, kind)) | set(heldout.phrasings(task, kind)) == set(phrasings)
+            assert not set(train.phrasings(task, kind)) & set(heldout.phrasings(task, kind))
+    held = sum(len(p) for kinds in heldout.pools.values() for p in kinds.values())
+    total = sum(len(p) for kinds in pools.pools.values() for p in kinds.values())
+    assert 0.15 < held / total < 0.35
+    rng = np.random.default_rng(0)
+    assert {heldout.draw("cxr", "findings", rng) for _ in range(50)} == set(heldout.phrasings("cxr", "findings"))
+    # By text alone: another file's phrasings never move the existing ones.
+    folder = tmp_path / "questions"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "configs" / "questions", folder)
+    extra = [f"Site question {i} about {{finding}}?" for i in range(12)]
+    (folder / "zz_site.yaml").write_text("task: cxr\nkinds:\n  finding:\n" + "".join(f'    - "{q}"\n' for q in extra))
+    extended = QuestionPools.load(folder).assignment(0.25)["cxr"]["finding"]
+    assert all(extended[p] == side for p, side in assignment["cxr"]["finding"].items())
+    assert all(extended[q] == phrasing_side(q, 0.25) for q in extra)
+    # At least one on each side; a kind's only phrasing is trained on.
+    tiny, huge = split_phrasings(["a?", "b?", "c?"], 1e-12), split_phrasings(["a?", "b?", "c?"], 1 - 1e-12)
+    assert sorted(tiny.values()) == [HELDOUT, TRAIN, TRAIN] and sorted(huge.values()) == [HELDOUT, HELDOUT, TRAIN]
+    assert split_phrasings(["only?"], 1 - 1e-12) == {"only?": TRAIN}
+    with pytest.raises(QuestionPoolError, match="already restricted"):
+        train.restricted("heldout")
+    with pytest.raises(QuestionPoolError, match="phrasings must be one of"):
+        pools.restricted("test")
+    for bad in ({"heldout_fraction": 0}, {"heldout_fraction": 1}, {"use": "test"}):
+        with pytest.raises(DatagenConfigError, match="questions"):
+            config_with(questions=bad)
+
+
+def test_train_and_heldout_exports_draw_only_their_side_of_the_phrasings(datastore, tmp_path, monkeypatch, capsys):
+    all_pools = QuestionPools.load()
+    fraction = load_datagen_config().heldout_fraction
+    assert datagen_main(["datagen", "--datastore", str(datastore), "--out", str(tmp_path / "train"),
+                         "--phrasings", "train", "--no-progress"]) == 0
+    # questions.use from a datagen config file given with --config (relative to the working directory)
+    raw = load_datagen_config().raw
+    custom = {**raw, "questions": {**raw["questions"], "use": "heldout"}}
+    (tmp_path / "custom.yaml").write_text(json.dumps(custom), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    assert datagen_main(["datagen", "--datastore", str(datastore), "--out", "heldout", "--config", "custom.yaml",
+                         "--no-progress"]) == 0
+    used: dict[str, set[str]] = {}
+    for side in (TRAIN, HELDOUT):
+        folder = tmp_path / side
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+        assert manifest["phrasings"]["use"] == side and manifest["phrasings"]["heldout_fraction"] == fraction
+        assert manifest["questions_sha256"] == all_pools.sha256
+        assert check_structure(folder) == []
+        pools = all_pools.restricted(side, fraction)
+        assert manifest["phrasings"]["questions_sha256"] == pools.sha256
+        for record, meta in unique_records(folder):
+            question = question_of(record)
+            assert matching_phrasings(pools, meta["category"], meta["kind"], question), (side, question)
+            only = matching_phrasings(all_pools, meta["category"], meta["kind"], question)
+            if len(only) == 1:
+                used.setdefault(side, set()).add(only[0][0])
+    assert used[TRAIN] and used[HELDOUT] and not used[TRAIN] & used[HELDOUT]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        datagen_main(["datagen", "--datastore", str(datastore), "--out", "x", "--phrasings", "test"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- question pools, server
 
 
@@ -472,10 +757,10 @@ def test_question_pools_have_many_phrasings_and_a_site_can_add_its_own(tmp_path)
     pools = QuestionPools.load()
     expected = {"vista3d": ("presence", "count", "visible", "segment"),
                 "brats": ("presence", "core", "enhancing", "edema", "visible", "segment"),
-                "cxr": ("finding", "findings")}
+                "cxr": ("finding", "findings"), "general": ("modality", "plane")}
     for task, kinds in expected.items():
         for kind in kinds:
-            assert len(pools.phrasings(task, kind)) >= 10, (task, kind)
+            assert len(pools.phrasings(task, kind)) >= (15 if task == "general" else 10), (task, kind)
     folder = tmp_path / "questions"
     shutil.copytree(Path(__file__).resolve().parents[1] / "configs" / "questions", folder)
     (folder / "zz_site.yaml").write_text('task: cxr\nkinds:\n  finding:\n    - "Our own {finding} question?"\n')

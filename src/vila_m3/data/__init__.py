@@ -3,7 +3,7 @@
 - :mod:`.sources` — a MONAI Label datastore, as a folder or a running server.
 - :mod:`.cases` — images with their final labels, read and checked.
 - :mod:`.annotations` — what a labelmap says: structures per slice, 3D counts, slice choice.
-- :mod:`.questions` — question pools (``configs/questions``), drawn with the seed.
+- :mod:`.questions` — question pools (``configs/questions``), drawn with the seed; train / held-out phrasings.
 - :mod:`.conversations` — records from final labels; :mod:`.chats` — records from chats, corrected.
 - :mod:`.balance` — deduplication, split by patient or volume, category repeats.
 - :mod:`.privacy` — hashed names, DICOM identifiers, the export scan; :mod:`.validate` — structure checks.

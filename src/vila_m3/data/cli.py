@@ -1,7 +1,9 @@
 """The ``datagen`` and ``datagen-check`` commands.
 
-``vila-m3 datagen --datastore <folder | http://server:8000> --out <dir> [--chats <dir>] [--seed N]``
-writes a dataset of expert-training conversations; ``vila-m3 datagen-check <dir>`` checks an export's
+``vila-m3 datagen --datastore <folder | http://server:8000> --out <dir> [--chats <dir>] [--seed N]
+[--config FILE] [--questions DIR] [--phrasings all|train|heldout]`` writes a dataset of expert-training
+conversations (``--phrasings train`` draws only the training side of the question phrasings,
+``heldout`` only the held-out side, for an evaluation set of unseen phrasings); ``vila-m3 datagen-check <dir>`` checks an export's
 structure and scans it for patient identifiers (exit 1 with a list when it finds any).
 Hook them into ``vila-m3`` with :func:`add_commands`; :func:`main` runs them alone.
 """
@@ -29,7 +31,7 @@ def _datagen(args: argparse.Namespace) -> int:
         result = export_dataset(
             args.datastore, args.out, chats_dir=args.chats, seed=args.seed, config=config,
             questions_dir=args.questions, progress=not args.no_progress,
-            token=os.environ.get(TOKEN_ENV) or None, identifiers=args.identifier or (),
+            token=os.environ.get(TOKEN_ENV) or None, identifiers=args.identifier or (), phrasings=args.phrasings,
         )
     except (ExportError, DatagenConfigError, QuestionPoolError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -103,6 +105,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     datagen.add_argument("--seed", type=int, help="draws of questions, slices and the split (default: the config's)")
     datagen.add_argument("--config", help="datagen settings (default: configs/datagen.yaml)")
     datagen.add_argument("--questions", help="question pools folder (default: configs/questions)")
+    datagen.add_argument("--phrasings", choices=("all", "train", "heldout"),
+                         help="which question phrasings to draw: all, the train side or the held-out side "
+                              "(default: the config's questions.use)")
     datagen.add_argument("--identifier", action="append", help="a further value that must not appear (repeatable)")
     datagen.add_argument("--no-progress", action="store_true", help="no progress bars")
     datagen.set_defaults(handler=_datagen)

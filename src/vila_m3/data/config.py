@@ -6,19 +6,25 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from vila_m3.configs import load_config
 
 DATAGEN_CONFIG = "datagen.yaml"
-CATEGORIES = ("vista3d", "brats", "cxr", "chat")
+CATEGORIES = ("vista3d", "brats", "cxr", "general", "chat")
 AXES = ("axial", "coronal", "sagittal")
 _ANSWER_KEYS = ("yes", "no", "count_none", "count_one", "count_many", "visible", "visible_none", "findings",
                 "findings_none")
 VISTA3D_KINDS = ("presence", "visible", "count", "segment")
 BRATS_KINDS = ("presence", "core", "enhancing", "edema", "visible", "segment")
 CXR_KINDS = ("finding", "findings")
+GENERAL_KINDS = ("modality", "plane")
+MODALITIES = ("CT", "MRI", "CXR")
+PHRASING_USES = ("all", "train", "heldout")
+PRESENCE_STRUCTURES = ("owned", "all")
+DEFAULT_HELDOUT_FRACTION = 0.25
 
 
 class DatagenConfigError(ValueError):
@@ -35,12 +41,15 @@ class DatagenConfig:
         label_tag: the datastore tag of final labels.
         val_fraction: fraction of split units in val, in [0, 1).
         axes, slices_per_volume, positive_fraction: slice choice of 3D volumes.
-        multipliers: ``{category: train repeat}`` for vista3d, brats, cxr, chat.
+        multipliers: ``{category: train repeat}`` for vista3d, brats, cxr, general, chat.
         card: ``product`` or ``all``.
         connectivity: 1, 2 or 3 (scipy.ndimage.generate_binary_structure rank-3 connectivity).
         templates, answers: texts (``str.format`` templates).
         vista3d, brats, cxr, chats: the per-source sections.
         id_length: hex characters of hashed ids and file names.
+        general: the section of questions that need no expert (kinds, per_case, answers).
+        heldout_fraction: share of each question kind's phrasings held out of training (``questions``).
+        phrasings: which phrasings are drawn: ``all``, ``train`` or ``heldout`` (``questions.use``).
     """
 
     raw: Mapping[str, Any]
@@ -60,14 +69,24 @@ class DatagenConfig:
     cxr: Mapping[str, Any]
     chats: Mapping[str, Any]
     id_length: int
+    general: Mapping[str, Any] = field(default_factory=dict)
+    heldout_fraction: float = DEFAULT_HELDOUT_FRACTION
+    phrasings: str = "all"
 
     def sha256(self) -> str:
         """sha256 of the settings (canonical JSON), as recorded in the manifest."""
         return canonical_sha256(self.raw)
 
     def kinds(self, category: str) -> tuple[str, ...]:
-        """The conversation kinds enabled for ``vista3d``, ``brats`` or ``cxr``."""
+        """The conversation kinds enabled for ``vista3d``, ``brats``, ``cxr`` or ``general``."""
         return tuple(getattr(self, category).get("kinds", ()))
+
+    def with_phrasings(self, use: str) -> DatagenConfig:
+        """These settings with ``questions.use`` replaced (``all``, ``train`` or ``heldout``)."""
+        if use not in PHRASING_USES:
+            raise DatagenConfigError(f"questions.use must be one of {', '.join(PHRASING_USES)}, got {use!r}")
+        raw = {**self.raw, "questions": {**(self.raw.get("questions") or {}), "use": use}}
+        return replace(self, raw=raw, phrasings=use)
 
 
 def canonical_sha256(value: Any) -> str:
@@ -79,9 +98,14 @@ def canonical_sha256(value: Any) -> str:
 def load_datagen_config(path: str | os.PathLike[str] | None = None) -> DatagenConfig:
     """Read and check ``datagen.yaml`` (default: the configs folder's).
 
+    ``path`` is a file (absolute, or relative to the working directory) or a name in the configs folder.
+
     Raises:
         DatagenConfigError: a missing or invalid entry (the message names it).
+        FileNotFoundError: no such file.
     """
+    if path is not None and Path(path).is_file():
+        path = Path(path).resolve()
     return parse_datagen_config(load_config(path or DATAGEN_CONFIG))
 
 
@@ -120,13 +144,17 @@ def parse_datagen_config(raw: Mapping[str, Any]) -> DatagenConfig:
     if missing:
         raise DatagenConfigError(f"answers: missing texts for {', '.join(missing)} (quote the keys 'yes' and 'no')")
     sections = {}
-    for name, valid in (("vista3d", VISTA3D_KINDS), ("brats", BRATS_KINDS), ("cxr", CXR_KINDS)):
+    for name, valid in (("vista3d", VISTA3D_KINDS), ("brats", BRATS_KINDS), ("cxr", CXR_KINDS),
+                        ("general", GENERAL_KINDS)):
         section = _mapping(raw, name)
         kinds = section.get("kinds", list(valid))
         strangers = [kind for kind in kinds if kind not in valid]
         if strangers:
             raise DatagenConfigError(f"{name}.kinds: unknown kinds {strangers}; valid: {', '.join(valid)}")
         sections[name] = section
+    _check_vista3d(sections["vista3d"])
+    _check_general(sections["general"])
+    heldout_fraction, phrasings = _check_questions(_mapping(raw, "questions"))
     regions = sections["brats"].get("regions", {})
     for kind in ("presence", "core", "enhancing", "edema"):
         ids = regions.get(kind)
@@ -142,8 +170,58 @@ def parse_datagen_config(raw: Mapping[str, Any]) -> DatagenConfig:
         val_fraction=val_fraction, axes=axes, slices_per_volume=per_volume, positive_fraction=positive,
         multipliers=multipliers, card=card, connectivity=connectivity, templates=templates, answers=answers,
         vista3d=sections["vista3d"], brats=sections["brats"], cxr=sections["cxr"], chats=chats,
-        id_length=min(id_length, 64),
+        id_length=min(id_length, 64), general=sections["general"], heldout_fraction=heldout_fraction,
+        phrasings=phrasings,
     )
+
+
+def _check_vista3d(section: Mapping[str, Any]) -> None:
+    """``subjects``, ``synonyms``, ``synonym_fraction`` and ``presence_structures`` of the vista3d section."""
+    for key in ("subjects", "plurals", "targets", "focus"):
+        entries = section.get(key) or {}
+        if not isinstance(entries, Mapping) or any(not isinstance(v, str) or not v.strip() for v in entries.values()):
+            raise DatagenConfigError(f"vista3d.{key} must map names to non-empty texts")
+    if not isinstance(section.get("default_subject", "{group} structures"), str):
+        raise DatagenConfigError("vista3d.default_subject must be a text")
+    synonyms = section.get("synonyms") or {}
+    if not isinstance(synonyms, Mapping):
+        raise DatagenConfigError("vista3d.synonyms must map structure names to lists of other names")
+    seen: dict[str, str] = {}
+    for name, others in synonyms.items():
+        if not isinstance(others, list) or any(not isinstance(o, str) or not o.strip() for o in others):
+            raise DatagenConfigError(f"vista3d.synonyms.{name} must be a list of non-empty names")
+        for other in others:
+            if other == name or other in synonyms or seen.get(other, name) != name:
+                raise DatagenConfigError(f"vista3d.synonyms: {other!r} names more than one structure")
+            seen[other] = name
+    _number(section.get("synonym_fraction", 0.0), "vista3d.synonym_fraction", 0.0, 1.0)
+    presence = section.get("presence_structures", "owned")
+    if presence not in PRESENCE_STRUCTURES:
+        raise DatagenConfigError(f"vista3d.presence_structures must be one of {', '.join(PRESENCE_STRUCTURES)}, "
+                                 f"got {presence!r}")
+
+
+def _check_general(section: Mapping[str, Any]) -> None:
+    """``per_case`` and the answer texts of the general section (questions that need no expert)."""
+    _integer(section.get("per_case", 1), "general.per_case", minimum=0)
+    answers = section.get("answers") or {}
+    for key, needed in (("modality", MODALITIES), ("plane", AXES)):
+        if key not in (section.get("kinds") or ()):
+            continue
+        texts = answers.get(key)
+        if not isinstance(texts, Mapping) or any(not isinstance(texts.get(n), str) for n in needed):
+            raise DatagenConfigError(f"general.answers.{key} needs a text for each of {', '.join(needed)}")
+
+
+def _check_questions(section: Mapping[str, Any]) -> tuple[float, str]:
+    """(heldout_fraction, use) of the questions section."""
+    fraction = _number(section.get("heldout_fraction", DEFAULT_HELDOUT_FRACTION), "questions.heldout_fraction", 0.0, 1.0)
+    if not 0.0 < fraction < 1.0:
+        raise DatagenConfigError(f"questions.heldout_fraction must be above 0 and below 1, got {fraction}")
+    use = section.get("use", "all")
+    if use not in PHRASING_USES:
+        raise DatagenConfigError(f"questions.use must be one of {', '.join(PHRASING_USES)}, got {use!r}")
+    return fraction, use
 
 
 def _mapping(raw: Mapping[str, Any], key: str) -> Mapping[str, Any]:

@@ -12,6 +12,15 @@ group's labels on the slice shown, and its image is the overlay of that restrict
 (``render_overlay``), so the colours named are the colours drawn. Segmentation-only requests are one
 exchange (``I segmented ... using <VISTA3D(group)>.``). BRATS shows the four sequences and the
 overlay; a chest X-ray gets the findings text (no overlay).
+
+Questions name what they ask about, so the trigger's argument follows from the question: ``visible``
+questions name the group's ``{subject}`` (``vista3d.subjects``), presence questions of a group without
+a focus only ask about structures no more specific group covers (``vista3d.presence_structures:
+owned``), and a structure may be named by a synonym (``vista3d.synonyms``, drawn with
+``synonym_fraction``) while the trigger and the answer keep the canonical name.
+
+Questions that need no expert (category ``general``: imaging modality, slice plane) are one exchange
+with no trigger; a BRATS study shows its T1c slice alone, with the single-image prefix and ``MRI``.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ import numpy as np
 
 from vila_m3.data.annotations import any_present, choose_slices, count_components, label_ids, slice_presence
 from vila_m3.data.cases import LoadedCase
-from vila_m3.data.config import DatagenConfig
+from vila_m3.data.config import GENERAL_KINDS, DatagenConfig, DatagenConfigError
 from vila_m3.data.questions import QuestionPools
 from vila_m3.data.records import ImageWriter, Record
 from vila_m3.experts.colors import overlay_colors_float
@@ -73,6 +82,10 @@ class ConversationBuilder:
         self.templates = config.templates
         self.answers = config.answers
         self.colors = overlay_colors_float()
+        self.synonyms = {str(name): tuple(others) for name, others in (config.vista3d.get("synonyms") or {}).items()}
+        self.synonym_fraction = float(config.vista3d.get("synonym_fraction", 0.0))
+        self.owners = self._owners()
+        self._check_synonyms()
 
     # --- shared pieces ---------------------------------------------------------------------------
 
@@ -91,18 +104,63 @@ class ConversationBuilder:
         return tuple(self.vista3d.args) if chosen in (None, "all") else tuple(chosen)
 
     def plural(self, name: str) -> str:
+        """A structure name's plural: ``vista3d.plurals``, else the name + "s" (synonyms too)."""
         return (self.config.vista3d.get("plurals") or {}).get(name, name + "s")
+
+    def subject(self, group: str) -> str:
+        """What a VISTA3D group covers, as ``visible`` questions name it (``vista3d.subjects``)."""
+        subjects = self.config.vista3d.get("subjects") or {}
+        if group in subjects:
+            return str(subjects[group])
+        return str(self.config.vista3d.get("default_subject", "{group} structures")).format(group=group)
+
+    def spoken(self, name: str, rng: np.random.Generator) -> str:
+        """The name a question uses for a structure: a synonym with ``synonym_fraction``, else the name."""
+        others = self.synonyms.get(name, ())
+        if not others or self.synonym_fraction <= 0.0 or rng.random() >= self.synonym_fraction:
+            return name
+        return others[int(rng.integers(len(others)))]
+
+    def _owners(self) -> dict[str, str]:
+        """``{structure name: the group its presence questions belong to}``: a group's focus belongs to it;
+        other structures to the first group (in argument order) holding them, the default argument
+        (``everything``) last."""
+        groups = self.groups()
+        focus = self.config.vista3d.get("focus") or {}
+        owners = {str(focus[group]): group for group in groups if group in focus}
+        for group in sorted(groups, key=lambda g: g == self.vista3d.default_arg):
+            for name in self.vista3d.resolve_argument(group).labels:
+                owners.setdefault(name, group)
+        return owners
+
+    def _check_synonyms(self) -> None:
+        """A synonym must not be the name of another structure of the conversation groups."""
+        names = {name for group in self.groups() for name in self.vista3d.resolve_argument(group).labels}
+        for name, others in self.synonyms.items():
+            clashes = sorted(set(others) & (names - {name}))
+            if clashes:
+                raise DatagenConfigError(f"vista3d.synonyms.{name}: {', '.join(clashes)} already name other "
+                                         "VISTA3D structures")
+
+    def askable(self, group: str, group_ids: list[int], names: dict[int, str]) -> list[int]:
+        """The structures of ``group_ids`` that presence questions of ``group`` may ask about."""
+        if self.config.vista3d.get("presence_structures", "owned") == "all":
+            return list(group_ids)
+        return [i for i in group_ids if self.owners.get(names[i]) == group]
 
     # --- dispatch --------------------------------------------------------------------------------
 
     def records(self, case: LoadedCase, seed: int) -> list[Record]:
         """Every record of one case, drawn with the case's own random stream."""
-        rng = case_rng(seed, case.content_digest())
+        digest = case.content_digest()
+        rng = case_rng(seed, digest)
         if case.category == "vista3d":
-            return self._vista3d(case, rng)
-        if case.category == "brats":
-            return self._brats(case, rng)
-        return self._cxr(case, rng)
+            records = self._vista3d(case, rng)
+        elif case.category == "brats":
+            records = self._brats(case, rng)
+        else:
+            records = self._cxr(case, rng)
+        return records + self._general(case, case_rng(seed, f"general:{digest}"))
 
     # --- VISTA3D ---------------------------------------------------------------------------------
 
@@ -123,7 +181,8 @@ class ConversationBuilder:
                 if not group_ids:
                     continue
                 focus_id = resolved.labels.get(focus_names.get(group, ""))
-                targets = [focus_id] if focus_id is not None else group_ids
+                askable = [focus_id] if focus_id is not None else self.askable(group, group_ids, names)
+                targets = askable or group_ids
                 slices = choose_slices(any_present(presence, targets, n_slices), self.config.slices_per_volume,
                                        self.config.positive_fraction, rng)
                 restricted = labelmap_like(volume, np.where(np.isin(labels.array, group_ids), labels.array, 0))
@@ -131,23 +190,25 @@ class ConversationBuilder:
                 context = dict(case=case, group=group, axis=axis, names=names)
                 for index, through in slices:
                     on_slice = views[index][2]
-                    if "presence" in kinds:
+                    if "presence" in kinds and askable:
                         if focus_id is not None:
                             structure = focus_id
                         elif through:
-                            structure = int(rng.choice(on_slice))
+                            structure = int(rng.choice([i for i in on_slice if i in askable] or askable))
                         else:
-                            absent = [i for i in group_ids if i not in on_slice]
-                            structure = int(rng.choice(absent or group_ids))
-                        question = self.pools.draw("vista3d", "presence", rng, structure=names[structure])
+                            absent = [i for i in askable if i not in on_slice]
+                            structure = int(rng.choice(absent or askable))
+                        question = self.pools.draw("vista3d", "presence", rng,
+                                                   structure=self.spoken(names[structure], rng))
                         answer, key = self.yes_no(structure in on_slice)
                         records.append(self._vista3d_record(context, views[index], index, "presence", question,
                                                             answer, key))
                     if "visible" in kinds:
-                        question = self.pools.draw("vista3d", "visible", rng, group=group)
+                        subject = self.subject(group)
+                        question = self.pools.draw("vista3d", "visible", rng, group=group, subject=subject)
                         items = [names[i] for i in on_slice]
                         answer = (self.answers["visible"].format(items=join_names(items)) if items
-                                  else self.answers["visible_none"])
+                                  else self.answers["visible_none"].format(subject=subject))
                         records.append(self._vista3d_record(context, views[index], index, "visible", question,
                                                             answer, "visible" if items else "none visible"))
                 if not slices:
@@ -164,13 +225,16 @@ class ConversationBuilder:
                         answer = self.answers["count_one"].format(plural=plural, singular=singular)
                     else:
                         answer = self.answers["count_many"].format(count=number, plural=plural, singular=singular)
-                    question = self.pools.draw("vista3d", "count", rng, structure=singular, structures=plural)
+                    said = self.spoken(singular, rng)
+                    question = self.pools.draw("vista3d", "count", rng, structure=said, structures=self.plural(said))
                     records.append(self._vista3d_record(context, views[index], index, "count", question, answer,
                                                         f"count={number}"))
                 if "segment" in kinds:
                     index = int(rng.choice([i for i, _ in slices]))
-                    target = (self.config.vista3d.get("targets") or {}).get(group, f"the {group}")
-                    question = self.pools.draw("vista3d", "segment", rng, target=target, group=group)
+                    targets = self.config.vista3d.get("targets") or {}
+                    target = targets.get(group, f"the {group}")
+                    asked = target if group in targets else f"the {self.spoken(group, rng)}"
+                    question = self.pools.draw("vista3d", "segment", rng, target=asked, group=group)
                     reply = self.templates["segmented"]["VISTA3D"].format(target=target, group=group)
                     records.append(Record(
                         [("human", self.first_turn("CT", question)), ("gpt", reply)], [views[index][0]],
@@ -278,3 +342,46 @@ class ConversationBuilder:
             ]
             records.append(Record(turns, [picture], "cxr", "CXR", kind, key, case.case.source_id, case.split_key))
         return records
+
+    # --- questions that need no expert -----------------------------------------------------------
+
+    def _general(self, case: LoadedCase, rng: np.random.Generator) -> list[Record]:
+        """``general.per_case`` records per kind (and per axis of a 3D case): one exchange, no trigger.
+
+        Slices are drawn through the labelled region (others fill in); a BRATS study shows its T1c slice.
+        A chest X-ray has no plane question.
+        """
+        kinds = [kind for kind in GENERAL_KINDS if kind in self.config.kinds("general")]
+        per_case = int(self.config.general.get("per_case", 1))
+        if not kinds or per_case <= 0:
+            return []
+        answers = self.config.general["answers"]
+        modality = case.modality
+        records: list[Record] = []
+        if case.category == "cxr":
+            if "modality" in kinds:
+                picture = self.images.add(render_slice(case.primary, "axial", 0, "CXR"))
+                for question in self.pools.draw_distinct("general", "modality", rng, per_case):
+                    records.append(self._general_record(case, "modality", question, answers["modality"][modality],
+                                                        modality, picture))
+            return records
+        volume, labels = case.primary, case.labels
+        ids = label_ids(labels)
+        for axis in self.config.axes:
+            n_slices = slice_index_count(volume, axis)
+            labelled = any_present(slice_presence(labels, axis, ids), ids, n_slices)
+            slices = [index for index, _ in choose_slices(labelled, per_case, 1.0, rng)]
+            pictures = [self.images.add(render_slice(volume, axis, index, modality)) for index in slices]
+            for kind in kinds:
+                answer, key = ((answers["modality"][modality], modality) if kind == "modality"
+                               else (answers["plane"][axis], axis))
+                questions = self.pools.draw_distinct("general", kind, rng, len(slices))
+                for index, picture, question in zip(slices, pictures, questions, strict=True):
+                    records.append(self._general_record(case, kind, question, answer, key, picture, axis, index))
+        return records
+
+    def _general_record(self, case: LoadedCase, kind: str, question: str, answer: str, key: str, picture: str,
+                        axis: str | None = None, index: int | None = None) -> Record:
+        turns = [("human", self.first_turn(case.modality, question)), ("gpt", answer)]
+        return Record(turns, [picture], "general", case.modality, kind, key, case.case.source_id, case.split_key,
+                      axis, index)

@@ -4,8 +4,9 @@ Layout of the export (all names relative to it)::
 
     train.json, val.json   VILA / LLaVA records (configs/datagen_schema.json)
     images/<sha256>.png    the slices and overlays the records refer to
-    manifest.json          seed, source, config and question-pool hashes, counts, records' provenance
-                           (split, category, group, kind, answer, slice; hashed source), files with sha256
+    manifest.json          seed, source, config and question-pool hashes, the phrasings used (all, train or
+                           heldout), counts, records' provenance (split, category, group, kind, answer,
+                           slice; hashed source), files with sha256
     summary.txt, .png      counts by expert, group, answer and split; skipped inputs with reasons
 
 Steps: pair images with final labels (:mod:`.cases`), make each case's records (:mod:`.conversations`),
@@ -98,6 +99,7 @@ def export_dataset(
     progress: bool = True,
     token: str | None = None,
     identifiers: Iterable[str] = (),
+    phrasings: str | None = None,
 ) -> ExportResult:
     """Export expert-training conversations (see the module docstring).
 
@@ -111,13 +113,21 @@ def export_dataset(
         progress: show tqdm progress bars (stderr).
         token: bearer token for a server with authentication.
         identifiers: more values that must not appear (besides those of the source DICOM headers).
+        phrasings: ``all``, ``train`` or ``heldout`` phrasings of the question pools (default: the
+            config's ``questions.use``); the split is ``QuestionPools.restricted``'s.
 
     Raises:
         ExportError: the output folder is not usable or the datastore cannot be read.
+        DatagenConfigError: ``phrasings`` is not one of the three.
     """
     config = config or load_datagen_config()
+    if phrasings is not None:
+        config = config.with_phrasings(phrasings)
     seed = config.seed if seed is None else int(seed)
-    pools = QuestionPools.load(questions_dir)
+    all_pools = QuestionPools.load(questions_dir)
+    pools = all_pools.restricted(config.phrasings, config.heldout_fraction)
+    used = {"use": config.phrasings, "heldout_fraction": config.heldout_fraction, "questions_sha256": pools.sha256,
+            "phrasings": sum(len(p) for kinds in pools.pools.values() for p in kinds.values())}
     registry = ExpertRegistry.from_config(
         available=(lambda spec: None if spec.runner else "not run by this product") if config.card == "product" else None
     )
@@ -147,8 +157,8 @@ def export_dataset(
             removed = images.remove_unused({path for item in placed for path in item.record.images})
             notes = {"duplicates_removed": duplicates, "unused_images_removed": removed, **chat_notes}
             summary = summarize(placed, skips, seed, **notes)
-            manifest = _write(staging, placed, units, summary, config, pools, registry, seed, source.location,
-                              chats_dir)
+            manifest = _write(staging, placed, units, summary, config, all_pools, used, registry, seed,
+                              source.location, chats_dir)
             close = getattr(source, "close", None)
             if close is not None:
                 close()
@@ -285,9 +295,13 @@ def _replace(out: Path, staging: Path) -> None:
 
 
 def _write(folder: Path, placed: list[Placed], units: dict[str, str], summary: dict[str, Any],
-           config: DatagenConfig, pools: QuestionPools, registry: ExpertRegistry, seed: int,
-           datastore: str | os.PathLike[str], chats_dir: str | os.PathLike[str] | None) -> dict[str, Any]:
-    """Write the split files, the summary and the manifest (last); returns the manifest."""
+           config: DatagenConfig, pools: QuestionPools, phrasings: dict[str, Any], registry: ExpertRegistry,
+           seed: int, datastore: str | os.PathLike[str], chats_dir: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """Write the split files, the summary and the manifest (last); returns the manifest.
+
+    ``pools`` are all the question pools (their hash is ``questions_sha256``); ``phrasings`` says which
+    side of them was drawn from (``use``, ``heldout_fraction``, the hash and number of those phrasings).
+    """
     counts = {
         "records": len(placed),
         "train": {"records": sum(p.split == TRAIN for p in placed), "listed": sum(p.repeats for p in placed
@@ -314,6 +328,7 @@ def _write(folder: Path, placed: list[Placed], units: dict[str, str], summary: d
         "chats": str(Path(chats_dir).resolve()) if chats_dir is not None else None,
         "config_sha256": config.sha256(),
         "questions_sha256": pools.sha256,
+        "phrasings": phrasings,
         "card_sha256": hashlib.sha256(registry.model_card().encode("utf-8")).hexdigest(),
         "multipliers": dict(config.multipliers),
         "val_fraction": config.val_fraction,
