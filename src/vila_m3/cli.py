@@ -1,5 +1,6 @@
-"""The ``vila-m3`` command line: ``serve``, ``samples``, ``models list | verify | pull | stand-ins``,
-``vlm inspect | ask``, and ``datagen`` / ``datagen-check`` (the data engine)."""
+"""The ``vila-m3`` command line: ``serve``, ``samples``, ``models list | verify | pull | stand-ins | demo |
+versions``, ``vlm inspect | ask``, ``datagen`` / ``datagen-check`` (the data engine), ``train`` and
+``evaluate`` (fine-tuning and trigger accuracy)."""
 
 from __future__ import annotations
 
@@ -178,10 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     stand_ins.add_argument("--models-dir", required=True, help="a folder of its own, e.g. models-demo")
     stand_ins.set_defaults(handler=_models_stand_ins)
     from vila_m3.data.cli import add_commands as add_datagen_commands
+    from vila_m3.training.cli import add_commands as add_training_commands
+    from vila_m3.training.cli import add_model_commands as add_demo_commands
     from vila_m3.vlm_cli import add_commands as add_vlm_commands
 
+    add_demo_commands(model_commands)
     add_vlm_commands(commands)
     add_datagen_commands(commands)
+    add_training_commands(commands)
     return parser
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -76,6 +77,10 @@ def make_tiny_vila_checkpoint(
     vision_hidden: int = 32,
     vision_layers: int = 3,
     num_shards: int = 2,
+    corpus: Sequence[str] = (),
+    vocab_size: int | None = None,
+    image_size: int = 54,
+    note: str = STAND_IN_NOTE,
 ) -> Path:
     """Write a tiny random VILA checkpoint folder in the released layout.
 
@@ -89,6 +94,10 @@ def make_tiny_vila_checkpoint(
         llm_hidden, llm_layers: LLM width and depth.
         vision_hidden, vision_layers: SigLIP width and depth (image 54 px, patch 2 px: 729 tokens).
         num_shards: number of LLM safetensors shards (with an index, as in the releases).
+        corpus: extra texts the tokenizer is trained on (with the built-in ones), e.g. a training set.
+        vocab_size: tokenizer vocabulary size (default 384 for llama_3, 400 for vicuna_v1).
+        image_size: SigLIP input size in px, patch 2 px (54: a 27 x 27 grid like the releases).
+        note: what the folder is, stored in ``config.json`` (``vila_m3_stand_in``) and shown with answers.
 
     Returns:
         The checkpoint folder.
@@ -107,9 +116,9 @@ def make_tiny_vila_checkpoint(
 
     # ---- tokenizer (decides vocabulary size and special ids)
     if template == "llama_3":
-        special = _write_llama3_tokenizer(llm_dir)
+        special = _write_llama3_tokenizer(llm_dir, [*_CORPUS * 4, *corpus], vocab_size or 384)
     else:
-        special = _write_sentencepiece_tokenizer(llm_dir)
+        special = _write_sentencepiece_tokenizer(llm_dir, [*_CORPUS * 4, *corpus], vocab_size or 400)
 
     # ---- LLM
     llama3 = template == "llama_3"
@@ -157,7 +166,7 @@ def make_tiny_vila_checkpoint(
     _write_json(llm_dir / "generation_config.json", generation)
 
     # ---- vision tower (SigLIP)
-    image_size, patch_size = 54, 2
+    patch_size = 2
     vision_cfg = {
         "_name_or_path": "./vision_tower",
         "architectures": ["SiglipVisionModel"],
@@ -254,7 +263,7 @@ def make_tiny_vila_checkpoint(
         "tune_vision_tower": True,
         "vision_resolution": -1,
         "vision_tower_cfg": vision_cfg,
-        STAND_IN_FIELD: STAND_IN_NOTE,
+        STAND_IN_FIELD: note,
     }
     _write_json(out / "config.json", top)
     (out / "README.txt").write_text(
@@ -290,7 +299,7 @@ def _write_sharded(state: dict[str, torch.Tensor], folder: Path, num_shards: int
     _write_json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
-def _write_llama3_tokenizer(folder: Path) -> dict[str, int]:
+def _write_llama3_tokenizer(folder: Path, corpus: Sequence[str], vocab_size: int) -> dict[str, int]:
     """A small byte-level BPE tokenizer with the Llama-3 special tokens, saved as ``tokenizer.json``."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -298,9 +307,9 @@ def _write_llama3_tokenizer(folder: Path) -> dict[str, int]:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=384, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
-    tokenizer.train_from_iterator(_CORPUS * 4, trainer)
+    tokenizer.train_from_iterator(corpus, trainer)
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in [*_LLAMA3_SPECIALS, _PAD]])
     bos = tokenizer.token_to_id("<|begin_of_text|>")
     # Llama-3 adds <|begin_of_text|> to every encoded text
@@ -347,15 +356,15 @@ def _write_llama3_tokenizer(folder: Path) -> dict[str, int]:
     }
 
 
-def _write_sentencepiece_tokenizer(folder: Path) -> dict[str, int]:
+def _write_sentencepiece_tokenizer(folder: Path, corpus: Sequence[str], vocab_size: int) -> dict[str, int]:
     """A small Llama-style sentencepiece model (unk 0, bos 1, eos 2, byte fallback) as ``tokenizer.model``."""
     import sentencepiece as spm
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_CORPUS * 4),
+        sentence_iterator=iter(corpus),
         model_writer=model,
-        vocab_size=400,
+        vocab_size=vocab_size,
         model_type="bpe",
         unk_id=0,
         bos_id=1,

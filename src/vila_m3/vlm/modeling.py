@@ -790,6 +790,7 @@ class VilaForConditionalGeneration(VilaPreTrainedModel, GenerationMixin):
         save_directory: str | Path,
         tokenizer: Any | None = None,
         max_shard_size: int | str = "5GB",
+        state_dict: dict[str, torch.Tensor] | None = None,
         **kwargs: Any,
     ) -> None:
         """Write the model in the released VILA layout (``config.json``, ``llm/``, ``vision_tower/``, ``mm_projector/``).
@@ -799,14 +800,22 @@ class VilaForConditionalGeneration(VilaPreTrainedModel, GenerationMixin):
             tokenizer: saved into ``llm/``; when omitted, the tokenizer files of the folder the model was
                 loaded from are copied, if any.
             max_shard_size: shard size of the LLM weights.
-            **kwargs: passed to the LLM's ``save_pretrained``.
+            state_dict: the whole model's weights (``llm.*``, ``vision_tower.*``, ``mm_projector.*``) to
+                write instead of the modules' own, e.g. gathered from sharded training (ZeRO-3, FSDP).
+            **kwargs: passed to the LLM's ``save_pretrained`` (``safe_serialization`` is always on).
         """
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
         dtype = self.llm.dtype
+        kwargs.pop("safe_serialization", None)
+        parts = _split_state_dict(state_dict) if state_dict is not None else {
+            "llm": None,
+            "vision_tower": self.vision_tower.state_dict(),
+            "mm_projector": self.mm_projector.state_dict(),
+        }
 
         # llm/: transformers' own sharded writer, then a config both old and new transformers read
-        self.llm.save_pretrained(out / "llm", max_shard_size=max_shard_size, **kwargs)
+        self.llm.save_pretrained(out / "llm", max_shard_size=max_shard_size, state_dict=parts["llm"], **kwargs)
         llm_config = legacy_config_dict(self.llm.config)
         for key in ("tokenizer_model_max_length", "tokenizer_padding_side", "model_max_length"):
             if key in (self.config.llm_cfg or {}):
@@ -826,7 +835,7 @@ class VilaForConditionalGeneration(VilaPreTrainedModel, GenerationMixin):
         vision_dir.mkdir(exist_ok=True)
         vision_state = {
             f"vision_model.{key}": tensor.detach().to("cpu").contiguous()
-            for key, tensor in self.vision_tower.state_dict().items()
+            for key, tensor in parts["vision_tower"].items()
         }
         save_file(vision_state, str(vision_dir / "model.safetensors"), metadata={"format": "pt"})
         vision_config = legacy_config_dict(self.vision_tower.config)
@@ -837,7 +846,7 @@ class VilaForConditionalGeneration(VilaPreTrainedModel, GenerationMixin):
         # mm_projector/
         projector_dir = out / "mm_projector"
         projector_dir.mkdir(exist_ok=True)
-        projector_state = {k: v.detach().to("cpu").contiguous() for k, v in self.mm_projector.state_dict().items()}
+        projector_state = {k: v.detach().to("cpu").contiguous() for k, v in parts["mm_projector"].items()}
         save_file(projector_state, str(projector_dir / "model.safetensors"), metadata={"format": "pt"})
         projector_config = {**(self.config.mm_projector_cfg or {}), **self.mm_projector.projector_config()}
         projector_config["torch_dtype"] = str(next(self.mm_projector.parameters()).dtype).removeprefix("torch.")
@@ -870,6 +879,17 @@ _BASE_CONFIG_NOISE: dict[str, Any] = {
     "id2label": {0: "LABEL_0", 1: "LABEL_1"},
     "label2id": {"LABEL_0": 0, "LABEL_1": 1},
 }
+
+
+def _split_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """``{"llm": ..., "vision_tower": ..., "mm_projector": ...}`` from a whole model's state dict."""
+    parts: dict[str, dict[str, torch.Tensor]] = {"llm": {}, "vision_tower": {}, "mm_projector": {}}
+    for key, tensor in state_dict.items():
+        part, _, rest = key.partition(".")
+        if part not in parts:
+            raise ValueError(f"state_dict key {key!r} belongs to no part of the model (llm, vision_tower, mm_projector)")
+        parts[part][rest] = tensor
+    return parts
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -1,0 +1,222 @@
+"""The demo model: a tiny VILA-layout model trained by this product's own pipeline on synthetic studies.
+
+With no real VILA-M3 weights on a machine (a laptop, CI, this repository's ``make run``), the whole
+loop must still be shown honestly. The demo model is built exactly as a site would fine-tune the real
+one, end to end, from ``configs/demo_model.yaml``:
+
+1. phantom studies of several seeds with their ground truth as final labels (an annotated datastore);
+2. the data engine writes two exports: conversations drawn from the **training** side of the question
+   phrasings, and an evaluation set from the **held-out** side (questions never seen in training);
+3. an untrained tiny checkpoint in the released layout (its tokenizer trained on the training texts);
+4. fine-tuning with :func:`vila_m3.training.trainer.fine_tune`;
+5. trigger evaluation (:mod:`vila_m3.training.evaluation`) on the held-out phrasings.
+
+The result carries ``vila_m3_stand_in`` = the configured note in its ``config.json`` (so the server
+labels every answer with it), a README and ``demo_evaluation.json`` with the measured accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vila_m3.configs import config_path, load_config
+from vila_m3.data.config import DatagenConfig, parse_datagen_config
+from vila_m3.training.evaluation import EvaluationReport, evaluate_triggers, format_report
+from vila_m3.training.options import TrainingOptions
+
+__all__ = ["DEMO_EVALUATION", "DemoBuild", "build_demo_vlm", "demo_config", "demo_datagen_config"]
+
+DEMO_EVALUATION = "demo_evaluation.json"
+
+
+@dataclass
+class DemoBuild:
+    """A built demo model: the checkpoint folder, its held-out evaluation and the build folder."""
+
+    checkpoint: Path
+    report: EvaluationReport
+    work_dir: Path
+    seconds: float
+
+
+def demo_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``configs/demo_model.yaml`` with ``overrides`` merged in (nested mappings merge)."""
+    return _merged(load_config("demo_model.yaml"), overrides or {})
+
+
+def _merged(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = _merged(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) else value
+    return out
+
+
+def demo_datagen_config(config: Mapping[str, Any]) -> DatagenConfig:
+    """``configs/datagen.yaml`` with the demo's ``datagen`` overrides."""
+    raw = yaml.safe_load(config_path("datagen.yaml").read_text(encoding="utf-8"))
+    return parse_datagen_config(_merged(raw, config.get("datagen") or {}))
+
+
+def _texts(export_dir: Path) -> list[str]:
+    """Every distinct turn text of an export's train split (the tokenizer's corpus), images removed."""
+    records = json.loads((export_dir / "train.json").read_text(encoding="utf-8"))
+    return sorted({turn["value"].replace("<image>", " ") for record in records for turn in record["conversations"]})
+
+
+def build_demo_vlm(
+    out_dir: str | Path,
+    work_dir: str | Path,
+    overrides: Mapping[str, Any] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> DemoBuild:
+    """Build the demo model into ``out_dir`` (a checkpoint folder in the released layout).
+
+    Args:
+        out_dir: where the finished checkpoint goes (replaced if it holds an earlier demo build).
+        work_dir: build folder for the studies, exports and the training run (kept: the exports and
+            the run's ``training_record.json`` show how the model was made).
+        overrides: changes to ``configs/demo_model.yaml`` (tests use fewer steps).
+        progress: progress bars (else log lines).
+        log: where progress lines go.
+    """
+    from vila_m3.data.export import export_dataset
+    from vila_m3.models.tiny_vila import make_tiny_vila_checkpoint
+    from vila_m3.samples.annotated import annotated_studies
+    from vila_m3.training.trainer import fine_tune
+    from vila_m3.vlm.generation import VilaChat
+
+    started = time.perf_counter()
+    config = demo_config(overrides)
+    work = Path(work_dir)
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    note = str(config["note"])
+
+    log(f"demo model 1/5: synthetic annotated studies (phantom seeds {config['study_seeds']})")
+    studies = annotated_studies(work / "studies", seeds=tuple(config["study_seeds"]), scratch=work / "samples")
+
+    log("demo model 2/5: conversations from the data engine (training phrasings, held-out phrasings)")
+    datagen = demo_datagen_config(config)
+    exports = {}
+    for side in ("train", "heldout"):
+        exports[side] = work / f"export_{side}"
+        export_dataset(studies, exports[side], config=datagen, progress=progress, phrasings=side)
+
+    log("demo model 3/5: untrained tiny checkpoint in the released layout")
+    model = dict(config["model"])
+    base = make_tiny_vila_checkpoint(
+        work / "base", template=model["template"], seed=int(model.get("seed", 0)), corpus=_texts(exports["train"]),
+        vocab_size=int(model["vocab_size"]), llm_hidden=int(model["llm_hidden"]), llm_layers=int(model["llm_layers"]),
+        vision_hidden=int(model["vision_hidden"]), vision_layers=int(model["vision_layers"]),
+        image_size=int(model["image_size"]), num_shards=1, note=note,
+    )
+
+    log("demo model 4/5: fine-tuning")
+    options = TrainingOptions.from_config(config.get("training") or {})
+    result = fine_tune(base, exports["train"], work / "run", options, note=note, progress=progress, log=log)
+
+    log("demo model 5/5: trigger evaluation on held-out phrasings")
+    chat = VilaChat.from_pretrained(result.checkpoint, device="cpu")
+    report = evaluate_triggers(chat, exports["heldout"], split="all")
+    evaluation = config.get("evaluation") or {}
+    targets = {"trigger_accuracy": float(evaluation.get("target_trigger_accuracy", 0.95)),
+               "false_call_rate": float(evaluation.get("target_false_call_rate", 0.05))}
+    table = format_report(report, targets)
+    log(table)
+
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(result.checkpoint, out)
+    summary = {**report.as_dict(), "targets": targets, "evaluated_on": "held-out phrasings of the data engine",
+               "study_seeds": list(config["study_seeds"])}
+    (out / DEMO_EVALUATION).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (out / "README.txt").write_text(_readme(note, result.metrics, table), encoding="utf-8")
+    return DemoBuild(checkpoint=out, report=report, work_dir=work, seconds=time.perf_counter() - started)
+
+
+def _readme(note: str, metrics: Mapping[str, Any], table: str) -> str:
+    return (
+        f"DEMO MODEL - NOT A MEDICAL MODEL.\n\n{note}.\n\n"
+        "Built by `vila-m3 models demo` from configs/demo_model.yaml: phantom studies -> data engine -> "
+        f"fine-tuning ({metrics.get('steps')} steps, eval loss {metrics.get('eval_loss')}) -> trigger "
+        "evaluation on question phrasings held out from training:\n\n"
+        f"{table}\n\nIt has learned which expert (and argument) a question needs on these synthetic studies; "
+        "its other words mean nothing. Stage the real VILA-M3 weights for actual use (vila-m3 models pull).\n"
+    )
+
+
+# ---- staging ------------------------------------------------------------------------------------
+
+DEMO_BUILD = "demo_build.json"
+
+
+class DemoError(RuntimeError):
+    """The demo cannot be staged (e.g. something that is not a stand-in lies where it would go)."""
+
+
+def demo_fingerprint() -> str:
+    """sha256 of everything a demo build depends on: its config, the data engine's and training's configs,
+    the question pools and the package version. A staged build with another fingerprint is rebuilt."""
+    import hashlib
+
+    from vila_m3 import __version__
+
+    digest = hashlib.sha256(__version__.encode())
+    for name in ("demo_model.yaml", "datagen.yaml", "training.yaml", "experts.yaml"):
+        digest.update(config_path(name).read_bytes())
+    for path in sorted(config_path("questions").glob("*.y*ml")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _staged_state(location: Path) -> str:
+    """``absent``, ``real`` (weights that are not ours to replace), ``stand-in`` or ``demo:<fingerprint>``."""
+    from vila_m3.vlm.configuration import STAND_IN_FIELD
+
+    config = location / "config.json"
+    if not location.exists() or not any(location.iterdir()):
+        return "absent"
+    if not config.is_file() or STAND_IN_FIELD not in config.read_text(encoding="utf-8", errors="replace"):
+        return "real"
+    build = location / DEMO_BUILD
+    if build.is_file():
+        return "demo:" + str(json.loads(build.read_text(encoding="utf-8")).get("fingerprint"))
+    return "stand-in"
+
+
+def stage_demo_vlm(models_dir: Path, vlm_id: str | None = None, rebuild: bool = False, progress: bool = True,
+                   log: Callable[[str], None] = print) -> str:
+    """Build the demo model (once) at ``vlm_id``'s location, unless real weights are staged there.
+
+    Returns:
+        One line saying what was done.
+    """
+    from vila_m3.models.manifest import ModelManifest
+
+    vlm_id = vlm_id or load_config("app.yaml")["default_vlm"]
+    location = ModelManifest.load()[vlm_id].location(models_dir)
+    state = _staged_state(location)
+    fingerprint = demo_fingerprint()
+    if state == "real":
+        return f"{vlm_id}: real weights staged at {location}; the demo model is not needed"
+    if state == f"demo:{fingerprint}" and not rebuild:
+        return f"{vlm_id}: demo model already built at {location}"
+    build = build_demo_vlm(location, models_dir / ".demo-build", progress=progress, log=log)
+    (location / DEMO_BUILD).write_text(json.dumps({"fingerprint": fingerprint, "seconds": round(build.seconds, 1)},
+                                                  indent=2) + "\n", encoding="utf-8")
+    accuracy = build.report.trigger_accuracy
+    false_calls = build.report.false_call_rate
+    return (f"{vlm_id}: demo model built in {build.seconds:.0f} s at {location}; on held-out phrasings it calls the "
+            f"right expert and argument for {100 * (accuracy or 0):.1f} % of the questions that need one and an "
+            f"expert for {100 * (false_calls or 0):.1f} % of those that need none")

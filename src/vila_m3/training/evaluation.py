@@ -1,0 +1,243 @@
+"""Trigger accuracy: does the model call the right expert with the right argument, and only when needed?
+
+For every record of an export split (each record once), the model answers the record's first user
+turn (card, image(s), question). The expected call is what the record's first answer says: the
+triggers in it, or none. A record expecting a call counts as **right** when the model requests
+exactly those (expert, argument) pairs; one expecting none counts a **false call** when the model
+requests any. Then, for yes/no and count questions, the model gets the record's own expert feedback
+(the ground-truth result, so that the answer is judged alone) and its final answer is compared with
+the record's: the first yes/no word, or the first number (``no`` words count as 0).
+
+Held-out phrasings (``vila-m3 datagen --phrasings heldout``) measure generalisation to questions the
+model never saw in training.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from PIL import Image
+
+from vila_m3.experts.registry import ExpertRegistry
+from vila_m3.experts.triggers import find_triggers
+from vila_m3.training.examples import read_records, record_images
+from vila_m3.vlm.prompting import as_turns, count_placeholders
+
+__all__ = ["EvaluationReport", "RecordOutcome", "evaluate_triggers", "format_report", "product_registry"]
+
+_YES_NO = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
+_NUMBER = re.compile(r"\b(\d+|no)\b", re.IGNORECASE)
+ANSWER_KINDS = {"presence": "yes/no", "finding": "yes/no", "core": "yes/no", "enhancing": "yes/no",
+                "edema": "yes/no", "count": "count"}
+
+
+class Answerer(Protocol):
+    """What the evaluation needs of a VLM: ``generate(conversation, images, max_new_tokens) -> .text``."""
+
+    def generate(self, conversation: Any, images: Sequence[Any] = (), max_new_tokens: int = 1024,
+                 **kwargs: Any) -> Any:
+        """An object with the answer in ``.text``."""
+
+
+@dataclass
+class RecordOutcome:
+    """One record's result.
+
+    Attributes:
+        record_id, category, kind: from the record and the export's manifest.
+        expected, called: the (expert, argument) pairs expected and requested.
+        first_answer: what the model wrote.
+        answer_type: ``yes/no``, ``count`` or None (no answer check for this kind).
+        answer_right: whether the final answer matched (None when not checked).
+    """
+
+    record_id: str
+    category: str
+    kind: str
+    expected: tuple[tuple[str, str | None], ...]
+    called: tuple[tuple[str, str | None], ...]
+    first_answer: str
+    answer_type: str | None = None
+    answer_right: bool | None = None
+    final_answer: str = ""
+
+    @property
+    def needs_call(self) -> bool:
+        return bool(self.expected)
+
+    @property
+    def right_call(self) -> bool:
+        return bool(self.expected) and set(self.called) == set(self.expected)
+
+    @property
+    def false_call(self) -> bool:
+        return not self.expected and bool(self.called)
+
+
+@dataclass
+class EvaluationReport:
+    """All outcomes and the headline rates (fractions in [0, 1]; None when nothing was measured)."""
+
+    outcomes: list[RecordOutcome] = field(default_factory=list)
+
+    def _rate(self, items: Iterable[bool]) -> float | None:
+        values = list(items)
+        return sum(values) / len(values) if values else None
+
+    @property
+    def trigger_accuracy(self) -> float | None:
+        """Right expert and argument, over records that need a call."""
+        return self._rate(o.right_call for o in self.outcomes if o.needs_call)
+
+    @property
+    def false_call_rate(self) -> float | None:
+        """Any call, over records that need none."""
+        return self._rate(o.false_call for o in self.outcomes if not o.needs_call)
+
+    def answer_accuracy(self, answer_type: str) -> float | None:
+        return self._rate(bool(o.answer_right) for o in self.outcomes if o.answer_type == answer_type)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "records": len(self.outcomes),
+            "trigger_accuracy": self.trigger_accuracy,
+            "false_call_rate": self.false_call_rate,
+            "yes_no_accuracy": self.answer_accuracy("yes/no"),
+            "count_accuracy": self.answer_accuracy("count"),
+            "needs_call": sum(o.needs_call for o in self.outcomes),
+            "needs_no_call": sum(not o.needs_call for o in self.outcomes),
+        }
+
+
+def product_registry() -> ExpertRegistry:
+    """Every expert the product runs, whether or not its weights are staged here (only names are checked)."""
+    return ExpertRegistry.from_config(available=lambda spec: None if spec.runner else "not run by this product")
+
+
+def _calls(text: str, registry: ExpertRegistry) -> tuple[tuple[str, str | None], ...]:
+    return tuple(trigger.key for trigger in find_triggers(text, registry).triggers)
+
+
+def _answer_matches(answer_type: str, produced: str, expected: str) -> bool:
+    pattern = _YES_NO if answer_type == "yes/no" else _NUMBER
+    want, got = pattern.search(expected), pattern.search(produced)
+    if want is None or got is None:
+        return False
+    norm = (lambda s: s.lower()) if answer_type == "yes/no" else (lambda s: "0" if s.lower() == "no" else s)
+    return norm(want.group(1)) == norm(got.group(1))
+
+
+def _provenance(export_dir: Path) -> Mapping[str, Mapping[str, Any]]:
+    import json
+
+    path = export_dir / "manifest.json"
+    if not path.is_file():
+        return {}
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    return {entry["id"]: entry for entry in manifest.get("records", [])}
+
+
+def evaluate_triggers(
+    model: Answerer,
+    export_dir: str | Path,
+    split: str = "val",
+    registry: ExpertRegistry | None = None,
+    limit: int | None = None,
+    check_answers: bool = True,
+    max_new_tokens: int = 64,
+    progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
+) -> EvaluationReport:
+    """Run the model on each record of ``<export_dir>/<split>.json`` once and score its expert calls.
+
+    Args:
+        model: the VLM (``VilaChat``, ``RemoteVLM``, or anything with the same ``generate``).
+        export_dir: a data-engine export.
+        split: ``val`` (default), ``train``, or ``all`` (both).
+        registry: the experts triggers are checked against (default: :func:`product_registry`).
+        limit: evaluate at most this many records.
+        check_answers: also score the final answers of yes/no and count questions.
+        max_new_tokens: answer length limit per generation.
+        progress: wraps the record iterator (e.g. ``tqdm``).
+    """
+    export = Path(export_dir)
+    registry = registry or product_registry()
+    provenance = _provenance(export)
+    seen: set[str] = set()
+    records = []
+    splits = ("train", "val") if split == "all" else (split,)
+    for record in [r for name in splits for r in read_records(export, name)]:
+        base_id = str(record.get("id", "")).split(".")[0]
+        if base_id in seen:  # train.json repeats records as <id>.2, <id>.3 ...
+            continue
+        seen.add(base_id)
+        records.append(record)
+    if limit is not None:
+        records = records[:limit]
+
+    report = EvaluationReport()
+    for record in progress(records) if progress else records:
+        turns = as_turns(record["conversations"])
+        images = [_open(export / path) for path in record_images(record)]
+        first_images = count_placeholders(turns[0][1])
+        expected = _calls(turns[1][1], registry)
+        answer = model.generate([turns[0]], images[:first_images], max_new_tokens=max_new_tokens).text
+        meta = provenance.get(str(record.get("id")), {})
+        kind = str(meta.get("kind", "?"))
+        outcome = RecordOutcome(str(record.get("id")), str(meta.get("category", "?")), kind, expected,
+                                _calls(answer, registry), answer)
+        answer_type = ANSWER_KINDS.get(kind)
+        if check_answers and answer_type and len(turns) >= 4:
+            used = first_images + count_placeholders(turns[2][1])
+            final = model.generate(turns[:3], images[:used], max_new_tokens=max_new_tokens).text
+            outcome.answer_type = answer_type
+            outcome.final_answer = final
+            outcome.answer_right = _answer_matches(answer_type, final, turns[3][1])
+        report.outcomes.append(outcome)
+    return report
+
+
+def _open(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f} %"
+
+
+def format_report(report: EvaluationReport, targets: Mapping[str, float] | None = None) -> str:
+    """A table by category / kind, then the totals (against ``targets`` when given)."""
+    groups: dict[str, list[RecordOutcome]] = defaultdict(list)
+    for outcome in report.outcomes:
+        groups[f"{outcome.category} / {outcome.kind}"].append(outcome)
+    header = f"{'category / kind':<28}{'n':>5}{'right call':>12}{'false call':>12}{'answer right':>14}"
+    lines = [header, "-" * len(header)]
+    for name in sorted(groups):
+        items = groups[name]
+        needs = [o.right_call for o in items if o.needs_call]
+        no_needs = [o.false_call for o in items if not o.needs_call]
+        answers = [bool(o.answer_right) for o in items if o.answer_type]
+        lines.append(f"{name:<28}{len(items):>5}{_pct(report._rate(needs)):>12}{_pct(report._rate(no_needs)):>12}"
+                     f"{_pct(report._rate(answers)):>14}")
+    summary = report.as_dict()
+    lines.append("-" * len(header))
+    lines.append(f"right expert and argument: {_pct(summary['trigger_accuracy'])} of {summary['needs_call']} "
+                 f"questions that need an expert")
+    lines.append(f"false calls:               {_pct(summary['false_call_rate'])} of {summary['needs_no_call']} "
+                 f"questions that need none")
+    lines.append(f"yes/no answers right:      {_pct(summary['yes_no_accuracy'])}")
+    lines.append(f"count answers right:       {_pct(summary['count_accuracy'])}")
+    if targets:
+        accuracy, false_calls = summary["trigger_accuracy"], summary["false_call_rate"]
+        if "trigger_accuracy" in targets and accuracy is not None:
+            met = accuracy >= targets["trigger_accuracy"]
+            lines.append(f"target right calls >= {_pct(targets['trigger_accuracy'])}: {'met' if met else 'NOT met'}")
+        if "false_call_rate" in targets and false_calls is not None:
+            met = false_calls <= targets["false_call_rate"]
+            lines.append(f"target false calls <= {_pct(targets['false_call_rate'])}: {'met' if met else 'NOT met'}")
+    return "\n".join(lines)
