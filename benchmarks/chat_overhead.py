@@ -29,8 +29,9 @@ HTTP, so the percentage is dominated by the tiny denominator; the absolute overh
 the number to compare with the 50 ms target, and the percentage becomes meaningful once the model
 takes seconds. Then where the time goes: every endpoint step (``load``, ``render``, ``generate k``,
 ``expert X``, the rest of ``total``), what happens after the loop (``HTTP - total``), and in-process
-timings of the suspects (labelmap NIfTI write, its copy, the multipart body, JSON encoding, the PNGs
-sent to the VLM, the modality check on the whole volume).
+timings of the suspects (labelmap NIfTI write, its copy and its hand-off to MONAI Label, the multipart
+body, JSON encoding, slice and overlay rendering, the PNGs stored and sent to the VLM, the modality
+check, with the whole-volume scan it does once per volume for comparison).
 
 Run: ``.venv/bin/python benchmarks/chat_overhead.py [--turns 10] [--quick] [--shape 512,512,200]``.
 """
@@ -66,9 +67,10 @@ from vila_m3.chat.loop import ChatLoop, TurnRequest  # noqa: E402
 from vila_m3.chat.store import ChatStore  # noqa: E402
 from vila_m3.chat.study import detect_modality  # noqa: E402
 from vila_m3.chat.vlm_backend import open_vlm  # noqa: E402
+from vila_m3.experts.colors import overlay_colors_float  # noqa: E402
 from vila_m3.experts.registry import ExpertRegistry  # noqa: E402
 from vila_m3.experts.service import ExpertService  # noqa: E402
-from vila_m3.imaging import render_slice, write_labelmap  # noqa: E402
+from vila_m3.imaging import render_overlay, render_slice, write_labelmap  # noqa: E402
 from vila_m3.models.stand_ins import stage_stand_ins  # noqa: E402
 from vila_m3.vlm.remote import build_messages, image_data_url  # noqa: E402
 
@@ -307,7 +309,16 @@ def suspects(loop_result: Any, loop: ChatLoop, ct_volume: Any, answer: dict[str,
     plain = scratch / "labels.nii"
     timed("  for comparison: the same written uncompressed (.nii)",
           lambda: write_labelmap(labels.array, labels.geometry, plain))
-    timed("labelmap copy for the response (ChatInferTask)", lambda: shutil.copyfile(target, scratch / "copy.nii.gz"))
+    timed("labelmap copy (ChatLoop._store_labels, cached result)", lambda: shutil.copyfile(target, scratch / "copy.nii.gz"))
+
+    def hand_off() -> None:  # a fresh temporary file replaced by a link; MONAI Label deletes it after sending
+        handle, sent = tempfile.mkstemp(dir=scratch, suffix=".nii.gz")
+        os.close(handle)
+        os.link(target, sent + ".link")
+        os.replace(sent + ".link", sent)
+        os.unlink(sent)
+
+    timed("labelmap hand-off to MONAI Label (ChatInferTask: hard link)", hand_off)
     text = timed("json.dumps of the turn's answer", lambda: json.dumps(answer))
     rows[-1] = (*rows[-1][:2], f"{len(text) / 1e3:.1f} kB")
 
@@ -318,12 +329,20 @@ def suspects(loop_result: Any, loop: ChatLoop, ct_volume: Any, answer: dict[str,
 
     timed("multipart body (MultipartEncoder.to_string)", multipart)
     timed("chat.json save (ChatStore.save; a turn saves it ~6 times)", lambda: loop.store.save(loop_result.chat))
-    timed("modality check: nanmin over the whole volume", lambda: detect_modality(ct_volume))
-    picture = timed("slice rendering (render_slice)",
-                    lambda: render_slice(ct_volume, loop_result.axis, loop_result.slice_index, "CT"))
-    timed("PNG save of the slice (ChatStore.save_image)", lambda: picture.save(scratch / "slice.png", format="PNG"))
-    timed("  for comparison: PNG save with compress_level=1",
-          lambda: picture.save(scratch / "slice1.png", format="PNG", compress_level=1))
+    timed("modality check (detect_modality; the volume's lowest value is remembered)",
+          lambda: detect_modality(ct_volume))
+    timed("  for comparison: nanmin over the whole volume (once per volume)", lambda: np.nanmin(ct_volume.array))
+    axis, index = loop_result.axis, loop_result.slice_index
+    picture = timed("slice rendering (render_slice)", lambda: render_slice(ct_volume, axis, index, "CT"))
+    overlay, _ = timed("overlay rendering (render_overlay)",
+                       lambda: render_overlay(ct_volume, labels, axis, index, overlay_colors_float(), modality="CT"))
+    store = ChatStore(scratch / "store")
+    timed("PNG save of the slice (ChatStore.save_image: grey PNG, level 1)",
+          lambda: store.save_image("bench", "slice.png", picture))
+    timed("  for comparison: the slice as an RGB PNG, level 1",
+          lambda: picture.save(scratch / "slice-rgb.png", format="PNG", compress_level=1))
+    timed("PNG save of the overlay (ChatStore.save_image: RGB PNG, level 1)",
+          lambda: store.save_image("bench", "overlay.png", overlay))
     timed("PNG re-read for the VLM (ChatStore.image)", lambda: loop.store.image(loop_result.chat.chat_id,
                                                                                 loop_result.chat.messages[0].images[0]))
     timed("PNG + base64 data URL of one slice (RemoteVLM request)", lambda: image_data_url(picture))
@@ -380,11 +399,11 @@ def report(args: argparse.Namespace, shape_text: str, warm: list[HttpTurn], turn
                 names.append(item["step"])
     table = [(f"step '{name}'", med([t.step(name) for t in turns]), med([t.step(name) for t in local]))
              for name in names]
-    table.append(("rest of 'total' (labelmap .nii.gz write, chat.json saves)",
+    table.append(("rest of 'total' (labelmap .nii.gz write or copy, chat.json saves)",
                   med([t.step("total") - sum(t.step(n) for n in names) for t in turns]),
                   med([t.step("total") - sum(t.step(n) for n in names) for t in local])))
     table.append(("= ChatLoop 'total'", med([t.step("total") for t in turns]), med([t.step("total") for t in local])))
-    table.append(("after the loop (labelmap copy, multipart, MONAI Label, transfer)",
+    table.append(("after the loop (labelmap hand-off, multipart, MONAI Label, transfer)",
                   med([t.wall - t.step("total") for t in turns]), med([t.wall - t.step("total") for t in local])))
     width = max(len(label) for label, _, _ in table)
     print(f"  {'':<{width}}  {'HTTP':>9}  {'in-proc':>9}")

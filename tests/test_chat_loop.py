@@ -294,3 +294,64 @@ def test_each_turn_takes_the_modality_of_its_own_image(tmp_path, sample_data, se
     second = loop.run_turn(TurnRequest("switch", "And this X-ray?", {"image": str(sample_data / "studies/cxr_chest.png")}))
     assert second.chat.modality == "CXR"
     assert vlm.calls[1][0][-1] == ("user", "<image>This is a CXR image.\nAnd this X-ray?")
+
+
+def test_the_modality_is_detected_once_per_volume_and_again_when_the_file_changes(tmp_path, service, registry,
+                                                                                   monkeypatch):
+    import gc
+    import os
+    import weakref
+
+    import SimpleITK as sitk
+
+    import vila_m3.chat.study as study_module
+    from vila_m3.chat.study import detect_modality
+    from vila_m3.imaging import Geometry, Volume
+
+    scans = []
+    real = study_module._lowest
+    monkeypatch.setattr(study_module, "_lowest", lambda array: scans.append(array.shape) or real(array))
+    path = tmp_path / "study.nii.gz"
+
+    def write(values: np.ndarray, stamp_s: int) -> None:
+        sitk.WriteImage(sitk.GetImageFromArray(values), str(path))
+        os.utime(path, ns=(stamp_s * 10**9, stamp_s * 10**9))  # a later modification time, as an edit gives
+
+    ct = np.full((8, 16, 16), -1000, dtype=np.int16)
+    ct[:, 4:12, 4:12] = 40
+    write(ct, 1_700_000_000)
+    loop, vlm = make_loop(tmp_path, service, registry, ["ok", "ok", "ok"])
+    request = TurnRequest("changing", "What is this?", {"image": str(path)}, slice_index=4)
+    assert loop.run_turn(request).chat.modality == "CT"
+    assert loop.run_turn(request).chat.modality == "CT"
+    assert len(scans) == 1  # the second turn did not scan the volume again
+
+    write(np.full((8, 16, 16), 300, dtype=np.int16), 1_700_000_100)  # now an MRI-like volume, same size
+    changed = loop.run_turn(request)
+    assert changed.chat.modality == "MRI" and len(scans) == 2
+    assert "This is a MRI image.\n" in vlm.calls[2][0][-1][1]
+
+    # what is remembered lives on the volume: nothing global keeps a volume (or its statistics) alive
+    volume = Volume(ct.copy(), Geometry.identity((16, 16, 8)))
+    assert detect_modality(volume) == "CT"
+    gone = weakref.ref(volume)
+    del volume
+    gc.collect()
+    assert gone() is None
+
+
+def test_stored_pictures_read_back_as_exactly_what_the_model_saw(tmp_path, sample_data, service, registry):
+    from PIL import Image
+
+    loop, vlm = make_loop(tmp_path, service, registry, [TRIGGER, "Yes."])
+    loop.run_turn(ct_request(sample_data, chat_id="pictures", slice_index=20))
+    slice_shown, overlay_shown = vlm.calls[1][2]
+    folder = loop.store.folder("pictures")
+    with Image.open(folder / "turn001_slice0.png") as stored:
+        assert stored.mode == "L"  # a grey slice is stored as a grey PNG (a third of the pixels to encode)
+    with Image.open(folder / "expert001_vista3d.png") as stored:
+        assert stored.mode == "RGB"
+    fresh = ChatStore(tmp_path / "chats")  # nothing remembered: read from the files
+    for name, shown in (("turn001_slice0.png", slice_shown), ("expert001_vista3d.png", overlay_shown)):
+        again = fresh.image("pictures", name)
+        assert again.mode == "RGB" and np.array_equal(np.asarray(again), np.asarray(shown))

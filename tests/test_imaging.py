@@ -712,3 +712,79 @@ def test_mri_slices_are_scaled_by_the_whole_volume_range():
     volume = Volume(array, Geometry.identity((8, 8, 4), (1.0, 1.0, 1.0)), modality="MR")
     dim = np.asarray(render_slice(volume, "axial", 0))[..., 0]
     assert dim.max() == 25  # 10 / 100 * 255, truncated; a per-slice min-max would give 255
+
+
+# ---------------------------------------------------------------------------------------------
+# the fast paths give exactly the plain computation's result
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.int16, np.uint16])
+def test_window_ct_table_equals_the_formula_for_every_value(dtype):
+    info = np.iinfo(dtype)
+    every = np.arange(info.min, info.max + 1).astype(dtype)
+    for center, width in ((50.0, 400.0), (40, 80), (-600.0, 1500.0)):
+        low = center - width / 2.0
+        expected = np.clip((every.astype(np.float64) - low) * 255.0 / width, 0.0, 255.0).astype(np.uint8)
+        np.testing.assert_array_equal(window_ct(every, center, width), expected)
+        block = every.reshape(-1, 64)[::-1, ::3]  # any shape and strides
+        np.testing.assert_array_equal(window_ct(block, center, width), expected.reshape(-1, 64)[::-1, ::3])
+
+
+@pytest.mark.parametrize("kind", ["uint8", "uint16-large", "int32-negative", "bool", "int64-no-background"])
+def test_overlay_equals_label2rgb_pixel_for_pixel(kind):
+    from skimage.color import label2rgb
+
+    from vila_m3.experts.colors import overlay_colors_float
+
+    rng = np.random.default_rng(3)
+    gray = rng.integers(0, 256, (37, 53)).astype(np.uint8)
+    labels = {
+        "uint8": rng.integers(0, 40, (37, 53)).astype(np.uint8),
+        "uint16-large": (rng.integers(0, 3, (37, 53)) * 30000).astype(np.uint16),
+        "int32-negative": rng.integers(-3, 20, (37, 53)).astype(np.int32),
+        "bool": rng.random((37, 53)) > 0.5,
+        "int64-no-background": rng.integers(1, 130, (37, 53)).astype(np.int64),
+    }[kind]
+
+    def reference(gray, labels, colors, alpha):
+        rgb = label2rgb(labels, image=gray, colors=list(colors), alpha=alpha, bg_label=0, kind="overlay")
+        return (np.clip(rgb, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+    for colors, alpha in ((overlay_colors_float(), 0.3), (["red", (0.1, 0.2, 0.3)], 0.55)):
+        np.testing.assert_array_equal(overlay_labels(gray, labels, colors, alpha=alpha),
+                                      reference(gray, labels, colors, alpha))
+        strided = gray[::-1, ::2], labels[::-1, ::2]
+        np.testing.assert_array_equal(overlay_labels(*strided, colors, alpha=alpha), reference(*strided, colors, alpha))
+
+
+def test_whole_volume_statistics_are_scanned_once_per_volume_and_only_where_used(monkeypatch):
+    import vila_m3.imaging.slices as slices
+
+    scans = []
+    real = slices.finite_range
+    monkeypatch.setattr(slices, "finite_range", lambda values: scans.append(values.shape) or real(values))
+    geometry = Geometry.identity((8, 8, 4))
+    array = np.zeros((4, 8, 8), dtype=np.float32)
+    array[3] = 100.0
+    mri = Volume(array, geometry, modality="MR")
+    labels = labelmap_like(mri, (array > 50).astype(np.uint8))
+    first = np.asarray(render_slice(mri, "axial", 3))
+    render_slice(mri, "coronal", 2)
+    render_overlay(mri, labels, "axial", 3, [RED])
+    assert scans == [(4, 8, 8)]  # the MRI's range: one scan for all its slices and overlays
+    np.testing.assert_array_equal(np.asarray(render_slice(mri, "axial", 3)), first)
+
+    ct = Volume(np.full((4, 8, 8), -1000, dtype=np.int16), geometry, modality="CT")
+    render_slice(ct, "axial", 1)
+    render_overlay(ct, labelmap_like(ct, np.zeros((4, 8, 8), np.uint8)), "axial", 1, [RED])
+    assert scans == [(4, 8, 8)]  # a CT window needs only the slice
+
+    # the remembered value belongs to the volume and its array: a new array is scanned again
+    counted = []
+    assert mri.derived("lowest", lambda values: counted.append(1) or float(values.min())) == 0.0
+    assert mri.derived("lowest", lambda values: counted.append(1) or float(values.min())) == 0.0
+    mri.array = array + 5.0
+    assert mri.derived("lowest", lambda values: counted.append(1) or float(values.min())) == 5.0
+    assert len(counted) == 2
+    assert "_derived" not in repr(mri)
+    assert Volume(array, geometry, modality="MR").derived("lowest", lambda values: float(values.min())) == 0.0

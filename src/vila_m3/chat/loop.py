@@ -9,6 +9,7 @@ expert message to the model and a visible error, never an exception out of the t
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
 import time
@@ -153,7 +154,8 @@ class ChatLoop:
             "stand_in": bool(getattr(vlm, "is_stand_in", False)),
         }
         if self.vlm_info["stand_in"]:
-            self.vlm_info["notice"] = "tiny random stand-in weights: the answers are not a medical model's"
+            note = getattr(vlm, "stand_in_note", None) or "tiny random weights for tests; not a medical model"
+            self.vlm_info["notice"] = f"stand-in VLM ({note}): the answers are not a medical model's"
 
     # --- the turn ------------------------------------------------------------------------------
 
@@ -338,7 +340,12 @@ class ChatLoop:
         target = self.store.folder(chat.chat_id) / f"turn{number:03d}_labels.nii.gz"
         reference, written = self._label_files.get(id(labels), (None, None))
         if reference is not None and reference() is labels and written.is_file():
-            shutil.copyfile(written, target)
+            partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            try:  # copied aside and renamed, as write_labelmap does: never a partial labelmap
+                shutil.copyfile(written, partial)
+                os.replace(partial, target)
+            finally:
+                partial.unlink(missing_ok=True)
         else:
             write_labelmap(labels.array, labels.geometry, target)
             self._label_files = {key: entry for key, entry in self._label_files.items() if entry[0]() is not None}

@@ -110,10 +110,19 @@ class ChatStore:
         os.replace(temporary, folder / "chat.json")
 
     def save_image(self, chat_id: str, name: str, image: Image.Image) -> str:
-        """Store a PNG the model sees in the chat's folder; returns its name."""
+        """Store a PNG the model sees in the chat's folder; returns its name.
+
+        Lossless either way: a grey RGB picture (R = G = B, such as a rendered slice) is written as an
+        8-bit grey PNG, a third of the pixels to encode; :meth:`image` reads every picture back as RGB.
+        """
         folder = self.folder(chat_id)
         folder.mkdir(parents=True, exist_ok=True)
-        image.save(folder / name, format="PNG", compress_level=1)  # lossless; level 1 is ~3x faster
+        stored = image
+        if image.mode == "RGB":
+            red, green, blue = image.split()
+            if red.tobytes() == green.tobytes() == blue.tobytes():
+                stored = red
+        stored.save(folder / name, format="PNG", compress_level=1)  # lossless; level 1 is ~3x faster
         self._remember((chat_id, name), image)
         return name
 

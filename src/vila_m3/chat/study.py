@@ -87,8 +87,12 @@ def detect_modality(volume: Volume) -> str:
         known = _DICOM_MODALITY.get(volume.modality.upper())
         if known:
             return known
-    lowest = float(np.nanmin(volume.array)) if volume.array.size else 0.0
+    lowest = volume.derived("nanmin", _lowest)  # scanned once per volume, not every turn
     return "CT" if lowest < CT_AIR_HU else "MRI"
+
+
+def _lowest(array: np.ndarray) -> float:
+    return float(np.nanmin(array)) if array.size else 0.0
 
 
 def canonical_modality(modality: str) -> str:

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 from skimage.color import label2rgb
 
-from vila_m3.imaging.slices import extract_slice, render_gray, volume_range
+from vila_m3.imaging.slices import extract_slice, render_slice_gray
 from vila_m3.imaging.volume import Volume
 
 __all__ = ["Color", "present_labels", "assign_colors", "overlay_labels", "render_overlay"]
@@ -30,8 +30,24 @@ DEFAULT_ALPHA = 0.3
 
 def present_labels(label_slice: np.ndarray) -> list[int]:
     """Label ids present in ``label_slice`` (any shape), ascending, background 0 excluded."""
-    ids = np.unique(np.asarray(label_slice))
+    ids = _ids(np.asarray(label_slice))
     return [int(v) for v in ids if v != 0]
+
+
+def _ids(labels: np.ndarray) -> np.ndarray:
+    """The distinct values of ``labels``, ascending (``np.unique``; counted directly for 8/16-bit ids)."""
+    if labels.dtype in (np.uint8, np.uint16) and labels.size:
+        return np.flatnonzero(np.bincount(labels.reshape(-1))).astype(labels.dtype)
+    return np.unique(labels)
+
+
+def _ranks(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """For each pixel, the position of its label in ``ids`` (the distinct labels, ascending)."""
+    if labels.dtype in (np.uint8, np.uint16):
+        position = np.zeros(int(ids[-1]) + 1, dtype=np.intp)
+        position[ids] = np.arange(len(ids))
+        return position.take(labels)
+    return np.searchsorted(ids, labels)
 
 
 def assign_colors(label_slice: np.ndarray, colors: Sequence[Color]) -> list[tuple[int, Color]]:
@@ -69,6 +85,17 @@ def overlay_labels(
         raise ValueError(f"label_slice must hold integer ids, got dtype {labels.dtype}")
     if not colors:
         raise ValueError("colors must not be empty")
+    if gray.ndim == 3 or not labels.size:
+        return _blend(gray, labels, colors, alpha)
+    # label2rgb works pixel by pixel, given which labels are present (they pick the colours): blend
+    # every (present label, grey level) pair once, in a table, and look each pixel up in it.
+    ids = _ids(labels)
+    table = _blend(np.tile(np.arange(256, dtype=np.uint8), (len(ids), 1)),
+                   np.repeat(ids[:, np.newaxis], 256, axis=1), colors, alpha)
+    return table.reshape(-1, 3).take(_ranks(labels, ids) * 256 + gray, axis=0)
+
+
+def _blend(gray: np.ndarray, labels: np.ndarray, colors: Sequence[Color], alpha: float) -> np.ndarray:
     # label2rgb's defaults otherwise (bg_color black, image_alpha 1): the background is the slice
     # darkened by ``alpha``, as in the overlays VILA-M3 was trained on.
     rgb = label2rgb(labels, image=gray, colors=list(colors), alpha=alpha, bg_label=0, kind="overlay")
@@ -96,7 +123,7 @@ def render_overlay(
     """
     if not labels.geometry.allclose(volume.geometry):
         raise ValueError("labels and volume have different geometry; resample the labels onto the volume first")
-    gray = render_gray(extract_slice(volume, axis, index), modality or volume.modality, volume_range(volume))
+    gray = render_slice_gray(volume, axis, index, modality)
     label_slice = extract_slice(labels, axis, index)
     picture = overlay_labels(gray, label_slice, colors, alpha=alpha)
     return Image.fromarray(picture, mode="RGB"), assign_colors(label_slice, colors)

@@ -26,6 +26,7 @@ stored (row 0 at the top), whatever the axis: projection images are displayed as
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Literal
 
@@ -47,6 +48,7 @@ __all__ = [
     "normalize_modality",
     "render_gray",
     "render_slice",
+    "render_slice_gray",
     "render_label_slice",
 ]
 
@@ -166,9 +168,31 @@ def window_ct(slice_hu: np.ndarray, center: float = 50.0, width: float = 400.0) 
     """
     if width <= 0:
         raise ValueError(f"window width must be positive, got {width}")
+    values = np.asarray(slice_hu)
+    if values.dtype in _LUT_DTYPES:  # 8/16-bit integers (CT in HU): the same formula, tabulated per value
+        table = _window_table(values.dtype.str, center, width)
+        return table.take(values.view(_LUT_DTYPES[values.dtype]))
+    return _window(values, center, width)
+
+
+def _window(values: np.ndarray, center: float, width: float) -> np.ndarray:
     low = center - width / 2.0
-    scaled = (np.asarray(slice_hu, dtype=np.float64) - low) * 255.0 / width
+    scaled = (np.asarray(values, dtype=np.float64) - low) * 255.0 / width
     return np.clip(np.nan_to_num(scaled, nan=0.0), 0.0, 255.0).astype(np.uint8)
+
+
+#: integer types :func:`window_ct` looks up in a table, → the unsigned type whose view indexes it
+_LUT_DTYPES = {np.dtype(t): np.dtype(u) for t, u in
+               ((np.int8, np.uint8), (np.uint8, np.uint8), (np.int16, np.uint16), (np.uint16, np.uint16))}
+
+
+@functools.lru_cache(maxsize=16)
+def _window_table(dtype: str, center: float, width: float) -> np.ndarray:
+    """``_window`` of every value of an 8/16-bit integer type, indexed by the value's unsigned bit
+    pattern (so ``table.take(array.view(unsigned))`` equals ``_window(array)`` element for element)."""
+    unsigned = _LUT_DTYPES[np.dtype(dtype)]
+    every = np.arange(np.iinfo(unsigned).max + 1, dtype=unsigned).view(np.dtype(dtype))
+    return _window(every, center, width)
 
 
 def finite_range(values: np.ndarray) -> tuple[float, float] | None:
@@ -241,13 +265,28 @@ def render_slice(volume: Volume, axis: str, index: int, modality: str | None = N
     Returns:
         PIL RGB image, size (columns, rows) of the display-oriented slice; grey replicated to 3 channels.
     """
+    gray = render_slice_gray(volume, axis, index, modality)
+    return Image.fromarray(gray, mode="L").convert("RGB")  # grey replicated to R, G and B, as to_rgb does
+
+
+def render_slice_gray(volume: Volume, axis: str, index: int, modality: str | None = None) -> np.ndarray:
+    """The (rows, columns) uint8 grey of :func:`render_slice` (the picture before RGB).
+
+    The whole volume's range is only looked at where the rendering uses it (MRI, non-8-bit CXR);
+    a CT window needs nothing but the slice.
+    """
     plane = extract_slice(volume, axis, index)
-    return Image.fromarray(to_rgb(render_gray(plane, modality or volume.modality, volume_range(volume))), mode="RGB")
+    family = normalize_modality(modality or volume.modality)
+    needs_range = family == "MRI" or (family == "CXR" and plane.dtype != np.uint8)
+    return render_gray(plane, family, volume_range(volume) if needs_range else None)
 
 
 def volume_range(volume: Volume) -> tuple[float, float] | None:
-    """The (min, max) the reference scales a 3D volume's intensities by (MRI: the whole volume); None for 2D."""
-    return None if volume.is_2d else finite_range(volume.array)
+    """The (min, max) the reference scales a 3D volume's intensities by (MRI: the whole volume); None for 2D.
+
+    Scanned once per volume (:meth:`Volume.derived`).
+    """
+    return None if volume.is_2d else volume.derived("finite_range", finite_range)
 
 
 def render_label_slice(labels: Volume, axis: str, index: int) -> np.ndarray:

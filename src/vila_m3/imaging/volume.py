@@ -13,6 +13,7 @@ ITK order (x, y, z), so ``array.shape == geometry.shape[::-1]``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,12 +165,18 @@ class Volume:
         modality: DICOM Modality value (e.g. "CT", "MR", "CR", "DX") when the file says so,
             else None.
         metadata: non-identifying DICOM tags only (keys of :data:`ALLOWED_DICOM_TAGS`).
+
+    Volumes are not modified in place (the expert service's volume cache shares one object between
+    requests; a changed file is read into a new Volume), which is what lets :meth:`derived`
+    remember whole-volume statistics.
     """
 
     array: np.ndarray
     geometry: Geometry
     modality: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    #: name -> (the array it was computed from, value); see :meth:`derived`
+    _derived: dict[str, tuple[np.ndarray, Any]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.array, np.ndarray) or self.array.ndim != 3:
@@ -188,6 +195,21 @@ class Volume:
     def is_2d(self) -> bool:
         """True for a single-slice image (z size 1), such as a chest X-ray."""
         return self.array.shape[0] == 1
+
+    def derived(self, name: str, compute: Callable[[np.ndarray], Any]) -> Any:
+        """``compute(array)``, remembered under ``name`` for this volume: a whole-volume statistic
+        (the intensity range, the lowest value) is scanned once per volume, not on every chat turn.
+
+        The value lives on this object, so it goes with it (one entry per name, nothing global to
+        bound) and is never served for another volume; assigning a new ``array`` recomputes it.
+        """
+        array = self.array
+        entry = self._derived.get(name)
+        if entry is not None and entry[0] is array:
+            return entry[1]
+        value = compute(array)
+        self._derived[name] = (array, value)
+        return value
 
     def to_sitk(self) -> sitk.Image:
         """A SimpleITK image with this array (copied) and geometry."""

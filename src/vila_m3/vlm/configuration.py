@@ -156,8 +156,14 @@ class VilaConfig(PreTrainedConfig):
 
     @property
     def is_stand_in(self) -> bool:
-        """True for the tiny random checkpoints made for tests (config field ``vila_m3_stand_in``)."""
+        """True for stand-ins: tiny random test checkpoints and demo models (config field ``vila_m3_stand_in``)."""
         return bool(getattr(self, STAND_IN_FIELD, None))
+
+    @property
+    def stand_in_note(self) -> str | None:
+        """What a stand-in is, in words shown with every answer (``vila_m3_stand_in``); None for real weights."""
+        note = getattr(self, STAND_IN_FIELD, None)
+        return str(note) if note else None
 
     def to_dict(self) -> dict[str, Any]:
         """The config as written to ``config.json`` (typed views are not serialized)."""

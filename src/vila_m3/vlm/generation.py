@@ -261,6 +261,11 @@ class VilaChat:
         return self.model.is_stand_in
 
     @property
+    def stand_in_note(self) -> str | None:
+        """What this stand-in is, for the UI (e.g. "tiny random weights for tests; not a medical model")."""
+        return self.model.stand_in_note
+
+    @property
     def tokens_per_image(self) -> int:
         return self.model.tokens_per_image
 

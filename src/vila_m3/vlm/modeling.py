@@ -523,6 +523,11 @@ class VilaForConditionalGeneration(VilaPreTrainedModel, GenerationMixin):
         return self.config.is_stand_in
 
     @property
+    def stand_in_note(self) -> str | None:
+        """What this stand-in is (shown with its answers); None for real weights."""
+        return self.config.stand_in_note
+
+    @property
     def num_vision_tokens(self) -> int:
         """Vision tokens per image before the projector ((384 / 14)^2 = 729 for SigLIP so400m)."""
         vision = self.vision_tower.config
