@@ -11,6 +11,10 @@ A thin shell over the ``vila_m3`` package. App settings (``--conf KEY VALUE``):
 - ``datagen_dir``: where ``POST /vila_m3/datagen/?name=...`` writes exports (default ``<app>/datagen``);
 - ``expert_idle_release_s``: seconds after which an unused expert frees its weights (default 600; 0 = never).
 
+Train task ``vila_m3`` (local chat VLM only): ``POST /train/vila_m3`` fine-tunes the served checkpoint on
+the datastore's export; versions live in ``<models_dir>/finetuned/<vlm>/`` (``GET /vila_m3/versions/``,
+``PUT /vila_m3/versions/current?version=...``).
+
 A task whose weights are missing is not registered; the log says why, once, at start.
 """
 
@@ -28,8 +32,10 @@ from fastapi import HTTPException
 from lib.chat import ChatInferTask, ChatTurns, chat_router
 from lib.datagen import datagen_router
 from lib.infers import BratsInferTask, CxrInferTask, Vista3DInferTask, datastore_path
+from lib.train import VilaM3TrainTask, versions_router
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+from monailabel.interfaces.tasks.train import TrainTask
 
 import vila_m3
 from vila_m3.chat.loop import DEFAULT_MAX_ROUNDS, ChatLoop
@@ -38,8 +44,9 @@ from vila_m3.chat.vlm_backend import open_vlm, remote_settings
 from vila_m3.configs import load_config
 from vila_m3.experts.registry import ExpertRegistry
 from vila_m3.experts.service import DEFAULT_IDLE_RELEASE_S, ExpertService
-from vila_m3.models.manifest import resolve_models_dir
+from vila_m3.models.manifest import ModelManifest, resolve_models_dir
 from vila_m3.tasks import TaskStatus, format_statuses, select_tasks, task_catalogue, task_statuses
+from vila_m3.training.versions import ModelVersions
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +62,7 @@ class VilaM3App(MONAILabelApp):
             remote_vlm=remote_settings(conf) is not None,
         )
         logger.info("VILA-M3 infer tasks (models dir %s):\n%s", self.models_dir, format_statuses(self.task_statuses))
+        self.vlm_versions = ModelVersions(self.models_dir, self.vlm_id)
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -94,6 +102,18 @@ class VilaM3App(MONAILabelApp):
                 infers[name] = CxrInferTask(self.experts, spec, description)
         return infers
 
+    def init_trainers(self) -> dict[str, TrainTask]:
+        """``vila_m3``: fine-tune the served checkpoint on the datastore (a local chat VLM only)."""
+        chat = next((status for status in self.task_statuses if task_catalogue()[status.name].get("vlm")), None)
+        if chat is None or not chat.available or remote_settings(self.conf) is not None:
+            return {}
+        from monailabel.app import app as server
+
+        server.include_router(versions_router(self.vlm_versions))
+        base = ModelManifest.load()[self.vlm_id].location(self.models_dir)
+        return {"vila_m3": VilaM3TrainTask(self.vlm_versions, base, self.studies, self._chats_dir(),
+                                           "Fine-tune VILA-M3 on the datastore's final labels and chats")}
+
     def _chats_dir(self) -> Path:
         return Path(self.conf.get("chats_dir") or Path(self.app_dir) / "chats")
 
@@ -109,12 +129,15 @@ class VilaM3App(MONAILabelApp):
         chats_dir = self._chats_dir()
         max_rounds = int(self.conf.get("chat_max_rounds", DEFAULT_MAX_ROUNDS))
 
+        remote = remote_settings(self.conf) is not None
+
         def make_loop() -> ChatLoop:
             vlm = open_vlm(self.conf, self.models_dir, self.vlm_id)
-            name = None if remote_settings(self.conf) else f"{self.vlm_id} (local checkpoint)"
+            version = None if remote else self.vlm_versions.current()
+            name = None if remote else f"{self.vlm_id} ({f'fine-tuned {version}' if version else 'local checkpoint'})"
             return ChatLoop(vlm, self.experts, registry, ChatStore(chats_dir), max_rounds=max_rounds, vlm_name=name)
 
-        turns = ChatTurns(make_loop, self.datastore())
+        turns = ChatTurns(make_loop, self.datastore(), model_version=None if remote else self.vlm_versions.current)
         from monailabel.app import app as server  # the running FastAPI app
 
         server.include_router(chat_router(turns, self._image_path))

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -41,10 +42,15 @@ class ChatTurns:
     """Turns a MONAI Label request into a chat turn; shared by the infer task and the stream route.
 
     ``loop_factory`` builds the ChatLoop on first use (loading a checkpoint takes a while).
+    ``model_version`` (optional) says which checkpoint should be served; when its value changes (a
+    train task registered a new version, an admin switched back), the next turn builds a new loop.
     """
 
-    def __init__(self, loop_factory: Callable[[], ChatLoop], datastore: Any):
+    def __init__(self, loop_factory: Callable[[], ChatLoop], datastore: Any,
+                 model_version: Callable[[], object] | None = None):
         self._loop_factory = loop_factory
+        self._model_version = model_version or (lambda: None)
+        self._loop_built_for: object = None
         self._loop: ChatLoop | None = None
         self._loop_lock = threading.Lock()
         self.datastore = datastore
@@ -53,8 +59,11 @@ class ChatTurns:
     @property
     def loop(self) -> ChatLoop:
         with self._loop_lock:
-            if self._loop is None:
+            wanted = self._model_version()
+            if self._loop is None or wanted != self._loop_built_for:
+                self._loop = None  # free the old model before loading the new one
                 self._loop = self._loop_factory()
+                self._loop_built_for = wanted
             return self._loop
 
     def turn_request(self, request: dict[str, Any]) -> TurnRequest:
@@ -132,11 +141,25 @@ class ChatInferTask(InferTask):
         answer = result.as_dict()
         if result.labels is None:
             return None, answer
-        label_file = self.turns.labels_file(result.chat.chat_id)
+        # this turn's own labelmap (a later turn of the chat may already have replaced chat.json's)
+        label_file = self.turns.loop.store.folder(result.chat.chat_id) / result.chat.labels
         handle, copy = tempfile.mkstemp(suffix=".nii.gz", prefix="vila_m3-")  # MONAI Label deletes what it sends
         os.close(handle)
-        shutil.copyfile(label_file, copy)
+        _link_or_copy(label_file, copy)
         return copy, answer
+
+
+def _link_or_copy(source: os.PathLike[str] | str, target: str) -> None:
+    """Put ``source``'s content at ``target`` (an existing temporary file): a hard link where the two
+    are on one file system (labelmaps are never rewritten in place: a new one is a new file), else a copy."""
+    link = f"{target}.link"
+    try:
+        os.link(source, link)
+        os.replace(link, target)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(link)
+        shutil.copyfile(source, target)
 
 
 def chat_router(turns: ChatTurns, resolve_image: Callable[[str, str], str]) -> APIRouter:

@@ -33,5 +33,12 @@ def open_vlm(conf: Mapping[str, str], models_dir: Path, vlm_id: str, manifest: M
         return RemoteVLM.from_config(settings)
     from vila_m3.vlm.generation import VilaChat
 
+    return VilaChat.from_pretrained(served_checkpoint(models_dir, vlm_id, manifest))
+
+
+def served_checkpoint(models_dir: Path, vlm_id: str, manifest: ModelManifest | None = None) -> Path:
+    """The checkpoint the chat serves: the current fine-tuned version of ``vlm_id``, else its staged weights."""
+    from vila_m3.training.versions import ModelVersions
+
     manifest = manifest or ModelManifest.load()
-    return VilaChat.from_pretrained(manifest[vlm_id].location(models_dir))
+    return ModelVersions(models_dir, vlm_id).checkpoint() or manifest[vlm_id].location(models_dir)
