@@ -147,9 +147,13 @@ def test_chat_state_streams_tokens_and_expert_lines_then_shows_the_servers_recor
     assert state.messages[-1].text == "labels: liver, hepatic tumor (2.2 s, cached)"
     state.on_event("token", {"text": "Yes", "round": 1})
     state.on_event("final", {"chat_id": "c1", "answer": "Yes, a lesion & more.", "turn": TURN,
-                             "vlm": {"stand_in": True, "notice": "random stand-in"}})
+                             "vlm": {"stand_in": True, "notice": "random stand-in"},
+                             "notices": ["random stand-in", "VISTA3D ran on stand-in weights (demo)"]})
     assert not state.busy
-    assert [m.role for m in state.messages] == ["user", "assistant", "expert", "notice", "assistant", "notice"]
+    assert [m.role for m in state.messages] == ["user", "assistant", "expert", "notice", "assistant", "notice",
+                                                "notice"]
+    assert state.messages[-1].text == "VISTA3D ran on stand-in weights (demo)"
+    del state.messages[-1]
     assert state.messages[0].text == "Is it <b>?"  # the question, not the model card
     assert state.messages[2].title == "VISTA3D(hepatic tumor)" and "[overlay]" in state.messages[2].text
     assert state.messages[3].text == "unknown expert FOO"

@@ -134,6 +134,9 @@ class ChatState:
         if vlm.get("stand_in") and not self._stand_in_shown:
             self.messages.append(DisplayMessage("notice", str(vlm.get("notice") or STAND_IN_NOTICE)))
             self._stand_in_shown = True
+        for notice in answer.get("notices") or []:  # experts on stand-in weights, each time one takes part
+            if notice != vlm.get("notice"):
+                self.messages.append(DisplayMessage("notice", str(notice)))
         if answer.get("cancelled"):
             self.messages.append(DisplayMessage("notice", "Stopped. What was said so far is kept in the chat."))
 

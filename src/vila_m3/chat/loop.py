@@ -82,10 +82,20 @@ class ExpertCall:
     cached: bool = False
     error: str | None = None
     label_names: dict[str, int] = field(default_factory=dict)
+    stand_in: str | None = None  # what the expert's stand-in weights are, None for real weights
+
+    @property
+    def notice(self) -> str | None:
+        """What the user must be told about this result's weights."""
+        if not self.stand_in:
+            return None
+        return f"{self.expert} ran on stand-in weights ({self.stand_in}): its result is not a medical model's"
 
     def as_dict(self) -> dict[str, Any]:
         data = {"expert": self.expert, "argument": self.argument, "seconds": round(self.seconds, 4),
-                "cached": self.cached, "label_names": self.label_names}
+                "cached": self.cached, "label_names": self.label_names, "stand_in": bool(self.stand_in)}
+        if self.stand_in:
+            data["notice"] = self.notice
         if self.error:
             data["error"] = self.error
         return data
@@ -123,7 +133,14 @@ class TurnResult:
             "modality": self.chat.modality,
             "slice": {"axis": self.axis, "index": self.slice_index},
             "cancelled": self.cancelled,
+            "notices": self.notices,
         }
+
+    @property
+    def notices(self) -> list[str]:
+        """Every stand-in this turn's answer came from (the VLM, each expert), in words for the user."""
+        found = [self.vlm["notice"]] if self.vlm.get("notice") else []
+        return found + list(dict.fromkeys(call.notice for call in self.experts if call.notice))
 
 
 class ChatLoop:
@@ -306,7 +323,8 @@ class ChatLoop:
             run = self.experts.classify_cxr(study.primary_path)
             text = run.result.feedback_text(question)
             message = Message("expert", text, expert=spec.name, argument=trigger.argument)
-            return message, ExpertCall(spec.name, trigger.argument, 0.0, run.cached), None
+            call = ExpertCall(spec.name, trigger.argument, 0.0, run.cached, stand_in=_stand_in_note(run.result))
+            return message, call, None
 
         if spec.runner == "brats":
             if not study.is_brats:
@@ -328,7 +346,9 @@ class ChatLoop:
         else:
             text = segmentation_feedback(present, result.label_names, question)
         message = Message("expert", text, images=[image], expert=spec.name, argument=trigger.argument)
-        return message, ExpertCall(spec.name, trigger.argument, 0.0, run.cached, label_names=result.ids_by_name), result
+        call = ExpertCall(spec.name, trigger.argument, 0.0, run.cached, label_names=result.ids_by_name,
+                          stand_in=_stand_in_note(result))
+        return message, call, result
 
     def _store_labels(self, chat: Chat, labels: Volume) -> str:
         """Keep the turn's labelmap in the chat folder (the data engine and corrections use it).
@@ -360,3 +380,9 @@ class ChatLoop:
         spec = self.registry.get(expert)
         return {name: list(spec.label_color(int(label_id))) for label_id, name in sorted(names.items())}
 
+
+def _stand_in_note(result: Any) -> str | None:
+    """The stand-in note of an expert result (its bundle's words), None for real weights."""
+    if not getattr(result, "stand_in", False):
+        return None
+    return getattr(result, "stand_in_note", None) or "random weights; not a medical model"

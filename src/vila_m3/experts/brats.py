@@ -297,6 +297,7 @@ class BratsRunner(BundleRunner):
             argument=None,
             timings=timings,
             stand_in=self.stand_in,
+            stand_in_note=self.bundle.info.stand_in,
             bundle_version=self.bundle.info.version,
         )
 

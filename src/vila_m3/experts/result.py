@@ -34,7 +34,8 @@ class SegmentationResult:
         expert: the expert's name (``"VISTA3D"``, ``"BRATS"``).
         argument: the trigger argument it ran for (``"hepatic tumor"``), None when it takes none.
         timings: seconds per step (``load``, ``preprocess``, ``inference``, ``postprocess``, ``total``).
-        stand_in: True when the weights are a stand-in (tiny random network, not a medical model).
+        stand_in: True when the weights are a stand-in (tiny random or demo network, not a medical model).
+        stand_in_note: what the stand-in is, in words for the user (from the bundle), None for real weights.
         bundle_version: version of the bundle that produced it (``metadata.json``), when known.
         notes: what the expert did to the input that the user should know (e.g. a sequence
             resampled onto the T1c grid), one sentence each.
@@ -46,6 +47,7 @@ class SegmentationResult:
     argument: str | None
     timings: dict[str, float] = field(default_factory=dict)
     stand_in: bool = False
+    stand_in_note: str | None = None
     bundle_version: str | None = None
     notes: list[str] = field(default_factory=list)
 

@@ -215,6 +215,7 @@ class Vista3DRunner(BundleRunner):
             argument=argument,
             timings=timings,
             stand_in=self.stand_in,
+            stand_in_note=self.bundle.info.stand_in,
             bundle_version=self.bundle.info.version,
         )
 
