@@ -213,7 +213,8 @@ def test_stand_ins_are_flagged_in_the_task_report(tmp_path):
     stage_stand_ins(tmp_path / "models", ("brats",))
     statuses = task_statuses(select_tasks("brats,vista3d"), tmp_path / "models")
     assert statuses[0].available and statuses[0].stand_in
-    assert "brats    available (tiny RANDOM stand-in weights: not a medical model)" in format_statuses(statuses)
+    assert "brats    available (STAND-IN weights: tiny random weights for tests; not a medical model)" in \
+        format_statuses(statuses)
     assert not statuses[1].available and not statuses[1].stand_in
 
 

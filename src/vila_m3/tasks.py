@@ -34,6 +34,7 @@ class TaskStatus:
     missing: tuple[Path, ...]
     reason: str | None
     stand_in: bool = False
+    stand_in_notes: tuple[str, ...] = ()
 
     @property
     def available(self) -> bool:
@@ -132,8 +133,10 @@ def task_statuses(
                 f"`vila-m3 models pull --task {name}{vlm_option} --models-dir {models_dir}` "
                 f"(air-gapped: `vila-m3 models list` shows what to copy where)"
             )
-        stand_in = not missing and any(manifest[mid].is_stand_in(models_dir) for mid in model_ids)
-        statuses.append(TaskStatus(name, str(task.get("description", "")), model_ids, missing, reason, stand_in))
+        notes = () if missing else tuple(dict.fromkeys(
+            note for mid in model_ids if (note := manifest[mid].stand_in_note(models_dir))))
+        statuses.append(TaskStatus(name, str(task.get("description", "")), model_ids, missing, reason, bool(notes),
+                                   notes))
     return statuses
 
 
@@ -144,6 +147,6 @@ def format_statuses(statuses: list[TaskStatus]) -> str:
     for status in statuses:
         state = "available" if status.available else f"not available: {status.reason}"
         if status.stand_in:
-            state += " (tiny RANDOM stand-in weights: not a medical model)"
+            state += f" (STAND-IN weights: {'; '.join(status.stand_in_notes)})"
         lines.append(f"  {status.name:<{width}}  {state}")
     return "\n".join(lines) if lines else "  (no tasks selected)"

@@ -70,7 +70,8 @@ class ExpertInferTask(InferTask):
         answer["expert"] = self.spec.name
         answer["stand_in"] = bool(getattr(outcome.result, "stand_in", False))
         if answer["stand_in"]:
-            answer["notice"] = "tiny random stand-in weights: this result is not a medical model's output"
+            note = getattr(outcome.result, "stand_in_note", None) or "random weights; not a medical model"
+            answer["notice"] = f"stand-in weights ({note}): this result is not a medical model's output"
         return label_file, answer
 
     def answer(self, outcome: ExpertRun) -> tuple[str | None, dict[str, Any]]:

@@ -8,6 +8,7 @@ finally ``./models`` under the current directory.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,14 +48,27 @@ class ModelEntry:
         return models_dir / self.path
 
     def is_stand_in(self, models_dir: Path) -> bool:
-        """True when what is staged is a tiny random stand-in (its config or a marker file says so)."""
+        """True when what is staged is a stand-in (random or demo weights; its config or a marker file says so)."""
+        return self.stand_in_note(models_dir) is not None
+
+    def stand_in_note(self, models_dir: Path) -> str | None:
+        """What the staged stand-in is, in its own words (``vila_m3_stand_in``); None for real weights."""
         root = self.location(models_dir)
         if self.is_single_file:
-            return (root.parent / STAND_IN_MARKER).is_file()
+            marker = root.parent / STAND_IN_MARKER
+            if not marker.is_file():
+                return None
+            lines = marker.read_text(encoding="utf-8", errors="replace").splitlines()
+            return lines[0].strip() if lines and lines[0].strip() else "stand-in weights"
         for config in (root / "config.json", root / "configs" / "metadata.json"):
-            if config.is_file() and STAND_IN_FIELD in config.read_text(encoding="utf-8", errors="replace"):
-                return True
-        return False
+            if config.is_file():
+                try:
+                    note = json.loads(config.read_text(encoding="utf-8", errors="replace")).get(STAND_IN_FIELD)
+                except (ValueError, AttributeError):
+                    continue
+                if note:
+                    return str(note)
+        return None
 
     def missing_files(self, models_dir: Path) -> list[Path]:
         """Required files that are not present under ``models_dir``; empty when the model is ready."""
