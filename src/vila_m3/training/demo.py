@@ -102,15 +102,18 @@ def build_demo_vlm(
     work.mkdir(parents=True)
     note = str(config["note"])
 
-    log(f"demo model 1/5: synthetic annotated studies (phantom seeds {config['study_seeds']})")
-    studies = annotated_studies(work / "studies", seeds=tuple(config["study_seeds"]), scratch=work / "samples")
+    evaluation = config.get("evaluation") or {}
+    seeds = {"train": tuple(config["study_seeds"]), "heldout": tuple(evaluation.get("study_seeds", (0,)))}
+    log(f"demo model 1/5: synthetic annotated studies (phantom seeds {seeds['train']}; evaluation {seeds['heldout']})")
+    studies = {side: annotated_studies(work / f"studies_{side}", seeds=chosen, scratch=work / "samples")
+               for side, chosen in seeds.items()}
 
     log("demo model 2/5: conversations from the data engine (training phrasings, held-out phrasings)")
     datagen = demo_datagen_config(config)
     exports = {}
     for side in ("train", "heldout"):
         exports[side] = work / f"export_{side}"
-        export_dataset(studies, exports[side], config=datagen, progress=progress, phrasings=side)
+        export_dataset(studies[side], exports[side], config=datagen, progress=progress, phrasings=side)
 
     log("demo model 3/5: untrained tiny checkpoint in the released layout")
     model = dict(config["model"])
@@ -128,7 +131,6 @@ def build_demo_vlm(
     log("demo model 5/5: trigger evaluation on held-out phrasings")
     chat = VilaChat.from_pretrained(result.checkpoint, device="cpu")
     report = evaluate_triggers(chat, exports["heldout"], split="all")
-    evaluation = config.get("evaluation") or {}
     targets = {"trigger_accuracy": float(evaluation.get("target_trigger_accuracy", 0.95)),
                "false_call_rate": float(evaluation.get("target_false_call_rate", 0.05))}
     table = format_report(report, targets)
@@ -139,7 +141,7 @@ def build_demo_vlm(
         shutil.rmtree(out)
     shutil.copytree(result.checkpoint, out)
     summary = {**report.as_dict(), "targets": targets, "evaluated_on": "held-out phrasings of the data engine",
-               "study_seeds": list(config["study_seeds"])}
+               "study_seeds": list(seeds["train"]), "evaluation_study_seeds": list(seeds["heldout"])}
     (out / DEMO_EVALUATION).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     (out / "README.txt").write_text(_readme(note, result.metrics, table), encoding="utf-8")
     return DemoBuild(checkpoint=out, report=report, work_dir=work, seconds=time.perf_counter() - started)
@@ -220,3 +222,68 @@ def stage_demo_vlm(models_dir: Path, vlm_id: str | None = None, rebuild: bool = 
     return (f"{vlm_id}: demo model built in {build.seconds:.0f} s at {location}; on held-out phrasings it calls the "
             f"right expert and argument for {100 * (accuracy or 0):.1f} % of the questions that need one and an "
             f"expert for {100 * (false_calls or 0):.1f} % of those that need none")
+
+
+def _bundle_state(location: Path, fingerprint: str) -> str:
+    """``absent``, ``real``, ``stand-in`` or ``demo`` (up to date) for an expert bundle folder."""
+    from vila_m3.vlm.configuration import STAND_IN_FIELD
+
+    metadata = location / "configs" / "metadata.json"
+    if not location.exists() or not any(location.iterdir()):
+        return "absent"
+    if not metadata.is_file() or STAND_IN_FIELD not in metadata.read_text(encoding="utf-8", errors="replace"):
+        return "real"
+    build = location / DEMO_BUILD
+    if build.is_file() and json.loads(build.read_text(encoding="utf-8")).get("fingerprint") == fingerprint:
+        return "demo"
+    return "stand-in"
+
+
+def stage_demo_experts(models_dir: Path, rebuild: bool = False, progress: bool = True) -> list[str]:
+    """Demo VISTA3D and BRATS bundles trained on phantoms, random CXR stand-ins; never over real weights."""
+    from vila_m3.models import demo_experts
+    from vila_m3.models.manifest import ModelManifest
+    from vila_m3.models.stand_ins import stage_stand_ins
+
+    manifest = ModelManifest.load()
+    fingerprint = demo_fingerprint()
+    lines = []
+    builders = {"vista3d": demo_experts.make_demo_vista3d_bundle,
+                "brats_mri_segmentation": demo_experts.make_demo_brats_bundle}
+    for model_id, build in builders.items():
+        location = manifest[model_id].location(models_dir)
+        state = _bundle_state(location, fingerprint)
+        if state == "real":
+            lines.append(f"{model_id}: real weights staged at {location}")
+            continue
+        if state == "demo" and not rebuild:
+            lines.append(f"{model_id}: demo weights already built at {location}")
+            continue
+        if location.exists():
+            shutil.rmtree(location)
+        started = time.perf_counter()
+        build(location, progress=progress)
+        (location / DEMO_BUILD).write_text(json.dumps({"fingerprint": fingerprint}, indent=2) + "\n", encoding="utf-8")
+        lines.append(f"{model_id}: demo weights trained on synthetic phantoms in {time.perf_counter() - started:.0f} s "
+                     f"at {location}")
+    if manifest.missing([mid for mid, e in manifest.entries.items() if e.kind == "xrv_weights"], models_dir):
+        try:
+            stage_stand_ins(models_dir, ("cxr",), manifest=manifest)
+        except (ValueError, FileExistsError) as err:
+            raise DemoError(str(err)) from None
+        lines.append("cxr: RANDOM stand-in weights (one phantom X-ray cannot train a classifier); its answers say so")
+    else:
+        lines.append("cxr: weights staged")
+    return lines
+
+
+def stage_demo(models_dir: Path, rebuild: bool = False, progress: bool = True,
+               log: Callable[[str], None] = print) -> list[str]:
+    """Stage everything the demo needs under ``models_dir``, building what is missing or out of date.
+
+    Real weights are never replaced. Returns one line per model saying what was done.
+    """
+    models_dir.mkdir(parents=True, exist_ok=True)
+    lines = stage_demo_experts(models_dir, rebuild=rebuild, progress=progress)
+    lines.append(stage_demo_vlm(models_dir, rebuild=rebuild, progress=progress, log=log))
+    return lines

@@ -102,7 +102,10 @@ class TrainingOptions:
             raise TrainingOptionsError(f"warmup_ratio must be in [0, 1); got {self.warmup_ratio}")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise TrainingOptionsError("give epochs > 0 or max_steps > 0")
-        for name in ("max_steps", "eval_steps", "save_steps", "weight_decay"):
+        if self.eval_steps < -1:
+            raise TrainingOptionsError(f"eval_steps must be -1 (only before and after), 0 (each epoch) or > 0; "
+                                       f"got {self.eval_steps}")
+        for name in ("max_steps", "save_steps", "weight_decay"):
             if getattr(self, name) < 0:
                 raise TrainingOptionsError(f"{name} must be >= 0; got {getattr(self, name)}")
         if self.lora.enabled and self.lora.r < 1:

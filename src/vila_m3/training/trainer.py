@@ -188,8 +188,8 @@ def fine_tune(
         bf16=_precision(options),
         activation_checkpointing=options.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
-        eval_strategy=("steps" if options.eval_steps else "epoch") if has_val else "no",
-        eval_steps=options.eval_steps or None,
+        eval_strategy=_eval_strategy(options.eval_steps) if has_val else "no",
+        eval_steps=options.eval_steps if options.eval_steps > 0 else None,
         save_strategy=interval,
         save_steps=options.save_steps or 500,
         save_total_limit=options.save_total_limit,
@@ -242,6 +242,11 @@ def fine_tune(
         emit(f"saved the fine-tuned checkpoint to {checkpoint} (steps {metrics['steps']}, "
              f"eval loss {_fmt(metrics['eval_loss_before'])} -> {_fmt(metrics['eval_loss'])})")
     return TrainingResult(run_dir=run, checkpoint=checkpoint, record=record)
+
+
+def _eval_strategy(eval_steps: int) -> str:
+    """``eval_steps`` > 0: every so many steps; 0: each epoch; -1: only before and after training."""
+    return "steps" if eval_steps > 0 else "epoch" if eval_steps == 0 else "no"
 
 
 def _fmt(value: float | None) -> str:
