@@ -167,14 +167,15 @@ class DemoError(RuntimeError):
     """The demo cannot be staged (e.g. something that is not a stand-in lies where it would go)."""
 
 
-def demo_fingerprint() -> str:
-    """sha256 of everything a demo build depends on: its config, the data engine's and training's configs,
-    the question pools and the package version. A staged build with another fingerprint is rebuilt."""
+def demo_fingerprint(overrides: Mapping[str, Any] | None = None) -> str:
+    """sha256 of everything a demo build depends on: its config (and ``overrides``), the data engine's and
+    training's configs, the question pools and the package version. A build with another one is rebuilt."""
     import hashlib
 
     from vila_m3 import __version__
 
     digest = hashlib.sha256(__version__.encode())
+    digest.update(json.dumps(overrides or {}, sort_keys=True).encode())
     for name in ("demo_model.yaml", "datagen.yaml", "training.yaml", "experts.yaml"):
         digest.update(config_path(name).read_bytes())
     for path in sorted(config_path("questions").glob("*.y*ml")):
@@ -198,7 +199,7 @@ def _staged_state(location: Path) -> str:
 
 
 def stage_demo_vlm(models_dir: Path, vlm_id: str | None = None, rebuild: bool = False, progress: bool = True,
-                   log: Callable[[str], None] = print) -> str:
+                   log: Callable[[str], None] = print, overrides: Mapping[str, Any] | None = None) -> str:
     """Build the demo model (once) at ``vlm_id``'s location, unless real weights are staged there.
 
     Returns:
@@ -209,12 +210,12 @@ def stage_demo_vlm(models_dir: Path, vlm_id: str | None = None, rebuild: bool = 
     vlm_id = vlm_id or load_config("app.yaml")["default_vlm"]
     location = ModelManifest.load()[vlm_id].location(models_dir)
     state = _staged_state(location)
-    fingerprint = demo_fingerprint()
+    fingerprint = demo_fingerprint(overrides)
     if state == "real":
         return f"{vlm_id}: real weights staged at {location}; the demo model is not needed"
     if state == f"demo:{fingerprint}" and not rebuild:
         return f"{vlm_id}: demo model already built at {location}"
-    build = build_demo_vlm(location, models_dir / ".demo-build", progress=progress, log=log)
+    build = build_demo_vlm(location, models_dir / ".demo-build", overrides=overrides, progress=progress, log=log)
     (location / DEMO_BUILD).write_text(json.dumps({"fingerprint": fingerprint, "seconds": round(build.seconds, 1)},
                                                   indent=2) + "\n", encoding="utf-8")
     accuracy = build.report.trigger_accuracy
@@ -224,56 +225,25 @@ def stage_demo_vlm(models_dir: Path, vlm_id: str | None = None, rebuild: bool = 
             f"expert for {100 * (false_calls or 0):.1f} % of those that need none")
 
 
-def _bundle_state(location: Path, fingerprint: str) -> str:
-    """``absent``, ``real``, ``stand-in`` or ``demo`` (up to date) for an expert bundle folder."""
-    from vila_m3.vlm.configuration import STAND_IN_FIELD
-
-    metadata = location / "configs" / "metadata.json"
-    if not location.exists() or not any(location.iterdir()):
-        return "absent"
-    if not metadata.is_file() or STAND_IN_FIELD not in metadata.read_text(encoding="utf-8", errors="replace"):
-        return "real"
-    build = location / DEMO_BUILD
-    if build.is_file() and json.loads(build.read_text(encoding="utf-8")).get("fingerprint") == fingerprint:
-        return "demo"
-    return "stand-in"
-
-
-def stage_demo_experts(models_dir: Path, rebuild: bool = False, progress: bool = True) -> list[str]:
-    """Demo VISTA3D and BRATS bundles trained on phantoms, random CXR stand-ins; never over real weights."""
-    from vila_m3.models import demo_experts
+def stage_demo_experts(models_dir: Path) -> list[str]:
+    """Random stand-ins for every expert whose weights are not staged (never over real weights)."""
     from vila_m3.models.manifest import ModelManifest
     from vila_m3.models.stand_ins import stage_stand_ins
 
     manifest = ModelManifest.load()
-    fingerprint = demo_fingerprint()
+    tasks = {"vista3d": ("vista3d",), "brats": ("brats_mri_segmentation",),
+             "cxr": tuple(mid for mid, entry in manifest.entries.items() if entry.kind == "xrv_weights")}
     lines = []
-    builders = {"vista3d": demo_experts.make_demo_vista3d_bundle,
-                "brats_mri_segmentation": demo_experts.make_demo_brats_bundle}
-    for model_id, build in builders.items():
-        location = manifest[model_id].location(models_dir)
-        state = _bundle_state(location, fingerprint)
-        if state == "real":
-            lines.append(f"{model_id}: real weights staged at {location}")
+    for task, model_ids in tasks.items():
+        if not manifest.missing(list(model_ids), models_dir) and not any(
+                manifest[mid].is_stand_in(models_dir) for mid in model_ids):
+            lines.append(f"{task}: real weights staged")
             continue
-        if state == "demo" and not rebuild:
-            lines.append(f"{model_id}: demo weights already built at {location}")
-            continue
-        if location.exists():
-            shutil.rmtree(location)
-        started = time.perf_counter()
-        build(location, progress=progress)
-        (location / DEMO_BUILD).write_text(json.dumps({"fingerprint": fingerprint}, indent=2) + "\n", encoding="utf-8")
-        lines.append(f"{model_id}: demo weights trained on synthetic phantoms in {time.perf_counter() - started:.0f} s "
-                     f"at {location}")
-    if manifest.missing([mid for mid, e in manifest.entries.items() if e.kind == "xrv_weights"], models_dir):
         try:
-            stage_stand_ins(models_dir, ("cxr",), manifest=manifest)
+            stage_stand_ins(models_dir, (task,), manifest=manifest)
         except (ValueError, FileExistsError) as err:
             raise DemoError(str(err)) from None
-        lines.append("cxr: RANDOM stand-in weights (one phantom X-ray cannot train a classifier); its answers say so")
-    else:
-        lines.append("cxr: weights staged")
+        lines.append(f"{task}: tiny RANDOM stand-in weights (its results say so)")
     return lines
 
 
@@ -284,6 +254,6 @@ def stage_demo(models_dir: Path, rebuild: bool = False, progress: bool = True,
     Real weights are never replaced. Returns one line per model saying what was done.
     """
     models_dir.mkdir(parents=True, exist_ok=True)
-    lines = stage_demo_experts(models_dir, rebuild=rebuild, progress=progress)
+    lines = stage_demo_experts(models_dir)
     lines.append(stage_demo_vlm(models_dir, rebuild=rebuild, progress=progress, log=log))
     return lines

@@ -1,0 +1,84 @@
+"""The demo model pipeline (``vila-m3 models demo``): phantom studies -> data engine -> fine-tuning ->
+held-out trigger evaluation -> a checkpoint in the released layout that says what it is, staged only
+where no real weights are. Run here with a shortened recipe (one phantom, a few steps); the full
+recipe is ``configs/demo_model.yaml``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vila_m3.models.manifest import ModelManifest
+from vila_m3.training.demo import DEMO_BUILD, DEMO_EVALUATION, stage_demo_vlm
+from vila_m3.training.record import read_record
+from vila_m3.vlm.generation import VilaChat
+
+QUICK = {
+    "study_seeds": [0],
+    "datagen": {"slices": {"per_volume": 2}, "general": {"per_case": 1}},
+    "model": {"llm_hidden": 32, "llm_layers": 1, "vocab_size": 600},
+    "training": {"max_steps": 3, "batch_size": 2, "save_steps": 3},
+}
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    models = tmp_path_factory.mktemp("demo") / "models"
+    line = stage_demo_vlm(models, progress=False, log=lambda text: None, overrides=QUICK)
+    return models, line
+
+
+def test_the_demo_pipeline_writes_a_labelled_evaluated_checkpoint(staged):
+    models, line = staged
+    location = ModelManifest.load()["vila_m3_8b"].location(models)
+    assert "demo model built" in line and "held-out phrasings" in line
+
+    chat = VilaChat.from_pretrained(location, device="cpu")
+    assert chat.is_stand_in and "demo model trained on synthetic" in chat.stand_in_note
+    evaluation = json.loads((location / DEMO_EVALUATION).read_text(encoding="utf-8"))
+    assert evaluation["needs_call"] > 0 and evaluation["needs_no_call"] > 0
+    assert 0.0 <= evaluation["trigger_accuracy"] <= 1.0 and evaluation["evaluation_study_seeds"] == [0]
+    assert "DEMO MODEL - NOT A MEDICAL MODEL" in (location / "README.txt").read_text(encoding="utf-8")
+    record = read_record(location)
+    assert record["metrics"]["steps"] == 3
+    assert record["base_checkpoint"]["path"].endswith("base")
+
+    # the two exports of the build: training phrasings and held-out ones never share a question frame
+    work = models / ".demo-build"
+    train = set(_first_questions(work / "export_train"))
+    heldout = set(_first_questions(work / "export_heldout"))
+    assert train and heldout and not (train & heldout)
+
+
+def _first_questions(export: Path) -> list[str]:
+    records = json.loads((export / "train.json").read_text(encoding="utf-8"))
+    records += json.loads((export / "val.json").read_text(encoding="utf-8"))
+    return [r["conversations"][0]["value"].rsplit("\n", 1)[-1] for r in records]
+
+
+def test_staging_again_reuses_the_build_and_never_touches_real_weights(staged, tmp_path):
+    models, _ = staged
+    location = ModelManifest.load()["vila_m3_8b"].location(models)
+    built = (location / DEMO_BUILD).read_text(encoding="utf-8")
+    line = stage_demo_vlm(models, progress=False, overrides=QUICK)
+    assert "already built" in line and (location / DEMO_BUILD).read_text(encoding="utf-8") == built
+
+    real = ModelManifest.load()["vila_m3_8b"].location(tmp_path / "models")
+    real.mkdir(parents=True)
+    (real / "config.json").write_text('{"model_type": "llava_llama"}', encoding="utf-8")
+    line = stage_demo_vlm(tmp_path / "models", progress=False, overrides=QUICK)
+    assert "real weights staged" in line
+    assert [p.name for p in real.iterdir()] == ["config.json"]
+
+
+def test_experts_without_weights_get_random_stand_ins_that_say_so(tmp_path):
+    from vila_m3.tasks import select_tasks, task_statuses
+    from vila_m3.training.demo import stage_demo_experts
+
+    lines = stage_demo_experts(tmp_path / "models")
+    assert len(lines) == 3 and all("RANDOM stand-in" in line for line in lines)
+    statuses = task_statuses(select_tasks("vista3d,brats,cxr"), tmp_path / "models")
+    assert all(status.available and status.stand_in for status in statuses)
+    assert all("not a medical model" in " ".join(status.stand_in_notes) for status in statuses)
