@@ -163,7 +163,9 @@ def test_stream_delivers_tokens_expert_events_and_the_labelmap(client, fake_vlm,
     assert answer.answer == "Two lesions." and answer.label_names == {"liver": 1, "hepatic tumor": 26}
     assert read_labelmap(answer.labelmap_path).geometry.allclose(
         read_volume(sample_data / "studies" / "ct_abdomen.nii.gz").geometry, atol=1e-4)
-    assert [m.role for m in state.messages] == ["user", "assistant", "expert", "assistant"]
+    # the expert ran on the server's stand-in VISTA3D: the panel says so, in the bundle's words
+    assert [m.role for m in state.messages] == ["user", "assistant", "expert", "assistant", "notice"]
+    assert state.messages[-1].text.startswith("VISTA3D ran on stand-in weights (tiny random weights")
     assert state.messages[2].title == "VISTA3D(hepatic tumor)" and not state.busy
 
     stored = client.get_chat("stream-1")
