@@ -10,6 +10,8 @@ SAMPLES ?= sample_data
 STUDIES ?= $(SAMPLES)/studies
 MODELS_DIR ?= models
 APP ?= apps/vila_m3
+# `no`: start without staging the demo model where no real weights are (e.g. with a remote VLM)
+DEMO ?= auto
 # Extra MONAI Label --conf pairs, e.g. make run CONF="models vista3d,cxr"
 CONF ?=
 # Extra pytest arguments (make test lints with ruff first), e.g. make test PYTEST_ARGS="-k samples"
@@ -23,7 +25,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run demo test samples lint venv clean-venv
 
+# With no real weights in MODELS_DIR, the first run builds the demo model (cached; DEMO=no skips it).
 run: $(STAMP) samples
+	@if [ "$(DEMO)" != "no" ]; then $(BIN)/vila-m3 models demo --if-no-weights --models-dir $(MODELS_DIR); fi
 	@$(BIN)/vila-m3 serve --host $(HOST) --port $(PORT) --studies $(STUDIES) --models-dir $(MODELS_DIR) --app $(APP) $(CONF)
 
 # The server with tiny RANDOM stand-in weights in models-demo/: every task runs, no answer means anything.

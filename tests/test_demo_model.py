@@ -82,3 +82,22 @@ def test_experts_without_weights_get_random_stand_ins_that_say_so(tmp_path):
     statuses = task_statuses(select_tasks("vista3d,brats,cxr"), tmp_path / "models")
     assert all(status.available and status.stand_in for status in statuses)
     assert all("not a medical model" in " ".join(status.stand_in_notes) for status in statuses)
+
+
+def test_make_run_stages_nothing_beside_real_weights(tmp_path):
+    """``vila-m3 models demo --if-no-weights`` (what ``make run`` calls) leaves a models directory with real
+    weights of any model exactly as it is, and names them."""
+    import subprocess
+    import sys
+
+    models = tmp_path / "models"
+    bundle = ModelManifest.load()["vista3d"].location(models)
+    (bundle / "configs").mkdir(parents=True)
+    (bundle / "configs" / "metadata.json").write_text('{"version": "0.5.4"}', encoding="utf-8")
+    before = sorted(str(p.relative_to(models)) for p in models.rglob("*"))
+
+    done = subprocess.run([sys.executable, "-m", "vila_m3.cli", "models", "demo", "--if-no-weights", "--models-dir",
+                           str(models), "--no-progress"], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "real weights staged" in done.stdout and "vista3d" in done.stdout
+    assert sorted(str(p.relative_to(models)) for p in models.rglob("*")) == before

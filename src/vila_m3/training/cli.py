@@ -77,7 +77,8 @@ def _models_demo(args: argparse.Namespace) -> int:
     from vila_m3.training.demo import DemoError, stage_demo
 
     try:
-        lines = stage_demo(resolve_models_dir(args.models_dir), rebuild=args.rebuild, progress=not args.no_progress)
+        lines = stage_demo(resolve_models_dir(args.models_dir), rebuild=args.rebuild, progress=not args.no_progress,
+                           only_without_weights=args.if_no_weights)
     except DemoError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -150,6 +151,8 @@ def add_model_commands(model_commands: argparse._SubParsersAction) -> None:
         "demo", help="build (once) and stage the demo model and demo experts where no real weights are staged")
     demo.add_argument("--models-dir", help="default: $VILA_M3_MODELS_DIR or ./models")
     demo.add_argument("--rebuild", action="store_true", help="build again even if an up-to-date build is staged")
+    demo.add_argument("--if-no-weights", action="store_true",
+                      help="do nothing when real weights of any model are staged (what `make run` does)")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(handler=_models_demo)
     versions = model_commands.add_parser("versions", help="fine-tuned versions of the chat's VLM; switch with --use")

@@ -32,7 +32,8 @@ from vila_m3.data.config import DatagenConfig, parse_datagen_config
 from vila_m3.training.evaluation import EvaluationReport, evaluate_triggers, format_report
 from vila_m3.training.options import TrainingOptions
 
-__all__ = ["DEMO_EVALUATION", "DemoBuild", "build_demo_vlm", "demo_config", "demo_datagen_config"]
+__all__ = ["DEMO_EVALUATION", "DemoBuild", "build_demo_vlm", "demo_config", "demo_datagen_config", "real_weights_staged",
+           "stage_demo"]
 
 DEMO_EVALUATION = "demo_evaluation.json"
 
@@ -121,7 +122,7 @@ def build_demo_vlm(
         work / "base", template=model["template"], seed=int(model.get("seed", 0)), corpus=_texts(exports["train"]),
         vocab_size=int(model["vocab_size"]), llm_hidden=int(model["llm_hidden"]), llm_layers=int(model["llm_layers"]),
         vision_hidden=int(model["vision_hidden"]), vision_layers=int(model["vision_layers"]),
-        image_size=int(model["image_size"]), num_shards=1, note=note,
+        image_size=int(model["image_size"]), num_shards=1, note=note, rope_theta=model.get("rope_theta"),
     )
 
     log("demo model 4/5: fine-tuning")
@@ -247,12 +248,33 @@ def stage_demo_experts(models_dir: Path) -> list[str]:
     return lines
 
 
+def real_weights_staged(models_dir: Path) -> list[str]:
+    """Ids of the manifest's models that have real weights (anything that is not a stand-in) staged."""
+    from vila_m3.models.manifest import ModelManifest
+
+    staged = []
+    for model_id, entry in ModelManifest.load().entries.items():
+        location = entry.location(models_dir)
+        present = location.is_file() or (location.is_dir() and any(location.iterdir()))
+        if present and not entry.is_stand_in(models_dir):
+            staged.append(model_id)
+    return staged
+
+
 def stage_demo(models_dir: Path, rebuild: bool = False, progress: bool = True,
-               log: Callable[[str], None] = print) -> list[str]:
+               log: Callable[[str], None] = print, only_without_weights: bool = False) -> list[str]:
     """Stage everything the demo needs under ``models_dir``, building what is missing or out of date.
 
-    Real weights are never replaced. Returns one line per model saying what was done.
+    Real weights are never replaced. With ``only_without_weights`` (what ``make run`` asks for), a
+    models directory holding real weights of any model is left exactly as it is: a site that staged
+    some weights gets no stand-ins beside them unless it asks. Returns one line per model saying what
+    was done.
     """
+    if only_without_weights and models_dir.is_dir():
+        real = real_weights_staged(models_dir)
+        if real:
+            return [f"real weights staged in {models_dir} ({', '.join(real)}): the demo model is not staged "
+                    "(`vila-m3 models demo` stages it beside them)"]
     models_dir.mkdir(parents=True, exist_ok=True)
     lines = stage_demo_experts(models_dir)
     lines.append(stage_demo_vlm(models_dir, rebuild=rebuild, progress=progress, log=log))
