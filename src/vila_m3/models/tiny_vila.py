@@ -81,6 +81,7 @@ def make_tiny_vila_checkpoint(
     vocab_size: int | None = None,
     image_size: int = 54,
     note: str = STAND_IN_NOTE,
+    rope_theta: float | None = None,
 ) -> Path:
     """Write a tiny random VILA checkpoint folder in the released layout.
 
@@ -98,6 +99,7 @@ def make_tiny_vila_checkpoint(
         vocab_size: tokenizer vocabulary size (default 384 for llama_3, 400 for vicuna_v1).
         image_size: SigLIP input size in px, patch 2 px (54: a 27 x 27 grid like the releases).
         note: what the folder is, stored in ``config.json`` (``vila_m3_stand_in``) and shown with answers.
+        rope_theta: the LLM's rotary base (default: 500000 for ``llama_3`` like Llama 3, else 10000).
 
     Returns:
         The checkpoint folder.
@@ -144,7 +146,7 @@ def make_tiny_vila_checkpoint(
         "pretraining_tp": 1,
         "rms_norm_eps": 1e-5,
         "rope_scaling": None,
-        "rope_theta": 500000.0 if llama3 else 10000.0,
+        "rope_theta": float(rope_theta) if rope_theta else (500000.0 if llama3 else 10000.0),
         "tie_word_embeddings": False,
         "tokenizer_model_max_length": 4096,
         "tokenizer_padding_side": "right",
