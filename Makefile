@@ -27,8 +27,8 @@ STAMP := $(VENV)/.installed
 
 # With no real weights in MODELS_DIR, the first run builds the demo model (cached; DEMO=no skips it).
 run: $(STAMP) samples
-	@if [ "$(DEMO)" != "no" ]; then $(BIN)/vila-m3 models demo --if-no-weights --models-dir $(MODELS_DIR); fi
-	@$(BIN)/vila-m3 serve --host $(HOST) --port $(PORT) --studies $(STUDIES) --models-dir $(MODELS_DIR) --app $(APP) $(CONF)
+	@$(BIN)/vila-m3 serve --host $(HOST) --port $(PORT) --studies $(STUDIES) --models-dir $(MODELS_DIR) --app $(APP) \
+		$(if $(filter no,$(DEMO)),,--demo-if-no-weights) $(CONF)
 
 # The server with tiny RANDOM stand-in weights in models-demo/: every task runs, no answer means anything.
 demo: $(STAMP) samples

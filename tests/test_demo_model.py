@@ -41,6 +41,8 @@ def test_the_demo_pipeline_writes_a_labelled_evaluated_checkpoint(staged):
     assert evaluation["needs_call"] > 0 and evaluation["needs_no_call"] > 0
     assert 0.0 <= evaluation["trigger_accuracy"] <= 1.0 and evaluation["evaluation_study_seeds"] == [0]
     assert "DEMO MODEL - NOT A MEDICAL MODEL" in (location / "README.txt").read_text(encoding="utf-8")
+    llm_config = json.loads((location / "llm" / "config.json").read_text(encoding="utf-8"))
+    assert llm_config["rope_theta"] == 10000.0  # the recipe's rotary base reaches the checkpoint
     record = read_record(location)
     assert record["metrics"]["steps"] == 3
     assert record["base_checkpoint"]["path"].endswith("base")
@@ -101,3 +103,16 @@ def test_make_run_stages_nothing_beside_real_weights(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "real weights staged" in done.stdout and "vista3d" in done.stdout
     assert sorted(str(p.relative_to(models)) for p in models.rglob("*")) == before
+
+
+def test_make_run_checks_its_settings_before_building_the_demo(tmp_path):
+    """``vila-m3 serve --demo-if-no-weights`` (``make run``) refuses a bad setting at once, before any build."""
+    import subprocess
+    import sys
+
+    models = tmp_path / "models"
+    done = subprocess.run([sys.executable, "-m", "vila_m3.cli", "serve", "--demo-if-no-weights", "--studies",
+                           str(tmp_path / "no-such-folder"), "--models-dir", str(models)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2 and "does not exist" in done.stderr
+    assert not models.exists()

@@ -8,9 +8,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vila_m3 import __version__
 from vila_m3.configs import load_config
+
+if TYPE_CHECKING:
+    from vila_m3.serve import ServePlan
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -22,11 +26,30 @@ def _serve(args: argparse.Namespace) -> int:
     except ServeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.demo_if_no_weights and not args.check:
+        try:
+            plan = _with_demo(plan, args, conf)
+        except (ServeError, RuntimeError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     print(describe(plan), flush=True)
     if args.check:
         return 0
     serve(plan)
     return 0  # not reached: serve() replaces the process
+
+
+def _with_demo(plan: ServePlan, args: argparse.Namespace, conf: dict[str, str]) -> ServePlan:
+    """Stage the demo model (built once, cached) when no real weights are staged and no remote VLM is set,
+    then plan again so that the task list shows it. The settings were checked first: a typo fails at once."""
+    from vila_m3.serve import plan_server, remote_settings
+    from vila_m3.training.demo import stage_demo
+
+    if remote_settings(plan.conf) is not None:
+        return plan
+    for line in stage_demo(plan.models_dir, only_without_weights=True):
+        print(line, flush=True)
+    return plan_server(args.host, args.port, args.studies, args.models_dir, conf, args.app)
 
 
 def _samples(args: argparse.Namespace) -> int:
@@ -149,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                        help="a MONAI Label --conf pair, e.g. --conf models vista3d,cxr")
     serve.add_argument("--check", action="store_true", help="only check the settings and print the tasks")
+    serve.add_argument("--demo-if-no-weights", action="store_true",
+                       help="with no real weights staged (and no remote VLM), build (once) and stage the demo model "
+                            "first (`vila-m3 models demo`); what `make run` does")
     serve.add_argument("conf_pairs", nargs="*", metavar="KEY VALUE", help="more --conf pairs, written plainly")
     serve.set_defaults(handler=_serve)
 
