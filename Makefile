@@ -12,6 +12,8 @@ MODELS_DIR ?= models
 APP ?= apps/vila_m3
 # `no`: start without staging the demo model where no real weights are (e.g. with a remote VLM)
 DEMO ?= auto
+# A YAML file of changes to configs/demo_model.yaml for the demo build, e.g. tests/data/demo_quick.yaml
+DEMO_RECIPE ?=
 # Extra MONAI Label --conf pairs, e.g. make run CONF="models vista3d,cxr"
 CONF ?=
 # Extra pytest arguments (make test lints with ruff first), e.g. make test PYTEST_ARGS="-k samples"
@@ -28,7 +30,7 @@ STAMP := $(VENV)/.installed
 # With no real weights in MODELS_DIR, the first run builds the demo model (cached; DEMO=no skips it).
 run: $(STAMP) samples
 	@$(BIN)/vila-m3 serve --host $(HOST) --port $(PORT) --studies $(STUDIES) --models-dir $(MODELS_DIR) --app $(APP) \
-		$(if $(filter no,$(DEMO)),,--demo-if-no-weights) $(CONF)
+		$(if $(filter no,$(DEMO)),,--demo-if-no-weights $(if $(DEMO_RECIPE),--demo-recipe $(DEMO_RECIPE))) $(CONF)
 
 # The server with tiny RANDOM stand-in weights in models-demo/: every task runs, no answer means anything.
 demo: $(STAMP) samples

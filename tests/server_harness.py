@@ -85,8 +85,9 @@ class RunningServer:
             self.process.wait(timeout=15)
 
 
-def start_process(command: list[str], workdir: Path, env: dict[str, str], url: str) -> RunningServer:
-    """Start ``command`` in its own process group and wait until ``url``/info/ answers."""
+def start_process(command: list[str], workdir: Path, env: dict[str, str], url: str,
+                  timeout_s: float = START_TIMEOUT_S) -> RunningServer:
+    """Start ``command`` in its own process group and wait up to ``timeout_s`` seconds until ``url``/info/ answers."""
     log_path = workdir / "server.log"
     log = log_path.open("w", encoding="utf-8")
     process = subprocess.Popen(
@@ -94,7 +95,7 @@ def start_process(command: list[str], workdir: Path, env: dict[str, str], url: s
         start_new_session=True,
     )
     server = RunningServer(url, process, log_path)
-    deadline = time.monotonic() + START_TIMEOUT_S
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode} before answering:\n{server.log_tail()}")
@@ -105,7 +106,7 @@ def start_process(command: list[str], workdir: Path, env: dict[str, str], url: s
             pass
         time.sleep(0.5)
     server.stop()
-    raise RuntimeError(f"server did not answer {url}/info/ within {START_TIMEOUT_S:.0f} s:\n{server.log_tail()}")
+    raise RuntimeError(f"server did not answer {url}/info/ within {timeout_s:.0f} s:\n{server.log_tail()}")
 
 
 def start_monailabel(workdir: Path, studies: Path, conf: dict[str, str] | None = None) -> RunningServer:

@@ -112,19 +112,44 @@ def test_serve_check_reports_tasks_and_how_to_find_the_weights(tmp_path, sample_
     assert "vila-m3 models list" in result.stdout
 
 
-def test_make_run_serves_the_sample_studies(tmp_path):
-    """The README's run command, with every path pointed into tmp_path, serves /info/ and the datastore."""
+def test_make_run_serves_the_sample_studies_on_the_demo_model(tmp_path):
+    """The README's run command on a machine with no weights, every path pointed into tmp_path: it builds
+    the demo model (here with the shortened test recipe), stages expert stand-ins, and serves every task
+    and the datastore, each stand-in labelled."""
     app = copy_app(tmp_path / "app")
     port = free_port()
     command = ["make", "--no-print-directory", "-C", str(REPO_ROOT), "run", f"PORT={port}",
-               f"SAMPLES={tmp_path / 'samples'}", f"MODELS_DIR={tmp_path / 'models'}", f"APP={app}"]
-    server = start_process(command, tmp_path, isolated_env(tmp_path), f"http://127.0.0.1:{port}")
+               f"SAMPLES={tmp_path / 'samples'}", f"MODELS_DIR={tmp_path / 'models'}", f"APP={app}",
+               f"DEMO_RECIPE={REPO_ROOT / 'tests' / 'data' / 'demo_quick.yaml'}"]
+    # the samples, the demo build and the stand-ins come before the server: more time than a bare start
+    server = start_process(command, tmp_path, isolated_env(tmp_path), f"http://127.0.0.1:{port}", timeout_s=600)
     try:
         listing = requests.get(f"{server.url}/datastore/", params={"output": "all"}, timeout=30).json()
         assert set(listing["objects"]) == EXPECTED_IMAGES
+        info = requests.get(f"{server.url}/info/", timeout=30).json()
+        assert set(info["models"]) == {"vila_m3", "vista3d", "brats", "cxr"}
         log = server.log_path.read_text(encoding="utf-8")
         assert f"VILA-M3 MONAI Label server on http://127.0.0.1:{port}" in log
         assert "Sample studies (synthetic phantoms, seed 0)" in log
+        assert "demo model built in" in log and "tiny RANDOM stand-in weights" in log
+        assert "Infer tasks (4 of 4 available)" in log
+    finally:
+        server.stop()
+
+
+def test_make_run_with_demo_no_stages_nothing(tmp_path):
+    """``make run DEMO=no`` serves the sample studies at once and stages nothing in the models directory."""
+    app = copy_app(tmp_path / "app")
+    port = free_port()
+    models = tmp_path / "models"
+    command = ["make", "--no-print-directory", "-C", str(REPO_ROOT), "run", f"PORT={port}", "DEMO=no",
+               f"SAMPLES={tmp_path / 'samples'}", f"MODELS_DIR={models}", f"APP={app}"]
+    server = start_process(command, tmp_path, isolated_env(tmp_path), f"http://127.0.0.1:{port}")
+    try:
+        info = requests.get(f"{server.url}/info/", timeout=30).json()
+        assert info["models"] == {} and info["datastore"]["total"] == len(EXPECTED_IMAGES)
+        assert "Infer tasks (0 of 4 available)" in server.log_path.read_text(encoding="utf-8")
+        assert not models.exists() or not any(models.iterdir())
     finally:
         server.stop()
 

@@ -11,16 +11,12 @@ from pathlib import Path
 import pytest
 
 from vila_m3.models.manifest import ModelManifest
-from vila_m3.training.demo import DEMO_BUILD, DEMO_EVALUATION, stage_demo_vlm
+from vila_m3.training.demo import DEMO_BUILD, DEMO_EVALUATION, DemoError, load_demo_recipe, stage_demo_vlm
 from vila_m3.training.record import read_record
 from vila_m3.vlm.generation import VilaChat
 
-QUICK = {
-    "study_seeds": [0],
-    "datagen": {"slices": {"per_volume": 2}, "general": {"per_case": 1}},
-    "model": {"llm_hidden": 32, "llm_layers": 1, "vocab_size": 600},
-    "training": {"max_steps": 3, "batch_size": 2, "save_steps": 3},
-}
+QUICK_RECIPE = Path(__file__).parent / "data" / "demo_quick.yaml"
+QUICK = load_demo_recipe(QUICK_RECIPE)
 
 
 @pytest.fixture(scope="module")
@@ -115,4 +111,34 @@ def test_make_run_checks_its_settings_before_building_the_demo(tmp_path):
                            str(tmp_path / "no-such-folder"), "--models-dir", str(models)],
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 2 and "does not exist" in done.stderr
+    assert not models.exists()
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("training: [1, 2", "is not valid YAML"),
+    ("- 3\n", "must be a mapping"),
+    ("trainig:\n  max_steps: 3\n", "unknown keys: trainig"),
+])
+def test_a_bad_demo_recipe_is_named(tmp_path, text, problem):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text, encoding="utf-8")
+    with pytest.raises(DemoError, match=problem):
+        load_demo_recipe(recipe)
+    with pytest.raises(DemoError, match="cannot be read"):
+        load_demo_recipe(tmp_path / "missing.yaml")
+
+
+def test_make_run_refuses_a_bad_demo_recipe_before_building(tmp_path, sample_data):
+    """A demo recipe with a typo stops ``vila-m3 serve`` in one line, with nothing staged."""
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("trainig:\n  max_steps: 3\n", encoding="utf-8")
+    models = tmp_path / "models"
+    done = subprocess.run([sys.executable, "-m", "vila_m3.cli", "serve", "--demo-if-no-weights", "--demo-recipe",
+                           str(recipe), "--studies", str(sample_data / "studies"), "--models-dir", str(models)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2, done.stdout
+    assert done.stderr.strip().splitlines() == [f"error: demo recipe {recipe} has unknown keys: trainig"]
     assert not models.exists()

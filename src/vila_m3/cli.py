@@ -43,11 +43,12 @@ def _with_demo(plan: ServePlan, args: argparse.Namespace, conf: dict[str, str]) 
     """Stage the demo model (built once, cached) when no real weights are staged and no remote VLM is set,
     then plan again so that the task list shows it. The settings were checked first: a typo fails at once."""
     from vila_m3.serve import plan_server, remote_settings
-    from vila_m3.training.demo import stage_demo
+    from vila_m3.training.demo import load_demo_recipe, stage_demo
 
+    overrides = load_demo_recipe(args.demo_recipe) if args.demo_recipe else None
     if remote_settings(plan.conf) is not None:
         return plan
-    for line in stage_demo(plan.models_dir, only_without_weights=True):
+    for line in stage_demo(plan.models_dir, only_without_weights=True, overrides=overrides):
         print(line, flush=True)
     return plan_server(args.host, args.port, args.studies, args.models_dir, conf, args.app)
 
@@ -175,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--demo-if-no-weights", action="store_true",
                        help="with no real weights staged (and no remote VLM), build (once) and stage the demo model "
                             "first (`vila-m3 models demo`); what `make run` does")
+    serve.add_argument("--demo-recipe", metavar="FILE",
+                       help="with --demo-if-no-weights: YAML changes to configs/demo_model.yaml (`make run DEMO_RECIPE=`)")
     serve.add_argument("conf_pairs", nargs="*", metavar="KEY VALUE", help="more --conf pairs, written plainly")
     serve.set_defaults(handler=_serve)
 

@@ -74,11 +74,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _models_demo(args: argparse.Namespace) -> int:
     from vila_m3.models.manifest import resolve_models_dir
-    from vila_m3.training.demo import DemoError, stage_demo
+    from vila_m3.training.demo import DemoError, load_demo_recipe, stage_demo
 
     try:
+        overrides = load_demo_recipe(args.recipe) if args.recipe else None
         lines = stage_demo(resolve_models_dir(args.models_dir), rebuild=args.rebuild, progress=not args.no_progress,
-                           only_without_weights=args.if_no_weights)
+                           only_without_weights=args.if_no_weights, overrides=overrides)
     except DemoError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -153,6 +154,8 @@ def add_model_commands(model_commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--rebuild", action="store_true", help="build again even if an up-to-date build is staged")
     demo.add_argument("--if-no-weights", action="store_true",
                       help="do nothing when real weights of any model are staged (what `make run` does)")
+    demo.add_argument("--recipe", metavar="FILE",
+                      help="YAML changes to configs/demo_model.yaml (e.g. fewer steps for a quick look)")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(handler=_models_demo)
     versions = model_commands.add_parser("versions", help="fine-tuned versions of the chat's VLM; switch with --use")

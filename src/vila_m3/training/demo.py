@@ -32,8 +32,8 @@ from vila_m3.data.config import DatagenConfig, parse_datagen_config
 from vila_m3.training.evaluation import EvaluationReport, evaluate_triggers, format_report
 from vila_m3.training.options import TrainingOptions
 
-__all__ = ["DEMO_EVALUATION", "DemoBuild", "build_demo_vlm", "demo_config", "demo_datagen_config", "real_weights_staged",
-           "stage_demo"]
+__all__ = ["DEMO_EVALUATION", "DemoBuild", "build_demo_vlm", "demo_config", "demo_datagen_config", "load_demo_recipe",
+           "real_weights_staged", "stage_demo"]
 
 DEMO_EVALUATION = "demo_evaluation.json"
 
@@ -261,14 +261,33 @@ def real_weights_staged(models_dir: Path) -> list[str]:
     return staged
 
 
+def load_demo_recipe(path: str | Path) -> dict[str, Any]:
+    """A YAML file of changes to ``configs/demo_model.yaml`` (same keys; nested mappings merge), e.g. a
+    shorter recipe for a quick look. The build made from it is cached under its own fingerprint."""
+    recipe = Path(path)
+    try:
+        loaded = yaml.safe_load(recipe.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise DemoError(f"demo recipe {recipe} cannot be read: {err.strerror or err}") from None
+    except yaml.YAMLError as err:
+        raise DemoError(f"demo recipe {recipe} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(loaded, dict):
+        raise DemoError(f"demo recipe {recipe} must be a mapping of configs/demo_model.yaml keys")
+    unknown = sorted(set(loaded) - set(load_config("demo_model.yaml")))
+    if unknown:
+        raise DemoError(f"demo recipe {recipe} has unknown keys: {', '.join(map(str, unknown))}")
+    return loaded
+
+
 def stage_demo(models_dir: Path, rebuild: bool = False, progress: bool = True,
-               log: Callable[[str], None] = print, only_without_weights: bool = False) -> list[str]:
+               log: Callable[[str], None] = print, only_without_weights: bool = False,
+               overrides: Mapping[str, Any] | None = None) -> list[str]:
     """Stage everything the demo needs under ``models_dir``, building what is missing or out of date.
 
     Real weights are never replaced. With ``only_without_weights`` (what ``make run`` asks for), a
     models directory holding real weights of any model is left exactly as it is: a site that staged
     some weights gets no stand-ins beside them unless it asks. Returns one line per model saying what
-    was done.
+    was done. ``overrides`` change ``configs/demo_model.yaml`` (see :func:`load_demo_recipe`).
     """
     if only_without_weights and models_dir.is_dir():
         real = real_weights_staged(models_dir)
@@ -277,5 +296,5 @@ def stage_demo(models_dir: Path, rebuild: bool = False, progress: bool = True,
                     "(`vila-m3 models demo` stages it beside them)"]
     models_dir.mkdir(parents=True, exist_ok=True)
     lines = stage_demo_experts(models_dir)
-    lines.append(stage_demo_vlm(models_dir, rebuild=rebuild, progress=progress, log=log))
+    lines.append(stage_demo_vlm(models_dir, rebuild=rebuild, progress=progress, log=log, overrides=overrides))
     return lines
