@@ -112,15 +112,19 @@ def test_serve_check_reports_tasks_and_how_to_find_the_weights(tmp_path, sample_
     assert "vila-m3 models list" in result.stdout
 
 
+def make_run_command(tmp_path: Path, port: int, *settings: str) -> list[str]:
+    """``make run`` with every path pointed into ``tmp_path`` (a copy of the app included), plus ``settings``."""
+    app = copy_app(tmp_path / "app")
+    return ["make", "--no-print-directory", "-C", str(REPO_ROOT), "run", f"PORT={port}",
+            f"SAMPLES={tmp_path / 'samples'}", f"MODELS_DIR={tmp_path / 'models'}", f"APP={app}", *settings]
+
+
 def test_make_run_serves_the_sample_studies_on_the_demo_model(tmp_path):
     """The README's run command on a machine with no weights, every path pointed into tmp_path: it builds
     the demo model (here with the shortened test recipe), stages expert stand-ins, and serves every task
     and the datastore, each stand-in labelled."""
-    app = copy_app(tmp_path / "app")
     port = free_port()
-    command = ["make", "--no-print-directory", "-C", str(REPO_ROOT), "run", f"PORT={port}",
-               f"SAMPLES={tmp_path / 'samples'}", f"MODELS_DIR={tmp_path / 'models'}", f"APP={app}",
-               f"DEMO_RECIPE={REPO_ROOT / 'tests' / 'data' / 'demo_quick.yaml'}"]
+    command = make_run_command(tmp_path, port, f"DEMO_RECIPE={REPO_ROOT / 'tests' / 'data' / 'demo_quick.yaml'}")
     # the samples, the demo build and the stand-ins come before the server: more time than a bare start
     server = start_process(command, tmp_path, isolated_env(tmp_path), f"http://127.0.0.1:{port}", timeout_s=600)
     try:
@@ -139,11 +143,9 @@ def test_make_run_serves_the_sample_studies_on_the_demo_model(tmp_path):
 
 def test_make_run_with_demo_no_stages_nothing(tmp_path):
     """``make run DEMO=no`` serves the sample studies at once and stages nothing in the models directory."""
-    app = copy_app(tmp_path / "app")
     port = free_port()
     models = tmp_path / "models"
-    command = ["make", "--no-print-directory", "-C", str(REPO_ROOT), "run", f"PORT={port}", "DEMO=no",
-               f"SAMPLES={tmp_path / 'samples'}", f"MODELS_DIR={models}", f"APP={app}"]
+    command = make_run_command(tmp_path, port, "DEMO=no")
     server = start_process(command, tmp_path, isolated_env(tmp_path), f"http://127.0.0.1:{port}")
     try:
         info = requests.get(f"{server.url}/info/", timeout=30).json()

@@ -124,7 +124,10 @@ def test_a_bad_demo_recipe_is_named(tmp_path, text, problem):
     recipe.write_text(text, encoding="utf-8")
     with pytest.raises(DemoError, match=problem):
         load_demo_recipe(recipe)
-    with pytest.raises(DemoError, match="cannot be read"):
+
+
+def test_a_missing_demo_recipe_is_named(tmp_path):
+    with pytest.raises(DemoError, match="missing.yaml cannot be read"):
         load_demo_recipe(tmp_path / "missing.yaml")
 
 
