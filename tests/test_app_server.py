@@ -136,6 +136,7 @@ def test_make_run_serves_the_sample_studies_on_the_demo_model(tmp_path):
         assert f"VILA-M3 MONAI Label server on http://127.0.0.1:{port}" in log
         assert "Sample studies (synthetic phantoms, seed 0)" in log
         assert "demo model built in" in log and "tiny RANDOM stand-in weights" in log
+        assert "vista3d: tiny stand-in trained on synthetic phantom CTs" in log
         assert "Infer tasks (4 of 4 available)" in log
     finally:
         server.stop()

@@ -75,11 +75,37 @@ def test_experts_without_weights_get_random_stand_ins_that_say_so(tmp_path):
     from vila_m3.tasks import select_tasks, task_statuses
     from vila_m3.training.demo import stage_demo_experts
 
-    lines = stage_demo_experts(tmp_path / "models")
+    lines = stage_demo_experts(tmp_path / "models", overrides={"vista3d": {"train": False}})
     assert len(lines) == 3 and all("RANDOM stand-in" in line for line in lines)
     statuses = task_statuses(select_tasks("vista3d,brats,cxr"), tmp_path / "models")
     assert all(status.available and status.stand_in for status in statuses)
     assert all("not a medical model" in " ".join(status.stand_in_notes) for status in statuses)
+
+
+def test_the_demo_vista3d_is_trained_on_phantoms_once_and_says_so(tmp_path):
+    """With the recipe's ``experts`` section, VISTA3D's stand-in is trained (two steps here), measured on
+    the sample CT it never saw, labelled as what it is, and reused while its recipe is unchanged."""
+    from vila_m3.tasks import select_tasks, task_statuses
+    from vila_m3.training.demo import stage_demo_experts
+    from vila_m3.training.vista3d_stand_in import TRAINING_RECORD
+
+    models = tmp_path / "models"
+    lines = stage_demo_experts(models, overrides=QUICK["experts"], log=lambda text: None)
+    assert lines[0].startswith("vista3d: tiny stand-in trained on synthetic phantom CTs")
+    assert "Dice on the sample CT" in lines[0] and "hepatic tumor" in lines[0]
+    assert all("RANDOM stand-in" in line for line in lines[1:])
+    bundle = ModelManifest.load()["vista3d"].location(models)
+    record = json.loads((bundle / TRAINING_RECORD).read_text(encoding="utf-8"))
+    assert len(record["losses"]) == 2 and record["recipe"]["study_seeds"] == [1]
+    assert set(record["learned"].values()) == {"liver", "spleen", "right kidney", "left kidney", "hepatic tumor"}
+    status = task_statuses(select_tasks("vista3d"), models)[0]
+    assert status.available and status.stand_in
+    assert "trained on synthetic phantom CTs" in " ".join(status.stand_in_notes)
+
+    weights = (bundle / "models" / "model.pt").read_bytes()
+    again = stage_demo_experts(models, overrides=QUICK["experts"], log=lambda text: None)
+    assert again[0] == "vista3d: demo stand-in already trained on synthetic phantom CTs"
+    assert (bundle / "models" / "model.pt").read_bytes() == weights
 
 
 def test_make_run_stages_nothing_beside_real_weights(tmp_path):

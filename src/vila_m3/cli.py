@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with no real weights staged (and no remote VLM), build (once) and stage the demo model "
                             "first (`vila-m3 models demo`); what `make run` does")
     serve.add_argument("--demo-recipe", metavar="FILE",
-                       help="with --demo-if-no-weights: YAML changes to configs/demo_model.yaml (`make run DEMO_RECIPE=`)")
+                       help="with --demo-if-no-weights: YAML changes to configs/demo_model.yaml, and under `experts` to "
+                            "configs/demo_experts.yaml (`make run DEMO_RECIPE=`)")
     serve.add_argument("conf_pairs", nargs="*", metavar="KEY VALUE", help="more --conf pairs, written plainly")
     serve.set_defaults(handler=_serve)
 

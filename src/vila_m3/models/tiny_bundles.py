@@ -23,7 +23,8 @@ What differs from the real bundles, on purpose:
   ``SegResNetDS2`` (3 levels, 8 filters) + ``ClassMappingClassify`` + ``PointMappingSAM``
   (feature size 8); BRATS ``SegResNet`` with 4 initial filters (group norm of 4 groups).
 - Window sizes and (VISTA3D) resampling are scaled down so that a sample study runs in a few
-  seconds on two CPU cores: VISTA3D resamples to 4 mm with 64³ windows (real: 1.5 mm, 128³), BRATS
+  seconds on two CPU cores: VISTA3D resamples to 4 mm with 56 × 56 × 40 windows (real: 1.5 mm, 128³;
+  the sample CT at 4 mm, 52 × 50 × 40 voxels, fits one window, which the demo trains on), BRATS
   uses 144 × 144 × 96 windows (real: 240 × 240 × 160; the sample MRI, 128 × 128 × 96, is still
   padded to the window as real BraTS volumes are). Everything else — transforms and their order,
   intensity scaling, orientation, overlap, label prompts, post-processing — is the real bundles'.
@@ -101,7 +102,7 @@ def _vista3d_network_def() -> dict[str, Any]:
 def vista3d_inference_config(real_sizes: bool = False) -> dict[str, Any]:
     """``configs/inference.json`` of the VISTA3D stand-in: the real bundle's keys and transforms."""
     spacing = [1.5, 1.5, 1.5] if real_sizes else [4.0, 4.0, 4.0]
-    patch = [128, 128, 128] if real_sizes else [64, 64, 64]
+    patch = [128, 128, 128] if real_sizes else [56, 56, 40]
     subclass = load_config("vista3d_classes.json")["subclass"]
     return {
         "imports": [

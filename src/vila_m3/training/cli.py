@@ -155,7 +155,8 @@ def add_model_commands(model_commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--if-no-weights", action="store_true",
                       help="do nothing when real weights of any model are staged (what `make run` does)")
     demo.add_argument("--recipe", metavar="FILE",
-                      help="YAML changes to configs/demo_model.yaml (e.g. fewer steps for a quick look)")
+                      help="YAML changes to configs/demo_model.yaml, and under `experts` to configs/demo_experts.yaml "
+                           "(e.g. fewer steps for a quick look)")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(handler=_models_demo)
     versions = model_commands.add_parser("versions", help="fine-tuned versions of the chat's VLM; switch with --use")

@@ -169,15 +169,16 @@ class DemoError(RuntimeError):
 
 
 def demo_fingerprint(overrides: Mapping[str, Any] | None = None) -> str:
-    """sha256 of everything a demo build depends on: its config (and ``overrides``), the data engine's and
-    training's configs, the question pools and the package version. A build with another one is rebuilt."""
+    """sha256 of everything a demo build depends on: its recipe (``configs/demo_model.yaml`` with
+    ``overrides``, by content: the same recipe however written gives the same build), the data engine's
+    and training's configs, the question pools and the package version. A build with another one is rebuilt."""
     import hashlib
 
     from vila_m3 import __version__
 
     digest = hashlib.sha256(__version__.encode())
-    digest.update(json.dumps(overrides or {}, sort_keys=True).encode())
-    for name in ("demo_model.yaml", "datagen.yaml", "training.yaml", "experts.yaml"):
+    digest.update(json.dumps(demo_config(overrides), sort_keys=True).encode())
+    for name in ("datagen.yaml", "training.yaml", "experts.yaml"):
         digest.update(config_path(name).read_bytes())
     for path in sorted(config_path("questions").glob("*.y*ml")):
         digest.update(path.name.encode() + path.read_bytes())
@@ -226,12 +227,63 @@ def stage_demo_vlm(models_dir: Path, vlm_id: str | None = None, rebuild: bool = 
             f"expert for {100 * (false_calls or 0):.1f} % of those that need none")
 
 
-def stage_demo_experts(models_dir: Path) -> list[str]:
-    """Random stand-ins for every expert whose weights are not staged (never over real weights)."""
+def demo_experts_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``configs/demo_experts.yaml`` with ``overrides`` (a recipe's ``experts`` section) merged in."""
+    return _merged(load_config("demo_experts.yaml"), overrides or {})
+
+
+def _vista3d_fingerprint(recipe: Mapping[str, Any]) -> str:
+    """sha256 of what a trained VISTA3D stand-in depends on: the recipe, the stand-in bundle's format
+    (our package version) and the phantoms (the sample generator's version)."""
+    import hashlib
+
+    from vila_m3 import __version__
+    from vila_m3.samples.generate import GENERATOR_VERSION
+
+    text = json.dumps({"recipe": dict(recipe), "version": __version__, "phantoms": GENERATOR_VERSION}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _stage_trained_vista3d(models_dir: Path, recipe_config: Mapping[str, Any], rebuild: bool,
+                           log: Callable[[str], None]) -> str:
+    """A VISTA3D stand-in trained on phantom CTs in ``models_dir`` (reused when its build is current)."""
+    from vila_m3.models.manifest import ModelManifest
+    from vila_m3.models.stand_ins import stage_stand_ins
+    from vila_m3.training.vista3d_stand_in import Vista3DStandInRecipe, train_vista3d_stand_in
+
+    settings = {k: v for k, v in recipe_config.items() if k != "train"}
+    try:
+        recipe = Vista3DStandInRecipe.from_config(settings)
+    except (TypeError, ValueError) as err:
+        raise DemoError(f"configs/demo_experts.yaml vista3d: {err}") from None
+    fingerprint = _vista3d_fingerprint(settings)
+    location = ModelManifest.load()["vista3d"].location(models_dir)
+    build = location / "docs" / DEMO_BUILD
+    if not rebuild and build.is_file() and json.loads(build.read_text(encoding="utf-8")).get("fingerprint") == fingerprint:
+        return "vista3d: demo stand-in already trained on synthetic phantom CTs"
+    try:
+        stage_stand_ins(models_dir, ("vista3d",))
+    except (ValueError, FileExistsError) as err:
+        raise DemoError(str(err)) from None
+    log(f"VISTA3D stand-in: training on phantom CTs (seeds {list(recipe.study_seeds)}, {recipe.steps} steps)")
+    report = train_vista3d_stand_in(location, recipe, log=log)
+    build.write_text(json.dumps({"fingerprint": fingerprint, "seconds": round(report.seconds, 1)}, indent=2) + "\n",
+                     encoding="utf-8")
+    dice = ", ".join(f"{name} {report.dice[i]:.2f}" for i, name in report.learned.items())
+    return (f"vista3d: tiny stand-in trained on synthetic phantom CTs in {report.seconds:.0f} s (its results say so); "
+            f"Dice on the sample CT, which it never saw: {dice}")
+
+
+def stage_demo_experts(models_dir: Path, overrides: Mapping[str, Any] | None = None, rebuild: bool = False,
+                       log: Callable[[str], None] = print) -> list[str]:
+    """Stand-ins for every expert whose weights are not staged (never over real weights): VISTA3D trained
+    on the phantom CTs as ``configs/demo_experts.yaml`` says (``overrides`` change it; ``rebuild`` trains
+    again even when the staged one is current), the others random."""
     from vila_m3.models.manifest import ModelManifest
     from vila_m3.models.stand_ins import stage_stand_ins
 
     manifest = ModelManifest.load()
+    config = demo_experts_config(overrides)
     tasks = {"vista3d": ("vista3d",), "brats": ("brats_mri_segmentation",),
              "cxr": tuple(mid for mid, entry in manifest.entries.items() if entry.kind == "xrv_weights")}
     lines = []
@@ -239,6 +291,9 @@ def stage_demo_experts(models_dir: Path) -> list[str]:
         if not manifest.missing(list(model_ids), models_dir) and not any(
                 manifest[mid].is_stand_in(models_dir) for mid in model_ids):
             lines.append(f"{task}: real weights staged")
+            continue
+        if task == "vista3d" and (config.get("vista3d") or {}).get("train", False):
+            lines.append(_stage_trained_vista3d(models_dir, config["vista3d"], rebuild, log))
             continue
         try:
             stage_stand_ins(models_dir, (task,), manifest=manifest)
@@ -263,7 +318,8 @@ def real_weights_staged(models_dir: Path) -> list[str]:
 
 def load_demo_recipe(path: str | Path) -> dict[str, Any]:
     """A YAML file of changes to ``configs/demo_model.yaml`` (same keys; nested mappings merge), e.g. a
-    shorter recipe for a quick look. The build made from it is cached under its own fingerprint."""
+    shorter recipe for a quick look, and under ``experts`` to ``configs/demo_experts.yaml``. The build made
+    from it is cached under its own fingerprint."""
     recipe = Path(path)
     try:
         loaded = yaml.safe_load(recipe.read_text(encoding="utf-8"))
@@ -273,7 +329,7 @@ def load_demo_recipe(path: str | Path) -> dict[str, Any]:
         raise DemoError(f"demo recipe {recipe} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(loaded, dict):
         raise DemoError(f"demo recipe {recipe} must be a mapping of configs/demo_model.yaml keys")
-    unknown = sorted(set(loaded) - set(load_config("demo_model.yaml")))
+    unknown = sorted(set(loaded) - set(load_config("demo_model.yaml")) - {"experts"})
     if unknown:
         raise DemoError(f"demo recipe {recipe} has unknown keys: {', '.join(map(str, unknown))}")
     return loaded
@@ -295,6 +351,7 @@ def stage_demo(models_dir: Path, rebuild: bool = False, progress: bool = True,
             return [f"real weights staged in {models_dir} ({', '.join(real)}): the demo model is not staged "
                     "(`vila-m3 models demo` stages it beside them)"]
     models_dir.mkdir(parents=True, exist_ok=True)
-    lines = stage_demo_experts(models_dir)
-    lines.append(stage_demo_vlm(models_dir, rebuild=rebuild, progress=progress, log=log, overrides=overrides))
+    overrides = dict(overrides or {})
+    lines = stage_demo_experts(models_dir, overrides=overrides.pop("experts", None), rebuild=rebuild, log=log)
+    lines.append(stage_demo_vlm(models_dir, rebuild=rebuild, progress=progress, log=log, overrides=overrides or None))
     return lines

@@ -1,0 +1,71 @@
+"""Training the demo's VISTA3D stand-in on phantom CTs (:mod:`vila_m3.training.vista3d_stand_in`): the
+loss falls, the bundle then says what it learnt, and real weights are never touched."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from vila_m3.experts.bundle import METADATA_CONFIG, STAND_IN_FIELD
+from vila_m3.models.tiny_bundles import make_tiny_vista3d_bundle
+from vila_m3.training.vista3d_stand_in import (
+    TRAINING_RECORD,
+    Vista3DStandInRecipe,
+    phantom_ct,
+    train_vista3d_stand_in,
+)
+
+
+def test_training_lowers_the_loss_and_relabels_the_bundle(tmp_path):
+    bundle = make_tiny_vista3d_bundle(tmp_path / "vista3d")
+    before = (bundle / "models" / "model.pt").read_bytes()
+    recipe = Vista3DStandInRecipe(study_seeds=(1,), steps=12)
+    lines: list[str] = []
+    report = train_vista3d_stand_in(bundle, recipe, log=lines.append)
+
+    assert len(report.losses) == 12 and all(np.isfinite(report.losses))
+    assert np.mean(report.losses[-4:]) < np.mean(report.losses[:4])
+    assert (bundle / "models" / "model.pt").read_bytes() != before
+    assert set(report.dice) == set(report.learned) == {1, 3, 5, 14, 26}
+    assert all(0.0 <= value <= 1.0 for value in report.dice.values())
+    assert "Dice on the held-out phantom (seed 0)" in lines[-1]
+
+    metadata = json.loads((bundle / METADATA_CONFIG).read_text(encoding="utf-8"))
+    assert "trained on synthetic phantom CTs" in metadata[STAND_IN_FIELD]
+    assert "not a medical model" in metadata[STAND_IN_FIELD]
+    record = json.loads((bundle / TRAINING_RECORD).read_text(encoding="utf-8"))
+    assert record["recipe"]["steps"] == 12 and len(record["losses"]) == 12
+    assert "Not a medical model" in (bundle / "docs" / "README.md").read_text(encoding="utf-8")
+
+
+def test_real_weights_are_refused_and_left_alone(tmp_path):
+    bundle = make_tiny_vista3d_bundle(tmp_path / "vista3d")
+    path = bundle / METADATA_CONFIG
+    metadata = json.loads(path.read_text(encoding="utf-8"))
+    del metadata[STAND_IN_FIELD]
+    path.write_text(json.dumps(metadata), encoding="utf-8")
+    weights = (bundle / "models" / "model.pt").read_bytes()
+    with pytest.raises(ValueError, match="holds real VISTA3D weights"):
+        train_vista3d_stand_in(bundle, Vista3DStandInRecipe(study_seeds=(1,), steps=1), log=lambda text: None)
+    assert (bundle / "models" / "model.pt").read_bytes() == weights and path.read_text(encoding="utf-8") == json.dumps(metadata)
+
+
+@pytest.mark.parametrize(("config", "problem"), [
+    ({"study_seeds": [0, 1]}, "evaluation phantom"),
+    ({"steps": 0}, "steps >= 1"),
+    ({"epochs": 3}, "unknown VISTA3D stand-in training keys: epochs"),
+])
+def test_a_bad_recipe_is_named(config, problem):
+    with pytest.raises(ValueError, match=problem):
+        Vista3DStandInRecipe.from_config(config)
+
+
+def test_the_evaluation_phantom_is_the_shipped_sample_ct(sample_data):
+    from vila_m3.imaging.io import read_volume
+
+    ct, labels = phantom_ct(0)
+    sample = read_volume(sample_data / "studies" / "ct_abdomen.nii.gz")
+    assert ct.geometry.allclose(sample.geometry, atol=1e-4) and np.array_equal(ct.array, sample.array)
+    assert labels.geometry == ct.geometry and set(np.unique(labels.array)) == {0, 1, 3, 5, 14, 21, 26}
