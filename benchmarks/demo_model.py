@@ -97,7 +97,8 @@ def ask(models_dir: Path, studies: Path, question: str, expect: str) -> int:
 
         print(f"\nQ: {question}   (image {CT_IMAGE}, axial slice {slice_index}; {seconds:.1f} s)")
         for message in answer.turn:
-            print(f"  [{message.get('role')}] {message.get('text')}")
+            error = f"  (error: {message['error']})" if message.get("error") else ""
+            print(f"  [{message.get('role')}] {message.get('text')}{error}")
         print(f"answer: {answer.answer}")
         for call in answer.experts:
             print(f"expert: {call.get('expert')}({call.get('argument')})  labels {sorted(call.get('label_names') or {})}"

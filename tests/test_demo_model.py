@@ -144,6 +144,9 @@ def test_make_run_checks_its_settings_before_building_the_demo(tmp_path):
     ("training: [1, 2", "is not valid YAML"),
     ("- 3\n", "must be a mapping"),
     ("trainig:\n  max_steps: 3\n", "unknown keys: trainig"),
+    ("experts:\n  brats:\n    steps: 3\n", "unknown experts keys: brats"),
+    ("experts:\n  vista3d:\n    steps: 0\n", "experts vista3d: .*steps >= 1"),
+    ("experts:\n  vista3d:\n    epochs: 2\n", "unknown VISTA3D stand-in training keys: epochs"),
 ])
 def test_a_bad_demo_recipe_is_named(tmp_path, text, problem):
     recipe = tmp_path / "recipe.yaml"

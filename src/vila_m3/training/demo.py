@@ -233,15 +233,28 @@ def demo_experts_config(overrides: Mapping[str, Any] | None = None) -> dict[str,
 
 
 def _vista3d_fingerprint(recipe: Mapping[str, Any]) -> str:
-    """sha256 of what a trained VISTA3D stand-in depends on: the recipe, the stand-in bundle's format
-    (our package version) and the phantoms (the sample generator's version)."""
+    """sha256 of what a trained VISTA3D stand-in depends on: the recipe, the stand-in bundle's
+    ``inference.json`` and package version, and the phantoms (the sample generator's version)."""
     import hashlib
 
     from vila_m3 import __version__
+    from vila_m3.models.tiny_bundles import vista3d_inference_config
     from vila_m3.samples.generate import GENERATOR_VERSION
 
-    text = json.dumps({"recipe": dict(recipe), "version": __version__, "phantoms": GENERATOR_VERSION}, sort_keys=True)
+    text = json.dumps({"recipe": dict(recipe), "version": __version__, "phantoms": GENERATOR_VERSION,
+                       "bundle": vista3d_inference_config()}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _vista3d_recipe(config: Mapping[str, Any], source: str = "configs/demo_experts.yaml") -> Any:
+    """The :class:`~vila_m3.training.vista3d_stand_in.Vista3DStandInRecipe` of ``config`` (its ``train``
+    switch aside); DemoError naming ``source`` when it is not a valid one."""
+    from vila_m3.training.vista3d_stand_in import Vista3DStandInRecipe
+
+    try:
+        return Vista3DStandInRecipe.from_config({k: v for k, v in config.items() if k != "train"})
+    except (TypeError, ValueError) as err:
+        raise DemoError(f"{source}: experts vista3d: {err}") from None
 
 
 def _stage_trained_vista3d(models_dir: Path, recipe_config: Mapping[str, Any], rebuild: bool,
@@ -249,14 +262,10 @@ def _stage_trained_vista3d(models_dir: Path, recipe_config: Mapping[str, Any], r
     """A VISTA3D stand-in trained on phantom CTs in ``models_dir`` (reused when its build is current)."""
     from vila_m3.models.manifest import ModelManifest
     from vila_m3.models.stand_ins import stage_stand_ins
-    from vila_m3.training.vista3d_stand_in import Vista3DStandInRecipe, train_vista3d_stand_in
+    from vila_m3.training.vista3d_stand_in import train_vista3d_stand_in
 
-    settings = {k: v for k, v in recipe_config.items() if k != "train"}
-    try:
-        recipe = Vista3DStandInRecipe.from_config(settings)
-    except (TypeError, ValueError) as err:
-        raise DemoError(f"configs/demo_experts.yaml vista3d: {err}") from None
-    fingerprint = _vista3d_fingerprint(settings)
+    recipe = _vista3d_recipe(recipe_config)
+    fingerprint = _vista3d_fingerprint({k: v for k, v in recipe_config.items() if k != "train"})
     location = ModelManifest.load()["vista3d"].location(models_dir)
     build = location / "docs" / DEMO_BUILD
     if not rebuild and build.is_file() and json.loads(build.read_text(encoding="utf-8")).get("fingerprint") == fingerprint:
@@ -332,6 +341,12 @@ def load_demo_recipe(path: str | Path) -> dict[str, Any]:
     unknown = sorted(set(loaded) - set(load_config("demo_model.yaml")) - {"experts"})
     if unknown:
         raise DemoError(f"demo recipe {recipe} has unknown keys: {', '.join(map(str, unknown))}")
+    experts = loaded.get("experts") or {}
+    unknown = sorted(set(experts) - set(load_config("demo_experts.yaml"))) if isinstance(experts, dict) else ["experts"]
+    if unknown:
+        raise DemoError(f"demo recipe {recipe} has unknown experts keys: {', '.join(map(str, unknown))} "
+                        "(configs/demo_experts.yaml has vista3d)")
+    _vista3d_recipe(demo_experts_config(experts).get("vista3d") or {}, source=f"demo recipe {recipe}")
     return loaded
 
 
