@@ -34,6 +34,7 @@ def test_training_lowers_the_loss_and_relabels_the_bundle(tmp_path):
 
     metadata = json.loads((bundle / METADATA_CONFIG).read_text(encoding="utf-8"))
     assert "trained on synthetic phantom CTs" in metadata[STAND_IN_FIELD]
+    assert f"hepatic tumor {report.dice[26]:.2f}" in metadata[STAND_IN_FIELD]  # every result shows the Dice
     assert "not a medical model" in metadata[STAND_IN_FIELD]
     record = json.loads((bundle / TRAINING_RECORD).read_text(encoding="utf-8"))
     assert record["recipe"]["steps"] == 12 and len(record["losses"]) == 12

@@ -52,7 +52,7 @@ _ABSENT_CHECK = (4, 24)
 
 @dataclass(frozen=True)
 class Vista3DStandInRecipe:
-    """How the stand-in is trained (``experts.vista3d`` of ``configs/demo_model.yaml``).
+    """How the stand-in is trained (``vista3d`` of ``configs/demo_experts.yaml``).
 
     Attributes:
         study_seeds: phantom seeds of the training CTs.
@@ -233,7 +233,6 @@ def train_vista3d_stand_in(
 
     model_path = bundle.root / "models" / "model.pt"
     torch.save({k: v.detach().clone().contiguous() for k, v in network.state_dict().items()}, model_path)
-    _relabel(bundle.root, learned, recipe, note)
 
     ct, truth = phantom_ct(recipe.evaluation_seed)
     runner = Vista3DRunner(bundle.root, device="cpu")
@@ -243,6 +242,7 @@ def train_vista3d_stand_in(
     empty = runner.run(ct, list(_ABSENT_CHECK)).labels.array
     absent_voxels = {i: int(np.count_nonzero(empty == i)) for i in _ABSENT_CHECK}
     runner.release()
+    _relabel(bundle.root, learned, dice, recipe, note)
 
     report = Vista3DStandInReport(learned=learned, losses=losses, dice=dice, absent_voxels=absent_voxels,
                                   seconds=time.perf_counter() - started, recipe=recipe)
@@ -256,11 +256,14 @@ def _dice(predicted: np.ndarray, truth: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int(np.logical_and(predicted, truth).sum()) / total
 
 
-def _relabel(root: Path, learned: Mapping[int, str], recipe: Vista3DStandInRecipe, note: str | None) -> None:
-    """Metadata and README of a trained stand-in: what it learnt, from what, and that it is no medical model."""
+def _relabel(root: Path, learned: Mapping[int, str], dice: Mapping[int, float], recipe: Vista3DStandInRecipe,
+             note: str | None) -> None:
+    """Metadata and README of a trained stand-in: what it was trained for, how well that went on the
+    held-out phantom (every result of the bundle shows this note), and that it is no medical model."""
     names = ", ".join(learned.values())
-    note = note or (f"tiny VISTA3D trained on synthetic phantom CTs by vila-m3's own pipeline ({names}; "
-                    "other classes untrained); not a medical model")
+    scores = ", ".join(f"{name} {dice[i]:.2f}" for i, name in learned.items())
+    note = note or (f"tiny VISTA3D trained on synthetic phantom CTs by vila-m3's own pipeline (Dice on the sample "
+                    f"CT: {scores}; other classes untrained); not a medical model")
     path = root / METADATA_CONFIG
     metadata = json.loads(path.read_text(encoding="utf-8"))
     metadata[STAND_IN_FIELD] = note
