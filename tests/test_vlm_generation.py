@@ -125,6 +125,20 @@ def test_min_new_tokens_suppresses_an_early_stop(chat_llama3: VilaChat) -> None:
     assert immediate.n_tokens == 1 and immediate.text == ""
 
 
+def test_a_one_token_answer_ends_where_the_model_ends_it(chat_llama3: VilaChat) -> None:  # noqa: F811
+    """The protocol's answers are often one token (``no``): by default the stop right after it is taken,
+    rather than forcing a second token that sends the model on past its answer."""
+    eot = chat_llama3.tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    word = _ids(chat_llama3, "no")[:1]
+    script = word + [eot] + _ids(chat_llama3, " first trigger")
+    result = chat_llama3.generate(QUESTION, make_images(1), max_new_tokens=20, logits_processor=[Script(script)])
+    assert (result.n_tokens, result.stopped_by) == (2, "stop_string")
+    assert result.text == chat_llama3.tokenizer.decode(word).strip()
+    forced = chat_llama3.generate(QUESTION, make_images(1), max_new_tokens=20, min_new_tokens=2,
+                                  logits_processor=[Script(script)])
+    assert forced.n_tokens > 2 and "first" in forced.text
+
+
 def test_decode_strips_trailing_stop_string(chat_vicuna: VilaChat) -> None:  # noqa: F811
     ids = _ids(chat_vicuna, "  It is a liver.  ")
     assert chat_vicuna.decode(ids) == "It is a liver."

@@ -31,6 +31,7 @@ from vila_m3.experts.triggers import Trigger, find_triggers
 from vila_m3.imaging import Volume, write_labelmap
 from vila_m3.imaging.overlay import render_overlay
 from vila_m3.vlm.errors import PromptTooLongError
+from vila_m3.vlm.generation import DEFAULT_MIN_NEW_TOKENS
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class ChatVLM(Protocol):
     is_stand_in: bool
 
     def generate(self, conversation, images=(), max_new_tokens: int = 1024, temperature: float = 0.0,
-                 top_p: float = 1.0, min_new_tokens: int = 2, stream=None, cancel=None, **kwargs) -> Any: ...
+                 top_p: float = 1.0, min_new_tokens: int = DEFAULT_MIN_NEW_TOKENS, stream=None, cancel=None, **kwargs) -> Any: ...
 
 
 @dataclass

@@ -1,9 +1,13 @@
 """Chat with a local VILA checkpoint: prompt, generation with the KV cache, streaming, cancel.
 
 :class:`VilaChat` (alias :data:`LocalVLM`) holds a loaded model and its tokenizer. ``generate``
-reproduces the released demo: greedy decoding when ``temperature == 0``, ``min_new_tokens`` 2, stop
+reproduces the released demo: greedy decoding when ``temperature == 0``, stop
 on the template's stop string (``<|eot_id|>`` / ``</s>``) and on every eos id of the LLM, decode with
-special tokens skipped, strip whitespace and the (trailing) stop string.
+special tokens skipped, strip whitespace and the (trailing) stop string. One difference: the release
+suppresses the stop for the first 2 tokens, which forces a second token after a one-token answer
+(``yes``, ``no``, the answers of EXPERT_PROTOCOL.md §8) and lets the model run on past its answer;
+here ``min_new_tokens`` is 1 (:data:`DEFAULT_MIN_NEW_TOKENS`): never an empty answer, and a one-token
+answer ends where the model ends it.
 
 Streaming: ``stream`` is called from the generating thread with each new piece of text as soon as
 it is final (text that could still turn out to be the stop string or trailing whitespace is held
@@ -38,13 +42,16 @@ from .modeling import ImageInput, VilaForConditionalGeneration, inspect_checkpoi
 from .prompting import ConversationLike, PromptInputs, build_prompt
 from .templates import ConversationTemplate, detect_template, get_template
 
-__all__ = ["GenerationResult", "LocalVLM", "StopReason", "VilaChat", "default_device_and_dtype"]
+__all__ = ["DEFAULT_MIN_NEW_TOKENS", "GenerationResult", "LocalVLM", "StopReason", "VilaChat", "default_device_and_dtype"]
 
 logger = logging.getLogger(__name__)
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 StopReason = Literal["stop_string", "eos", "max_new_tokens", "cancelled"]
+
+#: Tokens before the stop may come: 1 = no empty answer, and a one-token answer (``yes``) can end.
+DEFAULT_MIN_NEW_TOKENS = 1
 
 
 @dataclass(frozen=True)
@@ -326,7 +333,7 @@ class VilaChat:
         max_new_tokens: int = 1024,
         temperature: float = 0.0,
         top_p: float = 1.0,
-        min_new_tokens: int = 2,
+        min_new_tokens: int = DEFAULT_MIN_NEW_TOKENS,
         stream: Callable[[str], None] | None = None,
         cancel: threading.Event | None = None,
         logits_processor: Sequence[LogitsProcessor] | None = None,

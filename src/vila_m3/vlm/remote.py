@@ -42,7 +42,7 @@ import urllib3.exceptions
 from PIL import Image
 
 from .errors import ImageCountError, VlmError
-from .generation import GenerationResult, StopReason
+from .generation import DEFAULT_MIN_NEW_TOKENS, GenerationResult, StopReason
 from .modeling import IMAGE_PLACEHOLDER, ImageInput, _to_pil
 from .prompting import ConversationLike, as_turns
 
@@ -622,7 +622,7 @@ class RemoteVLM:
         max_new_tokens: int = 1024,
         temperature: float = 0.0,
         top_p: float = 1.0,
-        min_new_tokens: int = 2,
+        min_new_tokens: int = DEFAULT_MIN_NEW_TOKENS,
         stream: Callable[[str], None] | None = None,
         cancel: threading.Event | None = None,
         logits_processor: Sequence[Any] | None = None,
