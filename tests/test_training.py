@@ -198,13 +198,13 @@ def test_bad_options_are_refused_by_name(overrides, message):
 class _RoutingDouble:
     """Answers each first turn with the right trigger, except for the questions listed as wrong."""
 
-    def __init__(self, wrong: set[str], false_call: set[str]):
-        self.wrong, self.false_call = wrong, false_call
+    def __init__(self, wrong: set[str], false_call: set[str], rambling: frozenset[str] = frozenset()):
+        self.wrong, self.false_call, self.rambling = wrong, false_call, rambling
 
     def generate(self, conversation, images=(), max_new_tokens=64, **_):
         question = conversation[0][1].rsplit("\n", 1)[-1]
-        if len(conversation) > 1:  # the answer after the expert's feedback: always "no"
-            return type("R", (), {"text": "no"})()
+        if len(conversation) > 1:  # after the expert's feedback: "no" (and on past it, for the rambling ones)
+            return type("R", (), {"text": "no first trigger <CXR(" if question in self.rambling else "no"})()
         if question in self.false_call:
             return type("R", (), {"text": "Let me trigger <CXR()>."})()
         expected = _EXPECTED.get(question, "")
@@ -231,16 +231,25 @@ def test_trigger_evaluation_counts_right_calls_false_calls_and_answers(export):
     wrong = set(sorted(wrong)[:2])
     false_call = {no_need[0]["conversations"][0]["value"].rsplit("\n", 1)[-1]}
 
-    report = evaluate_triggers(_RoutingDouble(wrong, false_call), export, split="all")
+    answered = [r for r in needs if len(r["conversations"]) >= 4 and _answer_of(unique, r["id"]) == "no"]
+    rambling = frozenset({answered[0]["conversations"][0]["value"].rsplit("\n", 1)[-1]})
+
+    report = evaluate_triggers(_RoutingDouble(wrong, false_call, rambling), export, split="all")
     n_wrong = sum(q in wrong for q in questions)
     assert report.trigger_accuracy == pytest.approx((len(needs) - n_wrong) / len(needs))
     n_false = sum(r["conversations"][0]["value"].rsplit("\n", 1)[-1] in false_call for r in no_need)
     assert report.false_call_rate == pytest.approx(n_false / len(no_need))
     yes_no = [o for o in report.outcomes if o.answer_type == "yes/no"]
     assert yes_no and report.answer_accuracy("yes/no") == pytest.approx(
-        sum(o.final_answer == "no" and "no" in _answer_of(unique, o.record_id) for o in yes_no) / len(yes_no))
+        sum(o.final_answer.startswith("no") and "no" in _answer_of(unique, o.record_id) for o in yes_no) / len(yes_no))
+    # a "no" that runs on past itself is the right word but not the answer
+    checked = [o for o in report.outcomes if o.answer_type]
+    ran_on = [o for o in checked if o.final_answer.startswith("no first")]
+    assert ran_on and all(o.answer_right and not o.answer_exact for o in ran_on)
+    assert report.exact_answer_rate == pytest.approx(
+        sum(o.final_answer == _answer_of(unique, o.record_id) for o in checked) / len(checked))
     table = format_report(report, {"trigger_accuracy": 0.95, "false_call_rate": 0.05})
-    assert "right expert and argument" in table and "NOT met" in table
+    assert "right expert and argument" in table and "NOT met" in table and "whole answers exact" in table
 
 
 def _answer_of(unique: dict, record_id: str) -> str:

@@ -6,7 +6,9 @@ triggers in it, or none. A record expecting a call counts as **right** when the 
 exactly those (expert, argument) pairs; one expecting none counts a **false call** when the model
 requests any. Then, for yes/no and count questions, the model gets the record's own expert feedback
 (the ground-truth result, so that the answer is judged alone) and its final answer is compared with
-the record's: the first yes/no word, or the first number (``no`` words count as 0).
+the record's: the first yes/no word, or the first number (``no`` words count as 0). The whole answer
+is compared too (case, spacing and a final full stop aside): ``no`` is right and exact, ``no first
+trigger <CXR(...`` is right but not exact, a model that runs on past its answer shows here.
 
 Held-out phrasings (``vila-m3 datagen --phrasings heldout``) measure generalisation to questions the
 model never saw in training.
@@ -53,7 +55,8 @@ class RecordOutcome:
         expected, called: the (expert, argument) pairs expected and requested.
         first_answer: what the model wrote.
         answer_type: ``yes/no``, ``count`` or None (no answer check for this kind).
-        answer_right: whether the final answer matched (None when not checked).
+        answer_right: whether the final answer's yes/no word or number matched (None when not checked).
+        answer_exact: whether the whole final answer matched (None when not checked).
     """
 
     record_id: str
@@ -64,6 +67,7 @@ class RecordOutcome:
     first_answer: str
     answer_type: str | None = None
     answer_right: bool | None = None
+    answer_exact: bool | None = None
     final_answer: str = ""
 
     @property
@@ -102,6 +106,11 @@ class EvaluationReport:
     def answer_accuracy(self, answer_type: str) -> float | None:
         return self._rate(bool(o.answer_right) for o in self.outcomes if o.answer_type == answer_type)
 
+    @property
+    def exact_answer_rate(self) -> float | None:
+        """Whole final answers equal to the expected ones, over the checked yes/no and count answers."""
+        return self._rate(bool(o.answer_exact) for o in self.outcomes if o.answer_type)
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "records": len(self.outcomes),
@@ -109,6 +118,7 @@ class EvaluationReport:
             "false_call_rate": self.false_call_rate,
             "yes_no_accuracy": self.answer_accuracy("yes/no"),
             "count_accuracy": self.answer_accuracy("count"),
+            "exact_answer_rate": self.exact_answer_rate,
             "needs_call": sum(o.needs_call for o in self.outcomes),
             "needs_no_call": sum(not o.needs_call for o in self.outcomes),
         }
@@ -130,6 +140,14 @@ def _answer_matches(answer_type: str, produced: str, expected: str) -> bool:
         return False
     norm = (lambda s: s.lower()) if answer_type == "yes/no" else (lambda s: "0" if s.lower() == "no" else s)
     return norm(want.group(1)) == norm(got.group(1))
+
+
+def _same_answer(produced: str, expected: str) -> bool:
+    """The whole answers are equal, case, runs of whitespace and a final full stop aside."""
+    def norm(text: str) -> str:
+        return " ".join(text.lower().split()).rstrip(".").rstrip()
+
+    return norm(produced) == norm(expected)
 
 
 def _provenance(export_dir: Path) -> Mapping[str, Mapping[str, Any]]:
@@ -197,6 +215,7 @@ def evaluate_triggers(
             outcome.answer_type = answer_type
             outcome.final_answer = final
             outcome.answer_right = _answer_matches(answer_type, final, turns[3][1])
+            outcome.answer_exact = _same_answer(final, turns[3][1])
         report.outcomes.append(outcome)
     return report
 
@@ -215,15 +234,17 @@ def format_report(report: EvaluationReport, targets: Mapping[str, float] | None 
     groups: dict[str, list[RecordOutcome]] = defaultdict(list)
     for outcome in report.outcomes:
         groups[f"{outcome.category} / {outcome.kind}"].append(outcome)
-    header = f"{'category / kind':<28}{'n':>5}{'right call':>12}{'false call':>12}{'answer right':>14}"
+    header = (f"{'category / kind':<28}{'n':>5}{'right call':>12}{'false call':>12}{'answer right':>14}"
+              f"{'exact':>9}")
     lines = [header, "-" * len(header)]
     for name in sorted(groups):
         items = groups[name]
         needs = [o.right_call for o in items if o.needs_call]
         no_needs = [o.false_call for o in items if not o.needs_call]
         answers = [bool(o.answer_right) for o in items if o.answer_type]
+        exact = [bool(o.answer_exact) for o in items if o.answer_type]
         lines.append(f"{name:<28}{len(items):>5}{_pct(report._rate(needs)):>12}{_pct(report._rate(no_needs)):>12}"
-                     f"{_pct(report._rate(answers)):>14}")
+                     f"{_pct(report._rate(answers)):>14}{_pct(report._rate(exact)):>9}")
     summary = report.as_dict()
     lines.append("-" * len(header))
     lines.append(f"right expert and argument: {_pct(summary['trigger_accuracy'])} of {summary['needs_call']} "
@@ -232,6 +253,8 @@ def format_report(report: EvaluationReport, targets: Mapping[str, float] | None 
                  f"questions that need none")
     lines.append(f"yes/no answers right:      {_pct(summary['yes_no_accuracy'])}")
     lines.append(f"count answers right:       {_pct(summary['count_accuracy'])}")
+    lines.append(f"whole answers exact:       {_pct(summary['exact_answer_rate'])} (yes/no and count answers "
+                 "equal to the expected text)")
     if targets:
         accuracy, false_calls = summary["trigger_accuracy"], summary["false_call_rate"]
         if "trigger_accuracy" in targets and accuracy is not None:
