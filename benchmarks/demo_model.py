@@ -17,7 +17,8 @@ What ``make run`` gives a user on a machine with no weights, measured in one run
         [--question "Is there a liver tumour?" --expect "hepatic tumor"] [--evaluate]
 
 Exits non-zero when the model does not call VISTA3D with the expected group, no labelmap comes back,
-its geometry differs from the CT's, or the answer does not say that stand-ins gave it.
+its geometry differs from the CT's, the answer after the expert's result is empty or holds trigger
+text, or the answer does not say that stand-ins gave it.
 """
 
 from __future__ import annotations
@@ -65,7 +66,30 @@ def held_out_table(checkpoint: Path, models_dir: Path, evaluate: bool) -> str:
         f"held-out questions that need an expert (target >= {100 * targets['trigger_accuracy']:.0f} %)",
         f"false calls:               {100 * summary['false_call_rate']:.1f} % of {summary['needs_no_call']} "
         f"held-out questions that need none (target <= {100 * targets['false_call_rate']:.0f} %)",
+        *[f"{label}{_pct(summary.get(key))}" for label, key in (
+            ("yes/no answers right:      ", "yes_no_accuracy"), ("count answers right:       ", "count_accuracy"),
+            ("whole answers exact:       ", "exact_answer_rate"))],
     ])
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f} %"
+
+
+def tumour_slice(studies: Path) -> int | None:
+    """The axial slice (index along the chat's axial axis) through most of the sample CT's hepatic tumours,
+    from its ground truth beside the studies, as an annotator scrolls to them; None without ground truth."""
+    from vila_m3.imaging.io import read_volume
+    from vila_m3.imaging.slices import ras_view
+
+    truth_path = studies.parent / "ground_truth" / f"{CT_IMAGE}.nii.gz"
+    if not truth_path.is_file():
+        return None
+    truth = read_volume(truth_path)
+    tumour_id = next(int(i) for i, name in load_config("vista3d_classes.json")["classes"].items()
+                     if name == "hepatic tumor")
+    per_slice = (ras_view(np.asarray(truth.array), truth.geometry) == int(tumour_id)).sum(axis=(1, 2))
+    return int(per_slice.argmax()) if per_slice.any() else None
 
 
 def geometry(path: Path) -> tuple[tuple[int, ...], np.ndarray, np.ndarray, np.ndarray]:
@@ -79,10 +103,11 @@ def same_geometry(a: Path, b: Path, tolerance: float = 1e-4) -> bool:
     return size_a == size_b and all(np.allclose(x, y, atol=tolerance) for x, y in zip(rest_a, rest_b, strict=True))
 
 
-def ask(models_dir: Path, studies: Path, question: str, expect: str) -> int:
+def ask(models_dir: Path, studies: Path, question: str, expect: str, slice_index: int | None) -> int:
     """One turn about the sample CT through a real server; prints what the user sees. Returns the exit code."""
     ct = studies / f"{CT_IMAGE}.nii.gz"
-    slice_index = int(sitk.ReadImage(str(ct)).GetSize()[2]) // 2
+    if slice_index is None:
+        slice_index = int(sitk.ReadImage(str(ct)).GetSize()[2]) // 2
     with tempfile.TemporaryDirectory(prefix="vila-m3-demo-") as work:
         started = time.perf_counter()
         server = start_monailabel(Path(work), studies, conf={"models_dir": str(models_dir)})
@@ -118,6 +143,8 @@ def ask(models_dir: Path, studies: Path, question: str, expect: str) -> int:
             if not matches:
                 failures.append("the labelmap's geometry differs from the CT's")
             Path(answer.labelmap_path).unlink()
+        if not answer.answer.strip() or "<" in answer.answer:
+            failures.append("the answer after the expert's result is not an answer (empty, or trigger text in it)")
         if not answer.stand_in or not answer.raw.get("notices"):
             failures.append("the answer does not say that stand-ins answered")
     for failure in failures:
@@ -132,6 +159,8 @@ def main() -> int:
     parser.add_argument("--question", default="Is there a liver tumour?")
     parser.add_argument("--expect", default="hepatic tumor", help="the VISTA3D group the question needs")
     parser.add_argument("--evaluate", action="store_true", help="measure the held-out accuracy again")
+    parser.add_argument("--slice", type=int, help="axial slice index (default: the one through most of the sample "
+                        "CT's hepatic tumour, from its ground truth; else the middle one)")
     args = parser.parse_args()
 
     models_dir = resolve_models_dir(args.models_dir)
@@ -149,7 +178,8 @@ def main() -> int:
         return 2
     print("\nHeld-out trigger accuracy of the demo model:")
     print(held_out_table(checkpoint, models_dir, args.evaluate))
-    return ask(models_dir, studies, args.question, args.expect)
+    slice_index = args.slice if args.slice is not None else tumour_slice(studies)
+    return ask(models_dir, studies, args.question, args.expect, slice_index)
 
 
 if __name__ == "__main__":

@@ -75,16 +75,17 @@ def test_experts_without_weights_get_random_stand_ins_that_say_so(tmp_path):
     from vila_m3.tasks import select_tasks, task_statuses
     from vila_m3.training.demo import stage_demo_experts
 
-    lines = stage_demo_experts(tmp_path / "models", overrides={"vista3d": {"train": False}})
+    lines = stage_demo_experts(tmp_path / "models", overrides={"vista3d": {"train": False}, "brats": {"train": False}})
     assert len(lines) == 3 and all("RANDOM stand-in" in line for line in lines)
     statuses = task_statuses(select_tasks("vista3d,brats,cxr"), tmp_path / "models")
     assert all(status.available and status.stand_in for status in statuses)
     assert all("not a medical model" in " ".join(status.stand_in_notes) for status in statuses)
 
 
-def test_the_demo_vista3d_is_trained_on_phantoms_once_and_says_so(tmp_path):
-    """With the recipe's ``experts`` section, VISTA3D's stand-in is trained (two steps here), measured on
-    the sample CT it never saw, labelled as what it is, and reused while its recipe is unchanged."""
+def test_the_demo_vista3d_and_brats_are_trained_on_phantoms_once_and_say_so(tmp_path):
+    """With the recipe's ``experts`` section, the VISTA3D and BRATS stand-ins are trained (two steps
+    here), measured on the sample study they never saw, labelled as what they are, and reused while
+    their recipe is unchanged; the CXR ensemble stays random and says so."""
     from vila_m3.tasks import select_tasks, task_statuses
     from vila_m3.training.demo import stage_demo_experts
     from vila_m3.training.vista3d_stand_in import TRAINING_RECORD
@@ -93,7 +94,9 @@ def test_the_demo_vista3d_is_trained_on_phantoms_once_and_says_so(tmp_path):
     lines = stage_demo_experts(models, overrides=QUICK["experts"], log=lambda text: None)
     assert lines[0].startswith("vista3d: tiny stand-in trained on synthetic phantom CTs")
     assert "Dice on the sample CT" in lines[0] and "hepatic tumor" in lines[0]
-    assert all("RANDOM stand-in" in line for line in lines[1:])
+    assert lines[1].startswith("brats: tiny stand-in trained on synthetic phantom brain MRIs")
+    assert "Dice on the sample MRI" in lines[1] and "whole tumor" in lines[1]
+    assert lines[2] == "cxr: tiny RANDOM stand-in weights (its results say so)"
     bundle = ModelManifest.load()["vista3d"].location(models)
     record = json.loads((bundle / TRAINING_RECORD).read_text(encoding="utf-8"))
     assert len(record["losses"]) == 2 and record["recipe"]["study_seeds"] == [1]
@@ -101,10 +104,18 @@ def test_the_demo_vista3d_is_trained_on_phantoms_once_and_says_so(tmp_path):
     status = task_statuses(select_tasks("vista3d"), models)[0]
     assert status.available and status.stand_in
     assert "trained on synthetic phantom CTs" in " ".join(status.stand_in_notes)
+    brats = ModelManifest.load()["brats_mri_segmentation"].location(models)
+    record = json.loads((brats / TRAINING_RECORD).read_text(encoding="utf-8"))
+    assert len(record["losses"]) == 2 and list(record["learned"].values()) == ["tumor core", "whole tumor",
+                                                                                "enhancing tumor"]
+    status = task_statuses(select_tasks("brats"), models)[0]
+    assert status.available and status.stand_in
+    assert "trained on synthetic phantom brain MRIs" in " ".join(status.stand_in_notes)
 
     weights = (bundle / "models" / "model.pt").read_bytes()
     again = stage_demo_experts(models, overrides=QUICK["experts"], log=lambda text: None)
-    assert again[0] == "vista3d: demo stand-in already trained on synthetic phantom CTs"
+    assert again[:2] == ["vista3d: demo stand-in already trained on synthetic phantom CTs",
+                         "brats: demo stand-in already trained on synthetic phantom brain MRIs"]
     assert (bundle / "models" / "model.pt").read_bytes() == weights
 
 
@@ -144,7 +155,8 @@ def test_make_run_checks_its_settings_before_building_the_demo(tmp_path):
     ("training: [1, 2", "is not valid YAML"),
     ("- 3\n", "must be a mapping"),
     ("trainig:\n  max_steps: 3\n", "unknown keys: trainig"),
-    ("experts:\n  brats:\n    steps: 3\n", "unknown experts keys: brats"),
+    ("experts:\n  cxr:\n    steps: 3\n", "unknown experts keys: cxr .*has vista3d, brats"),
+    ("experts:\n  brats:\n    crop: [8, 8, 8]\n", "experts brats: crop must be three voxel counts"),
     ("experts:\n  vista3d:\n    steps: 0\n", "experts vista3d: .*steps >= 1"),
     ("experts:\n  vista3d:\n    epochs: 2\n", "unknown VISTA3D stand-in training keys: epochs"),
 ])

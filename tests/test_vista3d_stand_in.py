@@ -41,6 +41,19 @@ def test_training_lowers_the_loss_and_relabels_the_bundle(tmp_path):
     assert "Not a medical model" in (bundle / "docs" / "README.md").read_text(encoding="utf-8")
 
 
+def test_a_class_weight_gives_its_class_more_of_the_loss(tmp_path):
+    """The same first step (same network, CT and prompts) costs more when the tumour's voxels count eight
+    times in the cross-entropy, and its Dice eight times among the classes'."""
+    first = {}
+    for name, weights in (("plain", {}), ("weighted", {"hepatic tumor": 8.0})):
+        bundle = make_tiny_vista3d_bundle(tmp_path / name)
+        recipe = Vista3DStandInRecipe.from_config({"study_seeds": [1], "steps": 1, "class_weights": weights})
+        first[name] = train_vista3d_stand_in(bundle, recipe, log=lambda text: None).losses[0]
+        record = json.loads((bundle / TRAINING_RECORD).read_text(encoding="utf-8"))
+        assert record["recipe"]["class_weights"] == weights
+    assert first["weighted"] > first["plain"]
+
+
 def test_real_weights_are_refused_and_left_alone(tmp_path):
     bundle = make_tiny_vista3d_bundle(tmp_path / "vista3d")
     path = bundle / METADATA_CONFIG
@@ -57,6 +70,9 @@ def test_real_weights_are_refused_and_left_alone(tmp_path):
     ({"study_seeds": [0, 1]}, "evaluation phantom"),
     ({"steps": 0}, "steps >= 1"),
     ({"epochs": 3}, "unknown VISTA3D stand-in training keys: epochs"),
+    ({"class_weights": {"pancreas": 2}}, "class_weights names classes the phantoms do not have: pancreas"),
+    ({"class_weights": {"hepatic tumor": 0}}, "weights > 0"),
+    ({"class_weights": ["hepatic tumor"]}, "class_weights must map"),
 ])
 def test_a_bad_recipe_is_named(config, problem):
     with pytest.raises(ValueError, match=problem):

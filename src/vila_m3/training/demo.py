@@ -232,62 +232,94 @@ def demo_experts_config(overrides: Mapping[str, Any] | None = None) -> dict[str,
     return _merged(load_config("demo_experts.yaml"), overrides or {})
 
 
-def _vista3d_fingerprint(recipe: Mapping[str, Any]) -> str:
-    """sha256 of what a trained VISTA3D stand-in depends on: the recipe, the stand-in bundle's
-    ``inference.json`` and package version, and the phantoms (the sample generator's version)."""
-    import hashlib
+@dataclass(frozen=True)
+class _TrainableExpert:
+    """An expert whose demo stand-in is trained on phantoms: its manifest model, its recipe class and
+    trainer (import paths, loaded when used), its bundle config (part of the fingerprint), what it is
+    trained on and the sample study it is measured on (in messages)."""
 
-    from vila_m3 import __version__
-    from vila_m3.models.tiny_bundles import vista3d_inference_config
-    from vila_m3.samples.generate import GENERATOR_VERSION
+    model_id: str
+    recipe: str
+    trainer: str
+    inference_config: str
+    trained_on: str
+    measured_on: str
 
-    text = json.dumps({"recipe": dict(recipe), "version": __version__, "phantoms": GENERATOR_VERSION,
-                       "bundle": vista3d_inference_config()}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
+    @staticmethod
+    def _load(path: str) -> Any:
+        import importlib
+
+        module, name = path.rsplit(":", 1)
+        return getattr(importlib.import_module(module), name)
+
+    def recipe_of(self, config: Mapping[str, Any], task: str, source: str) -> Any:
+        """The recipe of ``config`` (its ``train`` switch aside); DemoError naming ``source`` when invalid."""
+        try:
+            return self._load(self.recipe).from_config({k: v for k, v in config.items() if k != "train"})
+        except (TypeError, ValueError) as err:
+            raise DemoError(f"{source}: experts {task}: {err}") from None
+
+    def fingerprint(self, config: Mapping[str, Any]) -> str:
+        """sha256 of what a trained stand-in depends on: the recipe, the stand-in bundle's
+        ``inference.json`` and package version, and the phantoms (the sample generator's version)."""
+        import hashlib
+
+        from vila_m3 import __version__
+        from vila_m3.samples.generate import GENERATOR_VERSION
+
+        text = json.dumps({"recipe": {k: v for k, v in config.items() if k != "train"}, "version": __version__,
+                           "phantoms": GENERATOR_VERSION, "bundle": self._load(self.inference_config)()},
+                          sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def train(self, bundle: Path, recipe: Any, log: Callable[[str], None]) -> Any:
+        return self._load(self.trainer)(bundle, recipe, log=log)
 
 
-def _vista3d_recipe(config: Mapping[str, Any], source: str = "configs/demo_experts.yaml") -> Any:
-    """The :class:`~vila_m3.training.vista3d_stand_in.Vista3DStandInRecipe` of ``config`` (its ``train``
-    switch aside); DemoError naming ``source`` when it is not a valid one."""
-    from vila_m3.training.vista3d_stand_in import Vista3DStandInRecipe
+#: The experts ``configs/demo_experts.yaml`` can train (``<task>: {train: true, ...}``).
+TRAINABLE_EXPERTS: dict[str, _TrainableExpert] = {
+    "vista3d": _TrainableExpert(
+        "vista3d", "vila_m3.training.vista3d_stand_in:Vista3DStandInRecipe",
+        "vila_m3.training.vista3d_stand_in:train_vista3d_stand_in",
+        "vila_m3.models.tiny_bundles:vista3d_inference_config", "synthetic phantom CTs", "the sample CT"),
+    "brats": _TrainableExpert(
+        "brats_mri_segmentation", "vila_m3.training.brats_stand_in:BratsStandInRecipe",
+        "vila_m3.training.brats_stand_in:train_brats_stand_in",
+        "vila_m3.models.tiny_bundles:brats_inference_config", "synthetic phantom brain MRIs", "the sample MRI"),
+}
 
-    try:
-        return Vista3DStandInRecipe.from_config({k: v for k, v in config.items() if k != "train"})
-    except (TypeError, ValueError) as err:
-        raise DemoError(f"{source}: experts vista3d: {err}") from None
 
-
-def _stage_trained_vista3d(models_dir: Path, recipe_config: Mapping[str, Any], rebuild: bool,
-                           log: Callable[[str], None]) -> str:
-    """A VISTA3D stand-in trained on phantom CTs in ``models_dir`` (reused when its build is current)."""
+def _stage_trained_expert(models_dir: Path, task: str, recipe_config: Mapping[str, Any], rebuild: bool,
+                          log: Callable[[str], None]) -> str:
+    """``task``'s stand-in trained on phantoms in ``models_dir`` (reused when its build is current)."""
     from vila_m3.models.manifest import ModelManifest
     from vila_m3.models.stand_ins import stage_stand_ins
-    from vila_m3.training.vista3d_stand_in import train_vista3d_stand_in
 
-    recipe = _vista3d_recipe(recipe_config)
-    fingerprint = _vista3d_fingerprint({k: v for k, v in recipe_config.items() if k != "train"})
-    location = ModelManifest.load()["vista3d"].location(models_dir)
+    expert = TRAINABLE_EXPERTS[task]
+    recipe = expert.recipe_of(recipe_config, task, "configs/demo_experts.yaml")
+    fingerprint = expert.fingerprint(recipe_config)
+    location = ModelManifest.load()[expert.model_id].location(models_dir)
     build = location / "docs" / DEMO_BUILD
     if not rebuild and build.is_file() and json.loads(build.read_text(encoding="utf-8")).get("fingerprint") == fingerprint:
-        return "vista3d: demo stand-in already trained on synthetic phantom CTs"
+        return f"{task}: demo stand-in already trained on {expert.trained_on}"
     try:
-        stage_stand_ins(models_dir, ("vista3d",))
+        stage_stand_ins(models_dir, (task,))
     except (ValueError, FileExistsError) as err:
         raise DemoError(str(err)) from None
-    log(f"VISTA3D stand-in: training on phantom CTs (seeds {list(recipe.study_seeds)}, {recipe.steps} steps)")
-    report = train_vista3d_stand_in(location, recipe, log=log)
+    log(f"{recipe.expert} stand-in: training on {expert.trained_on} (seeds {list(recipe.study_seeds)}, "
+        f"{recipe.steps} steps)")
+    report = expert.train(location, recipe, log)
     build.write_text(json.dumps({"fingerprint": fingerprint, "seconds": round(report.seconds, 1)}, indent=2) + "\n",
                      encoding="utf-8")
-    dice = ", ".join(f"{name} {report.dice[i]:.2f}" for i, name in report.learned.items())
-    return (f"vista3d: tiny stand-in trained on synthetic phantom CTs in {report.seconds:.0f} s (its results say so); "
-            f"Dice on the sample CT, which it never saw: {dice}")
+    return (f"{task}: tiny stand-in trained on {expert.trained_on} in {report.seconds:.0f} s (its results say so); "
+            f"Dice on {expert.measured_on}, which it never saw: {report.dice_text()}")
 
 
 def stage_demo_experts(models_dir: Path, overrides: Mapping[str, Any] | None = None, rebuild: bool = False,
                        log: Callable[[str], None] = print) -> list[str]:
-    """Stand-ins for every expert whose weights are not staged (never over real weights): VISTA3D trained
-    on the phantom CTs as ``configs/demo_experts.yaml`` says (``overrides`` change it; ``rebuild`` trains
-    again even when the staged one is current), the others random."""
+    """Stand-ins for every expert whose weights are not staged (never over real weights): VISTA3D and
+    BRATS trained on the phantoms as ``configs/demo_experts.yaml`` says (``overrides`` change it;
+    ``rebuild`` trains again even when the staged one is current), the others random."""
     from vila_m3.models.manifest import ModelManifest
     from vila_m3.models.stand_ins import stage_stand_ins
 
@@ -301,8 +333,8 @@ def stage_demo_experts(models_dir: Path, overrides: Mapping[str, Any] | None = N
                 manifest[mid].is_stand_in(models_dir) for mid in model_ids):
             lines.append(f"{task}: real weights staged")
             continue
-        if task == "vista3d" and (config.get("vista3d") or {}).get("train", False):
-            lines.append(_stage_trained_vista3d(models_dir, config["vista3d"], rebuild, log))
+        if task in TRAINABLE_EXPERTS and (config.get(task) or {}).get("train", False):
+            lines.append(_stage_trained_expert(models_dir, task, config[task], rebuild, log))
             continue
         try:
             stage_stand_ins(models_dir, (task,), manifest=manifest)
@@ -345,8 +377,10 @@ def load_demo_recipe(path: str | Path) -> dict[str, Any]:
     unknown = sorted(set(experts) - set(load_config("demo_experts.yaml"))) if isinstance(experts, dict) else ["experts"]
     if unknown:
         raise DemoError(f"demo recipe {recipe} has unknown experts keys: {', '.join(map(str, unknown))} "
-                        "(configs/demo_experts.yaml has vista3d)")
-    _vista3d_recipe(demo_experts_config(experts).get("vista3d") or {}, source=f"demo recipe {recipe}")
+                        f"(configs/demo_experts.yaml has {', '.join(load_config('demo_experts.yaml'))})")
+    merged = demo_experts_config(experts)
+    for task, expert in TRAINABLE_EXPERTS.items():
+        expert.recipe_of(merged.get(task) or {}, task, f"demo recipe {recipe}")
     return loaded
 
 

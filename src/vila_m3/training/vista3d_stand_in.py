@@ -25,7 +25,6 @@ not CT anatomy.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,87 +34,71 @@ from typing import Any
 import numpy as np
 import torch
 from monai.losses import DiceLoss
-from monai.transforms import Compose, RandSpatialCropd, ResampleToMatch, SpatialPadd
+from monai.transforms import RandSpatialCropd, SpatialPadd
 from torch.nn.functional import binary_cross_entropy_with_logits
 
-from vila_m3.experts.bundle import METADATA_CONFIG, STAND_IN_FIELD, MonaiBundle, image_from_arrays
+from vila_m3.experts.bundle import MonaiBundle
 from vila_m3.imaging import Geometry, Volume
+from vila_m3.training.stand_in_training import (
+    TRAINING_RECORD,
+    PhantomRecipe,
+    StandInReport,
+    dice,
+    preprocessed_pair,
+    relabel_bundle,
+)
 
 __all__ = ["TRAINING_RECORD", "Vista3DStandInRecipe", "Vista3DStandInReport", "phantom_ct",
            "train_vista3d_stand_in"]
-
-#: Written into the bundle's ``docs/`` folder: the recipe, the loss curve and the held-out Dice.
-TRAINING_RECORD = "docs/training_record.json"
 #: Classes no phantom has, checked to come back empty: the ``pancreatic tumor`` group (pancreas, tumour).
 _ABSENT_CHECK = (4, 24)
 
 
 @dataclass(frozen=True)
-class Vista3DStandInRecipe:
-    """How the stand-in is trained (``vista3d`` of ``configs/demo_experts.yaml``).
+class Vista3DStandInRecipe(PhantomRecipe):
+    """How the VISTA3D stand-in is trained (``vista3d`` of ``configs/demo_experts.yaml``): the fields of
+    :class:`~vila_m3.training.stand_in_training.PhantomRecipe` (one CT and all its class prompts per step),
+    and
 
     Attributes:
-        study_seeds: phantom seeds of the training CTs.
-        evaluation_seed: phantom seed of the CT the result is measured on (0: the shipped sample CT).
-        steps: optimizer steps (one CT and all its class prompts per step).
-        learning_rate: AdamW learning rate (cosine decay to 0).
-        seed: seed of the draws (CT order, crops).
+        class_weights: ``{class name: weight}`` for classes that need more of the loss than their size
+            gives them (the small, low-contrast hepatic tumours): their voxels count that many times in
+            the cross-entropy, and their Dice that many times among the classes'.
     """
 
-    study_seeds: tuple[int, ...] = (1, 2, 3, 4)
-    evaluation_seed: int = 0
-    steps: int = 200
-    learning_rate: float = 1e-2
-    seed: int = 0
+    class_weights: Mapping[str, float] = field(default_factory=dict)
+
+    expert = "VISTA3D"
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> Vista3DStandInRecipe:
-        """From a mapping of the attribute names (unknown keys are an error naming them)."""
-        unknown = sorted(set(config) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"unknown VISTA3D stand-in training keys: {', '.join(unknown)}")
-        values = dict(config)
-        if "study_seeds" in values:
-            values["study_seeds"] = tuple(int(s) for s in values["study_seeds"])
-        recipe = cls(**values)
-        if not recipe.study_seeds or recipe.steps < 1 or recipe.learning_rate <= 0:
-            raise ValueError("VISTA3D stand-in training needs study_seeds, steps >= 1 and learning_rate > 0")
-        if recipe.evaluation_seed in recipe.study_seeds:
-            raise ValueError(f"the evaluation phantom (seed {recipe.evaluation_seed}) must not be a training one")
-        return recipe
+    def _checked(cls, values: dict[str, Any]) -> dict[str, Any]:
+        if "class_weights" in values:
+            weights = values["class_weights"] or {}
+            if not isinstance(weights, Mapping) or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in weights.values()):
+                raise ValueError("class_weights must map class names to weights > 0")
+            values["class_weights"] = {str(k): float(v) for k, v in weights.items()}
+            from vila_m3.samples.ct_phantom import LABEL_NAMES
+
+            unknown = sorted(set(values["class_weights"]) - set(LABEL_NAMES.values()))
+            if unknown:
+                raise ValueError(f"class_weights names classes the phantoms do not have: {', '.join(unknown)} "
+                                 f"(they have {', '.join(sorted(LABEL_NAMES.values()))})")
+        return values
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**super().as_dict(), "class_weights": dict(self.class_weights)}
 
 
 @dataclass
-class Vista3DStandInReport:
-    """What training did: the classes learnt, the loss per step and the held-out Dice per class."""
+class Vista3DStandInReport(StandInReport):
+    """:class:`~vila_m3.training.stand_in_training.StandInReport`, and ``absent_voxels``: voxels the trained
+    network gives classes no phantom has, on the held-out CT (0 when it learnt "absent")."""
 
-    learned: dict[int, str]
-    losses: list[float]
-    dice: dict[int, float]
-    absent_voxels: dict[int, int]
-    seconds: float
-    recipe: Vista3DStandInRecipe
-    notes: list[str] = field(default_factory=list)
+    absent_voxels: dict[int, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready (ids as strings)."""
-        return {
-            "learned": {str(k): v for k, v in self.learned.items()},
-            "heldout_dice": {str(k): round(v, 4) for k, v in self.dice.items()},
-            "heldout_absent_voxels": {str(k): v for k, v in self.absent_voxels.items()},
-            "loss_first": round(float(np.mean(self.losses[:10])), 4),
-            "loss_last": round(float(np.mean(self.losses[-10:])), 4),
-            "losses": [round(v, 4) for v in self.losses],
-            "seconds": round(self.seconds, 1),
-            "recipe": {**self.recipe.__dict__, "study_seeds": list(self.recipe.study_seeds)},
-        }
-
-    def summary(self) -> str:
-        """One line per learnt class with its held-out Dice."""
-        dice = ", ".join(f"{self.learned[i]} {self.dice.get(i, float('nan')):.2f}" for i in sorted(self.learned))
-        return (f"VISTA3D stand-in: {len(self.losses)} steps in {self.seconds:.0f} s, loss "
-                f"{self.as_dict()['loss_first']} -> {self.as_dict()['loss_last']}; Dice on the held-out phantom "
-                f"(seed {self.recipe.evaluation_seed}): {dice}")
+        return {**super().as_dict(), "heldout_absent_voxels": {str(k): v for k, v in self.absent_voxels.items()}}
 
 
 def phantom_ct(seed: int) -> tuple[Volume, Volume]:
@@ -151,13 +134,9 @@ def _absent_ids(labels: Mapping[int, str], subclass: Mapping[str, Sequence[int]]
 
 def _training_item(bundle: MonaiBundle, ct: Volume, labels: Volume, roi: Sequence[int]) -> dict[str, torch.Tensor]:
     """One CT through the bundle's preprocessing, its labels on the same grid, both padded to ``roi``."""
-    preprocessing = Compose(bundle.transforms("preprocessing"))
-    data = preprocessing({"image": image_from_arrays([ct.array], ct.geometry), "label_prompt": [1]})
-    image = data["image"]
-    label = image_from_arrays([labels.array], labels.geometry).unsqueeze(0)
-    label = ResampleToMatch(mode="nearest", padding_mode="zeros")(label, img_dst=image)
-    return SpatialPadd(keys=("image", "label"), spatial_size=roi, mode="constant")(
-        {"image": image.as_tensor().float(), "label": label.as_tensor().round().long()})
+    pair = preprocessed_pair(bundle, [np.asarray(ct.array)], ct.geometry, np.asarray(labels.array),
+                             extra={"label_prompt": [1]})
+    return SpatialPadd(keys=("image", "label"), spatial_size=roi, mode="constant")(pair)
 
 
 def train_vista3d_stand_in(
@@ -195,6 +174,7 @@ def train_vista3d_stand_in(
     inside = _unlabelled_subclasses(LABEL_NAMES, subclass, UNSUPPORTED_LABEL_IDS)
     ids = [*learned, *absent, *inside]
     prompts = torch.as_tensor(ids).reshape(-1, 1)
+    class_weight = torch.as_tensor([recipe.class_weights.get(learned.get(i, ""), 1.0) for i in ids])
     roi = [int(v) for v in bundle.get("patch_size") or bundle.get("inferer#roi_size")]
 
     items = [_training_item(bundle, *phantom_ct(seed), roi) for seed in recipe.study_seeds]
@@ -205,7 +185,7 @@ def train_vista3d_stand_in(
     network = bundle.load_network(device="cpu").train()
     optimizer = torch.optim.AdamW(network.parameters(), lr=recipe.learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.steps)
-    dice_loss = DiceLoss(sigmoid=True)
+    dice_loss = DiceLoss(sigmoid=True, reduction="none")
     losses: list[float] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
@@ -216,13 +196,16 @@ def train_vista3d_stand_in(
             # a subclass (a vertebra) is taught only where its undivided phantom class (bone) is not
             weight = torch.stack([(label != inside[i]).float() if i in inside else torch.ones_like(target[0])
                                   for i in ids])
+            # a weighted class's own voxels count class_weight times
+            weight = weight * (1.0 + (class_weight - 1.0).reshape(-1, 1, 1, 1, 1) * target)
             logits = network(item["image"].unsqueeze(0), class_vector=prompts).float()
             # cross-entropy on every prompt (absent ones learn "nothing here"); Dice on the learnt ones,
-            # where it balances a small tumour against a large liver
+            # where it balances a small tumour against a large liver (a weighted mean over the classes)
             present = torch.as_tensor([i in learned for i in ids]) & (target.flatten(1).amax(1) > 0)
             loss = binary_cross_entropy_with_logits(logits, target, weight=weight)
             if bool(present.any()):
-                loss = loss + dice_loss(logits[present], target[present])
+                per_class = dice_loss(logits[present], target[present]).flatten()
+                loss = loss + (per_class * class_weight[present]).sum() / class_weight[present].sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -238,46 +221,34 @@ def train_vista3d_stand_in(
     runner = Vista3DRunner(bundle.root, device="cpu")
     result = runner.run(ct, list(learned))
     predicted = np.asarray(result.labels.array)
-    dice = {i: _dice(predicted == i, np.asarray(truth.array) == i) for i in learned}
+    scores = {i: dice(predicted == i, np.asarray(truth.array) == i) for i in learned}
     empty = runner.run(ct, list(_ABSENT_CHECK)).labels.array
     absent_voxels = {i: int(np.count_nonzero(empty == i)) for i in _ABSENT_CHECK}
     runner.release()
-    _relabel(bundle.root, learned, dice, recipe, note)
+    _relabel(bundle.root, learned, scores, recipe, note)
 
-    report = Vista3DStandInReport(learned=learned, losses=losses, dice=dice, absent_voxels=absent_voxels,
+    report = Vista3DStandInReport(learned=learned, losses=losses, dice=scores, absent_voxels=absent_voxels,
                                   seconds=time.perf_counter() - started, recipe=recipe)
-    (bundle.root / TRAINING_RECORD).write_text(json.dumps(report.as_dict(), indent=2) + "\n", encoding="utf-8")
+    report.write(bundle.root)
     log(report.summary())
     return report
 
 
-def _dice(predicted: np.ndarray, truth: np.ndarray) -> float:
-    total = int(predicted.sum()) + int(truth.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(predicted, truth).sum()) / total
-
-
-def _relabel(root: Path, learned: Mapping[int, str], dice: Mapping[int, float], recipe: Vista3DStandInRecipe,
+def _relabel(root: Path, learned: Mapping[int, str], scores: Mapping[int, float], recipe: Vista3DStandInRecipe,
              note: str | None) -> None:
     """Metadata and README of a trained stand-in: what it was trained for, how well that went on the
     held-out phantom (every result of the bundle shows this note), and that it is no medical model."""
     names = ", ".join(learned.values())
-    scores = ", ".join(f"{name} {dice[i]:.2f}" for i, name in learned.items())
+    measured = ", ".join(f"{name} {scores[i]:.2f}" for i, name in learned.items())
     note = note or (f"tiny VISTA3D trained on synthetic phantom CTs by vila-m3's own pipeline (Dice on the sample "
-                    f"CT: {scores}; other classes untrained); not a medical model")
-    path = root / METADATA_CONFIG
-    metadata = json.loads(path.read_text(encoding="utf-8"))
-    metadata[STAND_IN_FIELD] = note
-    metadata["description"] = "VISTA3D bundle (VILA-M3 demo stand-in: tiny network trained on synthetic phantoms)"
-    metadata["data_source"] = f"synthetic phantom CTs of vila-m3's sample generator, seeds {list(recipe.study_seeds)}"
-    path.write_text(json.dumps(metadata, indent=4) + "\n", encoding="utf-8")
-    readme = root / "docs" / "README.md"
-    readme.write_text(
-        "# VISTA3D — VILA-M3 demo stand-in bundle\n\n"
-        f"**Not a medical model.** The {note}.\n\n"
-        "This folder has the on-disk layout of the MONAI model-zoo bundle `vista3d`. Its tiny network was "
-        f"trained ({recipe.steps} steps) on synthetic phantom CTs (seeds {list(recipe.study_seeds)}) to segment "
-        f"{names}, and to return nothing for classes the phantoms do not have. `training_record.json` beside "
-        "this file has the loss curve and the Dice on a phantom it never saw. Replace this folder with the real "
-        "bundle to get real results: `vila-m3 models pull vista3d`.\n",
-        encoding="utf-8",
+                    f"CT: {measured}; other classes untrained); not a medical model")
+    relabel_bundle(
+        root, "VISTA3D", note,
+        description="VISTA3D bundle (VILA-M3 demo stand-in: tiny network trained on synthetic phantoms)",
+        data_source=f"synthetic phantom CTs of vila-m3's sample generator, seeds {list(recipe.study_seeds)}",
+        readme=("This folder has the on-disk layout of the MONAI model-zoo bundle `vista3d`. Its tiny network was "
+                f"trained ({recipe.steps} steps) on synthetic phantom CTs (seeds {list(recipe.study_seeds)}) to "
+                f"segment {names}, and to return nothing for classes the phantoms do not have. "
+                "`training_record.json` beside this file has the loss curve and the Dice on a phantom it never "
+                "saw. Replace this folder with the real bundle to get real results: `vila-m3 models pull vista3d`."),
     )
