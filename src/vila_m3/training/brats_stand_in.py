@@ -40,8 +40,10 @@ from vila_m3.training.stand_in_training import (
     PhantomRecipe,
     StandInReport,
     dice,
+    open_stand_in,
     preprocessed_pair,
     relabel_bundle,
+    train_network,
 )
 
 __all__ = ["REGIONS", "TRAINING_RECORD", "BratsStandInRecipe", "phantom_mri", "region_targets", "train_brats_stand_in"]
@@ -132,36 +134,20 @@ def train_brats_stand_in(
     from vila_m3.experts.brats import BratsRunner
 
     started = time.perf_counter()
-    bundle = MonaiBundle(bundle_dir)
-    if not bundle.info.is_stand_in:
-        raise ValueError(f"{bundle.root} holds real BRATS weights; only a stand-in is trained here")
+    bundle = open_stand_in(bundle_dir, "BRATS")
     items = [_training_item(bundle, *phantom_mri(seed)) for seed in recipe.study_seeds]
     crop = RandCropByPosNegLabeld(keys=("image", "label"), label_key="label", spatial_size=recipe.crop,
                                   pos=1.0, neg=1.0, num_samples=1, allow_smaller=True)
     crop.set_random_state(seed=recipe.seed)
     rng = np.random.default_rng(recipe.seed)
-
-    network = bundle.load_network(device="cpu").train()
-    optimizer = torch.optim.AdamW(network.parameters(), lr=recipe.learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.steps)
     loss_function = DiceCELoss(sigmoid=True)
-    losses: list[float] = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(recipe.seed)
-        for step in range(1, recipe.steps + 1):
-            item = crop(items[int(rng.integers(len(items)))])[0]
-            logits = network(item["image"].unsqueeze(0)).float()
-            loss = loss_function(logits, region_targets(item["label"]).unsqueeze(0))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            losses.append(float(loss.detach()))
-            if step % 25 == 0 or step == recipe.steps:
-                log(f"BRATS stand-in step {step}/{recipe.steps}: loss {np.mean(losses[-25:]):.4f}")
 
-    torch.save({k: v.detach().clone().contiguous() for k, v in network.eval().state_dict().items()},
-               bundle.root / "models" / "model.pt")
+    def step_loss(network: torch.nn.Module) -> torch.Tensor:
+        item = crop(items[int(rng.integers(len(items)))])[0]
+        logits = network(item["image"].unsqueeze(0)).float()
+        return loss_function(logits, region_targets(item["label"]).unsqueeze(0))
+
+    losses = train_network(bundle, recipe, step_loss, log)
 
     sequences, truth = phantom_mri(recipe.evaluation_seed)
     runner = BratsRunner(bundle.root, device="cpu")

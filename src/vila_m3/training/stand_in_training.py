@@ -11,7 +11,7 @@ bundle's relabelling (its metadata and README then say what it learnt and how we
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,8 @@ from monai.transforms import Compose, ResampleToMatch
 from vila_m3.experts.bundle import METADATA_CONFIG, STAND_IN_FIELD, MonaiBundle, image_from_arrays
 from vila_m3.imaging import Geometry
 
-__all__ = ["TRAINING_RECORD", "PhantomRecipe", "StandInReport", "dice", "preprocessed_pair", "relabel_bundle"]
+__all__ = ["TRAINING_RECORD", "PhantomRecipe", "StandInReport", "dice", "open_stand_in", "preprocessed_pair",
+           "relabel_bundle", "train_network"]
 
 #: Written into the bundle's ``docs/`` folder: the recipe, the loss curve and the held-out Dice.
 TRAINING_RECORD = "docs/training_record.json"
@@ -114,6 +115,45 @@ class StandInReport:
     def write(self, bundle_root: Path) -> None:
         """The record into the bundle's ``docs/training_record.json``."""
         (bundle_root / TRAINING_RECORD).write_text(json.dumps(self.as_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+def open_stand_in(bundle_dir: str | Path, expert: str) -> MonaiBundle:
+    """The stand-in bundle in ``bundle_dir``; ValueError when it holds real weights (never trained here)."""
+    bundle = MonaiBundle(bundle_dir)
+    if not bundle.info.is_stand_in:
+        raise ValueError(f"{bundle.root} holds real {expert} weights; only a stand-in is trained here")
+    return bundle
+
+
+def train_network(bundle: MonaiBundle, recipe: PhantomRecipe, step_loss: Callable[[torch.nn.Module], torch.Tensor],
+                  log: Callable[[str], None]) -> list[float]:
+    """Train the bundle's network on CPU and save it back into ``models/model.pt``.
+
+    AdamW (no weight decay) with the recipe's learning rate, cosine decay over ``recipe.steps``, torch's
+    random state seeded by ``recipe.seed`` (and restored afterwards). ``step_loss(network)`` draws one
+    training item and returns its loss. Progress goes to ``log`` every 25 steps and at the end.
+
+    Returns:
+        The loss of every step.
+    """
+    network = bundle.load_network(device="cpu").train()
+    optimizer = torch.optim.AdamW(network.parameters(), lr=recipe.learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.steps)
+    losses: list[float] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed)
+        for step in range(1, recipe.steps + 1):
+            loss = step_loss(network)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(float(loss.detach()))
+            if step % 25 == 0 or step == recipe.steps:
+                log(f"{recipe.expert} stand-in step {step}/{recipe.steps}: loss {np.mean(losses[-25:]):.4f}")
+    torch.save({k: v.detach().clone().contiguous() for k, v in network.state_dict().items()},
+               bundle.root / "models" / "model.pt")
+    return losses
 
 
 def preprocessed_pair(bundle: MonaiBundle, images: Sequence[np.ndarray], geometry: Geometry, labels: np.ndarray,

@@ -44,8 +44,10 @@ from vila_m3.training.stand_in_training import (
     PhantomRecipe,
     StandInReport,
     dice,
+    open_stand_in,
     preprocessed_pair,
     relabel_bundle,
+    train_network,
 )
 
 __all__ = ["TRAINING_RECORD", "Vista3DStandInRecipe", "Vista3DStandInReport", "phantom_ct",
@@ -164,9 +166,7 @@ def train_vista3d_stand_in(
     from vila_m3.samples.ct_phantom import LABEL_NAMES
 
     started = time.perf_counter()
-    bundle = MonaiBundle(bundle_dir)
-    if not bundle.info.is_stand_in:
-        raise ValueError(f"{bundle.root} holds real VISTA3D weights; only a stand-in is trained here")
+    bundle = open_stand_in(bundle_dir, "VISTA3D")
     subclass = {str(k): [int(v) for v in vs] for k, vs in (bundle.get("subclass") or {}).items()}
     last_supported = int(bundle.raw("network_def#point_head").get("last_supported", 132))
     learned = _learnable(LABEL_NAMES, subclass)
@@ -182,40 +182,29 @@ def train_vista3d_stand_in(
     rng = np.random.default_rng(recipe.seed)
     crop.set_random_state(seed=recipe.seed)
 
-    network = bundle.load_network(device="cpu").train()
-    optimizer = torch.optim.AdamW(network.parameters(), lr=recipe.learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.steps)
     dice_loss = DiceLoss(sigmoid=True, reduction="none")
-    losses: list[float] = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(recipe.seed)
-        for step in range(1, recipe.steps + 1):
-            item = crop(items[int(rng.integers(len(items)))])
-            label = item["label"]
-            target = torch.stack([(label == i).float() for i in ids])  # (B, 1, X, Y, Z)
-            # a subclass (a vertebra) is taught only where its undivided phantom class (bone) is not
-            weight = torch.stack([(label != inside[i]).float() if i in inside else torch.ones_like(target[0])
-                                  for i in ids])
-            # a weighted class's own voxels count class_weight times
-            weight = weight * (1.0 + (class_weight - 1.0).reshape(-1, 1, 1, 1, 1) * target)
-            logits = network(item["image"].unsqueeze(0), class_vector=prompts).float()
-            # cross-entropy on every prompt (absent ones learn "nothing here"); Dice on the learnt ones,
-            # where it balances a small tumour against a large liver (a weighted mean over the classes)
-            present = torch.as_tensor([i in learned for i in ids]) & (target.flatten(1).amax(1) > 0)
-            loss = binary_cross_entropy_with_logits(logits, target, weight=weight)
-            if bool(present.any()):
-                per_class = dice_loss(logits[present], target[present]).flatten()
-                loss = loss + (per_class * class_weight[present]).sum() / class_weight[present].sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            losses.append(float(loss.detach()))
-            if step % 25 == 0 or step == recipe.steps:
-                log(f"VISTA3D stand-in step {step}/{recipe.steps}: loss {np.mean(losses[-25:]):.4f}")
+    is_learned = torch.as_tensor([i in learned for i in ids])
 
-    model_path = bundle.root / "models" / "model.pt"
-    torch.save({k: v.detach().clone().contiguous() for k, v in network.state_dict().items()}, model_path)
+    def step_loss(network: torch.nn.Module) -> torch.Tensor:
+        item = crop(items[int(rng.integers(len(items)))])
+        label = item["label"]
+        target = torch.stack([(label == i).float() for i in ids])  # (B, 1, X, Y, Z)
+        # a subclass (a vertebra) is taught only where its undivided phantom class (bone) is not
+        weight = torch.stack([(label != inside[i]).float() if i in inside else torch.ones_like(target[0])
+                              for i in ids])
+        # a weighted class's own voxels count class_weight times
+        weight = weight * (1.0 + (class_weight - 1.0).reshape(-1, 1, 1, 1, 1) * target)
+        logits = network(item["image"].unsqueeze(0), class_vector=prompts).float()
+        # cross-entropy on every prompt (absent ones learn "nothing here"); Dice on the learnt ones,
+        # where it balances a small tumour against a large liver (a weighted mean over the classes)
+        present = is_learned & (target.flatten(1).amax(1) > 0)
+        loss = binary_cross_entropy_with_logits(logits, target, weight=weight)
+        if bool(present.any()):
+            per_class = dice_loss(logits[present], target[present]).flatten()
+            loss = loss + (per_class * class_weight[present]).sum() / class_weight[present].sum()
+        return loss
+
+    losses = train_network(bundle, recipe, step_loss, log)
 
     ct, truth = phantom_ct(recipe.evaluation_seed)
     runner = Vista3DRunner(bundle.root, device="cpu")
