@@ -2,9 +2,9 @@
 
 A random stand-in (:func:`vila_m3.models.tiny_bundles.make_tiny_vista3d_bundle`) returns noise. For
 the demo, its network is trained here on phantom CTs of several seeds, with their ground truth, so
-that a question about the sample CT comes back with a labelmap that outlines its organs (with the
-recipe of ``configs/demo_experts.yaml``: liver, spleen and kidneys; the small, low-contrast hepatic
-tumours are prompted but not learnt yet). Everything goes through the bundle as the runner uses it:
+that a question about the sample CT comes back with a labelmap that outlines its organs and its
+hepatic tumours (the recipe's ``class_weights`` give the small, low-contrast tumours more of the loss
+than their size would). Everything goes through the bundle as the runner uses it:
 
 - each CT goes through the bundle's own ``preprocessing`` transforms (4 mm spacing, foreground crop,
   intensity window, RAS); its labelmap is resampled onto the result (nearest neighbour) and both
