@@ -47,7 +47,8 @@ from vila_m3.training.stand_in_training import (
     train_network,
 )
 
-__all__ = ["REGIONS", "TRAINING_RECORD", "BratsStandInRecipe", "phantom_mri", "region_targets", "train_brats_stand_in"]
+__all__ = ["REGIONS", "TRAINING_RECORD", "BratsStandInRecipe", "phantom_mri", "region_targets", "train_brats_stand_in",
+           "training_item"]
 
 #: The bundle's output channels: region name -> the BRATS labels it covers (EXPERT_PROTOCOL.md §5).
 REGIONS: dict[str, tuple[int, ...]] = {
@@ -98,7 +99,7 @@ def phantom_mri(seed: int) -> tuple[dict[str, Volume], Volume]:
     return sequences, Volume(array=phantom.labels, geometry=geometry)
 
 
-def _training_item(bundle: MonaiBundle, sequences: Mapping[str, Volume], labels: Volume) -> dict[str, torch.Tensor]:
+def training_item(bundle: MonaiBundle, sequences: Mapping[str, Volume], labels: Volume) -> dict[str, torch.Tensor]:
     """One study through the bundle's preprocessing (channels T1c, T1, T2, FLAIR), labels on its grid."""
     from vila_m3.experts.brats import SEQUENCES
 
@@ -136,7 +137,7 @@ def train_brats_stand_in(
 
     started = time.perf_counter()
     bundle = open_stand_in(bundle_dir, "BRATS")
-    items = [_training_item(bundle, *phantom_mri(seed)) for seed in recipe.study_seeds]
+    items = [training_item(bundle, *phantom_mri(seed)) for seed in recipe.study_seeds]
     crop = RandCropByPosNegLabeld(keys=("image", "label"), label_key="label", spatial_size=recipe.crop,
                                   pos=1.0, neg=1.0, num_samples=1, allow_smaller=True)
     crop.set_random_state(seed=recipe.seed)
