@@ -54,6 +54,26 @@ def test_a_class_weight_gives_its_class_more_of_the_loss(tmp_path):
     assert first["weighted"] > first["plain"]
 
 
+def test_training_gives_the_same_network_whatever_the_thread_count(tmp_path):
+    """Training runs on one thread, so a machine's core count does not change what is learnt; the
+    caller's thread setting is restored."""
+    import torch
+
+    threads = torch.get_num_threads()
+    weights = []
+    try:
+        for count in (2, 1):
+            torch.set_num_threads(count)
+            bundle = make_tiny_vista3d_bundle(tmp_path / f"threads{count}")
+            train_vista3d_stand_in(bundle, Vista3DStandInRecipe(study_seeds=(1,), steps=3), log=lambda text: None)
+            assert torch.get_num_threads() == count
+            weights.append(torch.load(bundle / "models" / "model.pt", weights_only=True))
+    finally:
+        torch.set_num_threads(threads)
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+
+
 def test_real_weights_are_refused_and_left_alone(tmp_path):
     bundle = make_tiny_vista3d_bundle(tmp_path / "vista3d")
     path = bundle / METADATA_CONFIG
