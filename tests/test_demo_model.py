@@ -186,3 +186,18 @@ def test_make_run_refuses_a_bad_demo_recipe_before_building(tmp_path, sample_dat
     assert done.returncode == 2, done.stdout
     assert done.stderr.strip().splitlines() == [f"error: demo recipe {recipe} has unknown keys: trainig"]
     assert not models.exists()
+
+
+def test_a_change_of_training_code_retrains_the_stand_ins(monkeypatch):
+    """A stand-in build is cached by its fingerprint; a new revision of the training code (which can
+    change what an unchanged recipe learns) gives a new one, and ``train`` alone does not."""
+    from vila_m3.training import stand_in_training
+    from vila_m3.training.demo import TRAINABLE_EXPERTS
+
+    for expert in TRAINABLE_EXPERTS.values():
+        before = expert.fingerprint({"steps": 2})
+        assert expert.fingerprint({"steps": 2, "train": True}) == before
+        assert expert.fingerprint({"steps": 3}) != before
+        with monkeypatch.context() as patch:
+            patch.setattr(stand_in_training, "TRAINING_REVISION", stand_in_training.TRAINING_REVISION + 1)
+            assert expert.fingerprint({"steps": 2}) != before

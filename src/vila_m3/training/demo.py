@@ -261,15 +261,17 @@ class _TrainableExpert:
 
     def fingerprint(self, config: Mapping[str, Any]) -> str:
         """sha256 of what a trained stand-in depends on: the recipe, the stand-in bundle's
-        ``inference.json`` and package version, and the phantoms (the sample generator's version)."""
+        ``inference.json``, the package version and training code's revision, and the phantoms (the
+        sample generator's version)."""
         import hashlib
 
         from vila_m3 import __version__
         from vila_m3.samples.generate import GENERATOR_VERSION
+        from vila_m3.training.stand_in_training import TRAINING_REVISION
 
         text = json.dumps({"recipe": {k: v for k, v in config.items() if k != "train"}, "version": __version__,
-                           "phantoms": GENERATOR_VERSION, "bundle": self._load(self.inference_config)()},
-                          sort_keys=True)
+                           "training": TRAINING_REVISION, "phantoms": GENERATOR_VERSION,
+                           "bundle": self._load(self.inference_config)()}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
 
     def train(self, bundle: Path, recipe: Any, log: Callable[[str], None]) -> Any:

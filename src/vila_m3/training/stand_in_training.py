@@ -23,11 +23,15 @@ from monai.transforms import Compose, ResampleToMatch
 from vila_m3.experts.bundle import METADATA_CONFIG, STAND_IN_FIELD, MonaiBundle, image_from_arrays
 from vila_m3.imaging import Geometry
 
-__all__ = ["TRAINING_RECORD", "PhantomRecipe", "StandInReport", "dice", "open_stand_in", "preprocessed_pair",
+__all__ = ["TRAINING_RECORD", "TRAINING_REVISION", "PhantomRecipe", "StandInReport", "dice", "open_stand_in", "preprocessed_pair",
            "relabel_bundle", "train_network"]
 
 #: Written into the bundle's ``docs/`` folder: the recipe, the loss curve and the held-out Dice.
 TRAINING_RECORD = "docs/training_record.json"
+
+#: Revision of the training code, part of a demo build's fingerprint: raise it when a change here or in
+#: a trainer changes what an unchanged recipe learns (2: training pinned to one CPU thread).
+TRAINING_REVISION = 2
 
 
 @dataclass(frozen=True)
