@@ -43,7 +43,7 @@ from VILAM3ChatLib.client import StudyRef, VilaM3Client, turn_params  # noqa: E4
 from vila_m3.configs import load_config  # noqa: E402
 from vila_m3.models.manifest import ModelManifest, resolve_models_dir  # noqa: E402
 from vila_m3.training.demo import DEMO_EVALUATION, demo_config, stage_demo  # noqa: E402
-from vila_m3.training.evaluation import format_report  # noqa: E402
+from vila_m3.training.evaluation import answer_lines, format_report  # noqa: E402
 
 CT_IMAGE = "ct_abdomen"
 
@@ -66,14 +66,8 @@ def held_out_table(checkpoint: Path, models_dir: Path, evaluate: bool) -> str:
         f"held-out questions that need an expert (target >= {100 * targets['trigger_accuracy']:.0f} %)",
         f"false calls:               {100 * summary['false_call_rate']:.1f} % of {summary['needs_no_call']} "
         f"held-out questions that need none (target <= {100 * targets['false_call_rate']:.0f} %)",
-        *[f"{label}{_pct(summary.get(key))}" for label, key in (
-            ("yes/no answers right:      ", "yes_no_accuracy"), ("count answers right:       ", "count_accuracy"),
-            ("whole answers exact:       ", "exact_answer_rate"))],
+        *answer_lines(summary),
     ])
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f} %"
 
 
 def tumour_slice(studies: Path) -> int | None:
@@ -88,7 +82,7 @@ def tumour_slice(studies: Path) -> int | None:
     truth = read_volume(truth_path)
     tumour_id = next(int(i) for i, name in load_config("vista3d_classes.json")["classes"].items()
                      if name == "hepatic tumor")
-    per_slice = (ras_view(np.asarray(truth.array), truth.geometry) == int(tumour_id)).sum(axis=(1, 2))
+    per_slice = (ras_view(np.asarray(truth.array), truth.geometry) == tumour_id).sum(axis=(1, 2))
     return int(per_slice.argmax()) if per_slice.any() else None
 
 

@@ -73,19 +73,6 @@ def test_targets_are_the_bundles_three_regions():
     assert list(REGIONS) == ["tumor core", "whole tumor", "enhancing tumor"]
 
 
-def test_real_weights_are_refused_and_left_alone(tmp_path):
-    bundle = make_tiny_brats_bundle(tmp_path / "brats")
-    path = bundle / METADATA_CONFIG
-    metadata = json.loads(path.read_text(encoding="utf-8"))
-    del metadata[STAND_IN_FIELD]
-    path.write_text(json.dumps(metadata), encoding="utf-8")
-    weights = (bundle / "models" / "model.pt").read_bytes()
-    with pytest.raises(ValueError, match="holds real BRATS weights"):
-        train_brats_stand_in(bundle, BratsStandInRecipe(study_seeds=(1,), steps=1), log=lambda text: None)
-    assert (bundle / "models" / "model.pt").read_bytes() == weights
-    assert path.read_text(encoding="utf-8") == json.dumps(metadata)
-
-
 @pytest.mark.parametrize(("config", "problem"), [
     ({"study_seeds": [0, 1]}, "evaluation phantom"),
     ({"steps": 0}, "steps >= 1"),

@@ -74,18 +74,6 @@ def test_training_gives_the_same_network_whatever_the_thread_count(tmp_path):
     assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
 
 
-def test_real_weights_are_refused_and_left_alone(tmp_path):
-    bundle = make_tiny_vista3d_bundle(tmp_path / "vista3d")
-    path = bundle / METADATA_CONFIG
-    metadata = json.loads(path.read_text(encoding="utf-8"))
-    del metadata[STAND_IN_FIELD]
-    path.write_text(json.dumps(metadata), encoding="utf-8")
-    weights = (bundle / "models" / "model.pt").read_bytes()
-    with pytest.raises(ValueError, match="holds real VISTA3D weights"):
-        train_vista3d_stand_in(bundle, Vista3DStandInRecipe(study_seeds=(1,), steps=1), log=lambda text: None)
-    assert (bundle / "models" / "model.pt").read_bytes() == weights and path.read_text(encoding="utf-8") == json.dumps(metadata)
-
-
 @pytest.mark.parametrize(("config", "problem"), [
     ({"study_seeds": [0, 1]}, "evaluation phantom"),
     ({"steps": 0}, "steps >= 1"),

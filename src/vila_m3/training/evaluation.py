@@ -30,7 +30,7 @@ from vila_m3.experts.triggers import find_triggers
 from vila_m3.training.examples import read_records, record_images
 from vila_m3.vlm.prompting import as_turns, count_placeholders
 
-__all__ = ["EvaluationReport", "RecordOutcome", "evaluate_triggers", "format_report", "product_registry"]
+__all__ = ["EvaluationReport", "RecordOutcome", "answer_lines", "evaluate_triggers", "format_report", "product_registry"]
 
 _YES_NO = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
 _NUMBER = re.compile(r"\b(\d+|no)\b", re.IGNORECASE)
@@ -229,6 +229,16 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f} %"
 
 
+def answer_lines(summary: Mapping[str, Any]) -> list[str]:
+    """The answer rates of a report's :meth:`~EvaluationReport.as_dict` (or a stored copy of it), one a line."""
+    return [
+        f"yes/no answers right:      {_pct(summary.get('yes_no_accuracy'))}",
+        f"count answers right:       {_pct(summary.get('count_accuracy'))}",
+        f"whole answers exact:       {_pct(summary.get('exact_answer_rate'))} (yes/no and count answers equal to "
+        "the expected text)",
+    ]
+
+
 def format_report(report: EvaluationReport, targets: Mapping[str, float] | None = None) -> str:
     """A table by category / kind, then the totals (against ``targets`` when given)."""
     groups: dict[str, list[RecordOutcome]] = defaultdict(list)
@@ -251,10 +261,7 @@ def format_report(report: EvaluationReport, targets: Mapping[str, float] | None 
                  f"questions that need an expert")
     lines.append(f"false calls:               {_pct(summary['false_call_rate'])} of {summary['needs_no_call']} "
                  f"questions that need none")
-    lines.append(f"yes/no answers right:      {_pct(summary['yes_no_accuracy'])}")
-    lines.append(f"count answers right:       {_pct(summary['count_accuracy'])}")
-    lines.append(f"whole answers exact:       {_pct(summary['exact_answer_rate'])} (yes/no and count answers "
-                 "equal to the expected text)")
+    lines.extend(answer_lines(summary))
     if targets:
         accuracy, false_calls = summary["trigger_accuracy"], summary["false_call_rate"]
         if "trigger_accuracy" in targets and accuracy is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,8 @@ from monai.transforms import Compose, ResampleToMatch
 from vila_m3.experts.bundle import METADATA_CONFIG, STAND_IN_FIELD, MonaiBundle, image_from_arrays
 from vila_m3.imaging import Geometry
 
-__all__ = ["TRAINING_RECORD", "TRAINING_REVISION", "PhantomRecipe", "StandInReport", "dice", "open_stand_in", "preprocessed_pair",
-           "relabel_bundle", "train_network"]
+__all__ = ["TRAINING_RECORD", "TRAINING_REVISION", "PhantomRecipe", "StandInReport", "dice", "open_stand_in",
+           "preprocessed_pair", "relabel_bundle", "train_network"]
 
 #: Written into the bundle's ``docs/`` folder: the recipe, the loss curve and the held-out Dice.
 TRAINING_RECORD = "docs/training_record.json"
@@ -91,7 +91,6 @@ class StandInReport:
     dice: dict[int, float]
     seconds: float
     recipe: PhantomRecipe
-    notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready (ids as strings)."""
