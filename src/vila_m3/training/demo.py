@@ -31,9 +31,10 @@ from vila_m3.configs import config_path, load_config
 from vila_m3.data.config import DatagenConfig, parse_datagen_config
 from vila_m3.training.evaluation import EvaluationReport, evaluate_triggers, format_report
 from vila_m3.training.options import TrainingOptions
+from vila_m3.training.reproducible import fixed_cpu_threads
 
 __all__ = ["DEMO_EVALUATION", "DemoBuild", "build_demo_vlm", "demo_config", "demo_datagen_config", "load_demo_recipe",
-           "real_weights_staged", "stage_demo"]
+           "demo_cpu_threads", "real_weights_staged", "stage_demo"]
 
 DEMO_EVALUATION = "demo_evaluation.json"
 
@@ -64,6 +65,15 @@ def demo_datagen_config(config: Mapping[str, Any]) -> DatagenConfig:
     """``configs/datagen.yaml`` with the demo's ``datagen`` overrides."""
     raw = yaml.safe_load(config_path("datagen.yaml").read_text(encoding="utf-8"))
     return parse_datagen_config(_merged(raw, config.get("datagen") or {}))
+
+
+def demo_cpu_threads(config: Mapping[str, Any]) -> int:
+    """The recipe's ``cpu_threads``: how many CPU threads the fine-tuning and evaluation run on (fixed,
+    so that every machine builds the same model; see :mod:`vila_m3.training.reproducible`)."""
+    threads = config.get("cpu_threads", 1)
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise DemoError(f"demo recipe: cpu_threads must be a whole number >= 1, got {threads!r}")
+    return threads
 
 
 def _texts(export_dir: Path) -> list[str]:
@@ -125,13 +135,15 @@ def build_demo_vlm(
         image_size=int(model["image_size"]), num_shards=1, note=note, rope_theta=model.get("rope_theta"),
     )
 
-    log("demo model 4/5: fine-tuning")
+    threads = demo_cpu_threads(config)
+    log(f"demo model 4/5: fine-tuning (on {threads} CPU threads whatever the machine has: the same model everywhere)")
     options = TrainingOptions.from_config(config.get("training") or {})
-    result = fine_tune(base, exports["train"], work / "run", options, note=note, progress=progress, log=log)
+    with fixed_cpu_threads(threads):
+        result = fine_tune(base, exports["train"], work / "run", options, note=note, progress=progress, log=log)
 
-    log("demo model 5/5: trigger evaluation on held-out phrasings")
-    chat = VilaChat.from_pretrained(result.checkpoint, device="cpu")
-    report = evaluate_triggers(chat, exports["heldout"], split="all")
+        log("demo model 5/5: trigger evaluation on held-out phrasings")
+        chat = VilaChat.from_pretrained(result.checkpoint, device="cpu")
+        report = evaluate_triggers(chat, exports["heldout"], split="all")
     targets = {"trigger_accuracy": float(evaluation.get("target_trigger_accuracy", 0.95)),
                "false_call_rate": float(evaluation.get("target_false_call_rate", 0.05))}
     table = format_report(report, targets)
@@ -383,6 +395,10 @@ def load_demo_recipe(path: str | Path) -> dict[str, Any]:
     merged = demo_experts_config(experts)
     for task, expert in TRAINABLE_EXPERTS.items():
         expert.recipe_of(merged.get(task) or {}, task, f"demo recipe {recipe}")
+    try:
+        demo_cpu_threads(demo_config({k: v for k, v in loaded.items() if k != "experts"}))
+    except DemoError as err:
+        raise DemoError(str(err).replace("demo recipe", f"demo recipe {recipe}", 1)) from None
     return loaded
 
 

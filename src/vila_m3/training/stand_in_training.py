@@ -22,6 +22,7 @@ from monai.transforms import Compose, ResampleToMatch
 
 from vila_m3.experts.bundle import METADATA_CONFIG, STAND_IN_FIELD, MonaiBundle, image_from_arrays
 from vila_m3.imaging import Geometry
+from vila_m3.training.reproducible import fixed_cpu_threads
 
 __all__ = ["TRAINING_RECORD", "TRAINING_REVISION", "PhantomRecipe", "StandInReport", "dice", "open_stand_in",
            "preprocessed_pair", "relabel_bundle", "train_network"]
@@ -136,21 +137,16 @@ def train_network(bundle: MonaiBundle, recipe: PhantomRecipe, step_loss: Callabl
     random state seeded by ``recipe.seed`` (and restored afterwards). ``step_loss(network)`` draws one
     training item and returns its loss. Progress goes to ``log`` every 25 steps and at the end.
 
-    Training runs on one CPU thread (the setting is restored afterwards): these tiny networks gain
-    little from more, and with another thread count the sums come out in another order, the runs
-    drift apart, and which small class is learnt changes from machine to machine (measured: the same
-    VISTA3D recipe gave hepatic tumour Dice 0.79 on one thread and 0.00 on two).
+    Training runs on one CPU thread (:func:`vila_m3.training.reproducible.fixed_cpu_threads`): these
+    tiny networks gain little from more, and on another thread count which small class is learnt
+    changes from machine to machine.
 
     Returns:
         The loss of every step.
     """
     network = bundle.load_network(device="cpu").train()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with fixed_cpu_threads(1):
         losses = _optimise(network, recipe, step_loss, log)
-    finally:
-        torch.set_num_threads(threads)
     torch.save({k: v.detach().clone().contiguous() for k, v in network.state_dict().items()},
                bundle.root / "models" / "model.pt")
     return losses
