@@ -159,6 +159,8 @@ def test_make_run_checks_its_settings_before_building_the_demo(tmp_path):
     ("experts:\n  brats:\n    crop: [8, 8, 8]\n", "experts brats: crop must be three voxel counts"),
     ("experts:\n  vista3d:\n    steps: 0\n", "experts vista3d: .*steps >= 1"),
     ("experts:\n  vista3d:\n    epochs: 2\n", "unknown VISTA3D stand-in training keys: epochs"),
+    ("cpu_threads: 0\n", r"recipe.yaml: cpu_threads must be a whole number >= 1, got 0"),
+    ("cpu_threads: two\n", r"cpu_threads must be a whole number >= 1, got 'two'"),
 ])
 def test_a_bad_demo_recipe_is_named(tmp_path, text, problem):
     recipe = tmp_path / "recipe.yaml"
@@ -201,3 +203,30 @@ def test_a_change_of_training_code_retrains_the_stand_ins(monkeypatch):
         with monkeypatch.context() as patch:
             patch.setattr(stand_in_training, "TRAINING_REVISION", stand_in_training.TRAINING_REVISION + 1)
             assert expert.fingerprint({"steps": 2}) != before
+
+
+def test_the_demo_model_is_the_same_whatever_the_machine_s_thread_count(staged, tmp_path):
+    """The fine-tuning runs on the recipe's fixed CPU thread count: a build on a machine whose torch
+    uses another number of threads gives the same weights, to the bit, and the caller's setting is kept."""
+    import torch
+    from safetensors.torch import load_file
+
+    from vila_m3.training.demo import build_demo_vlm
+
+    models, _ = staged
+    first = ModelManifest.load()["vila_m3_8b"].location(models)
+    threads = torch.get_num_threads()
+    other = 1 if threads > 1 else 3
+    torch.set_num_threads(other)
+    try:
+        second = build_demo_vlm(tmp_path / "again", tmp_path / "work", overrides=QUICK, progress=False,
+                                log=lambda text: None).checkpoint
+        assert torch.get_num_threads() == other
+    finally:
+        torch.set_num_threads(threads)
+    for part in ("llm", "mm_projector", "vision_tower"):
+        files = sorted(p.name for p in (first / part).glob("*.safetensors"))
+        assert files == sorted(p.name for p in (second / part).glob("*.safetensors")) and files
+        for name in files:
+            a, b = load_file(first / part / name), load_file(second / part / name)
+            assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a), f"{part}/{name}"

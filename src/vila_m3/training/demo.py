@@ -31,7 +31,7 @@ from vila_m3.configs import config_path, load_config
 from vila_m3.data.config import DatagenConfig, parse_datagen_config
 from vila_m3.training.evaluation import EvaluationReport, evaluate_triggers, format_report
 from vila_m3.training.options import TrainingOptions
-from vila_m3.training.reproducible import fixed_cpu_threads
+from vila_m3.training.reproducible import checked_thread_count, fixed_cpu_threads
 
 __all__ = ["DEMO_EVALUATION", "DemoBuild", "build_demo_vlm", "demo_config", "demo_datagen_config", "load_demo_recipe",
            "demo_cpu_threads", "real_weights_staged", "stage_demo"]
@@ -70,10 +70,10 @@ def demo_datagen_config(config: Mapping[str, Any]) -> DatagenConfig:
 def demo_cpu_threads(config: Mapping[str, Any]) -> int:
     """The recipe's ``cpu_threads``: how many CPU threads the fine-tuning and evaluation run on (fixed,
     so that every machine builds the same model; see :mod:`vila_m3.training.reproducible`)."""
-    threads = config.get("cpu_threads", 1)
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise DemoError(f"demo recipe: cpu_threads must be a whole number >= 1, got {threads!r}")
-    return threads
+    try:
+        return checked_thread_count(config.get("cpu_threads", 1), "demo recipe: cpu_threads")
+    except ValueError as err:
+        raise DemoError(str(err)) from None
 
 
 def _texts(export_dir: Path) -> list[str]:

@@ -14,14 +14,20 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["fixed_cpu_threads"]
+__all__ = ["checked_thread_count", "fixed_cpu_threads"]
+
+
+def checked_thread_count(count: object, name: str = "the CPU thread count") -> int:
+    """``count`` when it is a whole number >= 1; else ValueError naming ``name``."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, got {count!r}")
+    return count
 
 
 @contextmanager
 def fixed_cpu_threads(count: int) -> Iterator[None]:
     """Run the block with torch on ``count`` CPU threads; the previous setting is restored afterwards."""
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"the CPU thread count must be a whole number >= 1, got {count!r}")
+    checked_thread_count(count)
     threads = torch.get_num_threads()
     torch.set_num_threads(count)
     try:
