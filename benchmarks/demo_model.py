@@ -97,6 +97,14 @@ def same_geometry(a: Path, b: Path, tolerance: float = 1e-4) -> bool:
     return size_a == size_b and all(np.allclose(x, y, atol=tolerance) for x, y in zip(rest_a, rest_b, strict=True))
 
 
+def present_labels(labelmap: Path, calls: list[dict]) -> str:
+    """The labels a labelmap holds, named by the expert calls' ``label_names``, with their voxel counts."""
+    names = {int(i): name for call in calls for name, i in (call.get("label_names") or {}).items()}
+    ids, counts = np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(labelmap))), return_counts=True)
+    found = [f"{names.get(int(i), f'label {int(i)}')} ({n} voxels)" for i, n in zip(ids, counts, strict=True) if i]
+    return ", ".join(found) or "nothing"
+
+
 def ask(models_dir: Path, studies: Path, question: str, expect: str, slice_index: int | None) -> int:
     """One turn about the sample CT through a real server; prints what the user sees. Returns the exit code."""
     ct = studies / f"{CT_IMAGE}.nii.gz"
@@ -120,7 +128,7 @@ def ask(models_dir: Path, studies: Path, question: str, expect: str, slice_index
             print(f"  [{message.get('role')}] {message.get('text')}{error}")
         print(f"answer: {answer.answer}")
         for call in answer.experts:
-            print(f"expert: {call.get('expert')}({call.get('argument')})  labels {sorted(call.get('label_names') or {})}"
+            print(f"expert: {call.get('expert')}({call.get('argument')})"
                   f"{'  ERROR ' + str(call.get('error')) if call.get('error') else ''}")
         for notice in answer.raw.get("notices") or []:
             print(f"notice: {notice}")
@@ -134,6 +142,7 @@ def ask(models_dir: Path, studies: Path, question: str, expect: str, slice_index
         else:
             matches = same_geometry(Path(answer.labelmap_path), ct)
             print(f"labelmap: {geometry(Path(answer.labelmap_path))[0]} voxels; geometry equals the CT's: {matches}")
+            print(f"labelmap holds: {present_labels(Path(answer.labelmap_path), answer.experts)}")
             if not matches:
                 failures.append("the labelmap's geometry differs from the CT's")
             Path(answer.labelmap_path).unlink()
