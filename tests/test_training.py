@@ -188,6 +188,8 @@ def test_lora_trains_adapters_and_saves_them_merged_in_the_released_layout(base,
     ({"learning_rat": 1.0}, "unknown training option"),
     ({"lora_enabled": True, "parts": "projector"}, "LoRA adapts the LLM"),
     ({"precision": "fp8"}, "precision must be"),
+    ({"device": "tpu"}, "device must be one of auto, cpu; got 'tpu'"),
+    ({"device": "cpu", "precision": "bf16"}, "bf16 needs a GPU; with device cpu"),
     ({"warmup_ratio": 1.5}, "warmup_ratio"),
 ])
 def test_bad_options_are_refused_by_name(overrides, message):

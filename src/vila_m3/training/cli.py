@@ -27,7 +27,7 @@ def _train(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {
         "parts": args.parts, "learning_rate": args.learning_rate, "epochs": args.epochs, "max_steps": args.max_steps,
         "batch_size": args.batch_size, "gradient_accumulation": args.gradient_accumulation,
-        "precision": args.precision, "save_steps": args.save_steps, "eval_steps": args.eval_steps,
+        "precision": args.precision, "device": args.device, "save_steps": args.save_steps, "eval_steps": args.eval_steps,
         "logging_steps": args.logging_steps, "seed": args.seed, "warmup_ratio": args.warmup_ratio,
         "lora_enabled": True if args.lora else None, "lora_r": args.lora_r,
         "gradient_checkpointing": False if args.no_gradient_checkpointing else None,
@@ -124,6 +124,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--gradient-accumulation", type=int)
     train.add_argument("--warmup-ratio", type=float)
     train.add_argument("--precision", choices=("auto", "bf16", "fp32"))
+    train.add_argument("--device", choices=("auto", "cpu"), help="auto: a GPU when there is one (default)")
     train.add_argument("--lora", action="store_true", help="LoRA adapters on the LLM (merged into the saved checkpoint)")
     train.add_argument("--lora-r", type=int)
     train.add_argument("--no-gradient-checkpointing", action="store_true")

@@ -136,7 +136,7 @@ def build_demo_vlm(
     )
 
     threads = demo_cpu_threads(config)
-    log(f"demo model 4/5: fine-tuning (on {threads} CPU threads whatever the machine has: the same model everywhere)")
+    log(f"demo model 4/5: fine-tuning (on {threads} CPU threads, whatever the machine has: the same model everywhere)")
     options = TrainingOptions.from_config(config.get("training") or {})
     with fixed_cpu_threads(threads):
         result = fine_tune(base, exports["train"], work / "run", options, note=note, progress=progress, log=log)

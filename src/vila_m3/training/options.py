@@ -13,6 +13,7 @@ __all__ = ["PARTS", "LoraOptions", "TrainingOptions", "TrainingOptionsError"]
 
 PARTS = ("llm", "projector", "vision")
 PRECISIONS = ("auto", "bf16", "fp32")
+DEVICES = ("auto", "cpu")
 
 
 class TrainingOptionsError(ValueError):
@@ -43,6 +44,7 @@ class TrainingOptions:
     batch_size: int = 4
     gradient_accumulation: int = 4
     precision: str = "auto"
+    device: str = "auto"
     gradient_checkpointing: bool = True
     lora: LoraOptions = field(default_factory=LoraOptions)
     eval_steps: int = 0
@@ -93,6 +95,10 @@ class TrainingOptions:
             raise TrainingOptionsError("LoRA adapts the LLM: add 'llm' to parts or turn LoRA off")
         if self.precision not in PRECISIONS:
             raise TrainingOptionsError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
+        if self.device not in DEVICES:
+            raise TrainingOptionsError(f"device must be one of {', '.join(DEVICES)}; got {self.device!r}")
+        if self.device == "cpu" and self.precision == "bf16":
+            raise TrainingOptionsError("precision bf16 needs a GPU; with device cpu use precision auto or fp32")
         positive = {"learning_rate": self.learning_rate, "batch_size": self.batch_size,
                     "gradient_accumulation": self.gradient_accumulation, "logging_steps": self.logging_steps}
         for name, value in positive.items():

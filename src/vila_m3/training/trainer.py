@@ -79,9 +79,14 @@ class _VilaTrainer(Trainer):
         target.load_state_dict(saved.state_dict())
 
 
+def _on_cpu(options: TrainingOptions) -> bool:
+    """Whether the run trains on the CPU: asked for (``device: cpu``), or no GPU is there."""
+    return options.device == "cpu" or not torch.cuda.is_available()
+
+
 def _precision(options: TrainingOptions) -> bool:
     """Whether to train in bfloat16 mixed precision."""
-    gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    gpu_bf16 = not _on_cpu(options) and torch.cuda.is_bf16_supported()
     if options.precision == "bf16" and not gpu_bf16:
         raise TrainingError("precision bf16 needs a GPU with bfloat16 support; use precision auto or fp32")
     return options.precision == "bf16" or (options.precision == "auto" and gpu_bf16)
@@ -200,7 +205,7 @@ def fine_tune(
         dataloader_num_workers=0,
         report_to="none",
         disable_tqdm=not progress,
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=_on_cpu(options),
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer = _VilaTrainer(
