@@ -31,6 +31,10 @@ def test_training_lowers_the_loss_and_relabels_the_bundle(tmp_path):
     assert set(report.dice) == set(report.learned) == {1, 3, 5, 14, 26}
     assert all(0.0 <= value <= 1.0 for value in report.dice.values())
     assert "Dice on the held-out phantom (seed 0)" in lines[-1]
+    # what it gives classes no phantom has is measured and said, not assumed to be nothing
+    assert set(report.absent_voxels) == {4, 24}
+    assert (f"classes no phantom has: pancreas {report.absent_voxels[4]}, "
+            f"pancreatic tumor {report.absent_voxels[24]}") in lines[-1]
 
     metadata = json.loads((bundle / METADATA_CONFIG).read_text(encoding="utf-8"))
     assert "trained on synthetic phantom CTs" in metadata[STAND_IN_FIELD]

@@ -53,7 +53,7 @@ from vila_m3.training.stand_in_training import (
 __all__ = ["TRAINING_RECORD", "Vista3DStandInRecipe", "Vista3DStandInReport", "phantom_ct",
            "train_vista3d_stand_in"]
 #: Classes no phantom has, checked to come back empty: the ``pancreatic tumor`` group (pancreas, tumour).
-_ABSENT_CHECK = (4, 24)
+_ABSENT_CHECK = {4: "pancreas", 24: "pancreatic tumor"}
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,13 @@ class Vista3DStandInReport(StandInReport):
 
     def as_dict(self) -> dict[str, Any]:
         return {**super().as_dict(), "heldout_absent_voxels": {str(k): v for k, v in self.absent_voxels.items()}}
+
+    def absent_text(self) -> str:
+        """``pancreas 475, pancreatic tumor 0``: voxels given to classes no phantom has, on the held-out CT."""
+        return ", ".join(f"{_ABSENT_CHECK.get(i, f'class {i}')} {n}" for i, n in sorted(self.absent_voxels.items()))
+
+    def summary(self) -> str:
+        return f"{super().summary()}; voxels it gives classes no phantom has: {self.absent_text()}"
 
 
 def phantom_ct(seed: int) -> tuple[Volume, Volume]:
