@@ -67,11 +67,12 @@ def demo_datagen_config(config: Mapping[str, Any]) -> DatagenConfig:
     return parse_datagen_config(_merged(raw, config.get("datagen") or {}))
 
 
-def demo_cpu_threads(config: Mapping[str, Any]) -> int:
+def demo_cpu_threads(config: Mapping[str, Any], source: str = "demo recipe") -> int:
     """The recipe's ``cpu_threads``: how many CPU threads the fine-tuning and evaluation run on (fixed,
-    so that every machine builds the same model; see :mod:`vila_m3.training.reproducible`)."""
+    so that every machine builds the same model; see :mod:`vila_m3.training.reproducible`); DemoError
+    naming ``source`` when invalid."""
     try:
-        return checked_thread_count(config.get("cpu_threads", 1), "demo recipe: cpu_threads")
+        return checked_thread_count(config.get("cpu_threads", 1), f"{source}: cpu_threads")
     except ValueError as err:
         raise DemoError(str(err)) from None
 
@@ -395,10 +396,7 @@ def load_demo_recipe(path: str | Path) -> dict[str, Any]:
     merged = demo_experts_config(experts)
     for task, expert in TRAINABLE_EXPERTS.items():
         expert.recipe_of(merged.get(task) or {}, task, f"demo recipe {recipe}")
-    try:
-        demo_cpu_threads(demo_config({k: v for k, v in loaded.items() if k != "experts"}))
-    except DemoError as err:
-        raise DemoError(str(err).replace("demo recipe", f"demo recipe {recipe}", 1)) from None
+    demo_cpu_threads(demo_config({k: v for k, v in loaded.items() if k != "experts"}), f"demo recipe {recipe}")
     return loaded
 
 
