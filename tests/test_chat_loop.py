@@ -165,9 +165,12 @@ def test_triggers_in_the_answer_after_feedback_run_too_and_rounds_are_bounded(tm
 
 
 def test_an_expert_failure_goes_to_the_model_and_the_user_and_the_turn_completes(tmp_path, sample_data, service,
-                                                                                 registry):
+                                                                                 registry, caplog):
     loop, vlm = make_loop(tmp_path, service, registry, ["Let me trigger <BRATS()>.", "I could not run it."])
-    result = loop.run_turn(ct_request(sample_data))
+    with caplog.at_level("WARNING", logger="vila_m3.chat.loop"):
+        result = loop.run_turn(ct_request(sample_data))
+    logged = [record for record in caplog.records if "BRATS" in record.getMessage()]
+    assert logged and logged[0].exc_info is not None  # the server's log keeps the traceback
     failure = result.chat.messages[2]
     assert failure.role == "expert" and failure.expert == "BRATS"
     assert failure.text.startswith("Sorry I met an error: BRATS needs the four MRI sequences")

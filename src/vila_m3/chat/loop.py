@@ -307,7 +307,7 @@ class ChatLoop:
         try:
             message, call, produced = self._expert_result(chat, study, spec, trigger, axis, index, question)
         except Exception as err:  # an expert failing must not end the turn; the model and user are told
-            logger.warning("expert %s(%s) failed: %s", trigger.name, trigger.argument, err)
+            logger.warning("expert %s(%s) failed: %s", trigger.name, trigger.argument, err, exc_info=True)
             text = error_feedback(str(err))
             message = Message("expert", text, expert=trigger.name, argument=trigger.argument, error=str(err))
             call, produced = ExpertCall(trigger.name, trigger.argument, 0.0, error=str(err)), None
