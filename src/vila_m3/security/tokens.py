@@ -108,7 +108,7 @@ class TokenSettings:
     name_claim: str = "name"
     timeout_s: float = 10.0
     leeway_s: float = 10.0
-    jwks_refresh_s: float = 30.0
+    jwks_refresh_s: float = 10.0
 
 
 def fetch_json(url: str, timeout_s: float) -> Any:
