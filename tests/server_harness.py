@@ -100,7 +100,7 @@ def start_process(command: list[str], workdir: Path, env: dict[str, str], url: s
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode} before answering:\n{server.log_tail()}")
         try:
-            if requests.get(f"{url}/info/", timeout=2).status_code == 200:
+            if requests.get(f"{url}/info/", timeout=2).status_code in (200, 401):  # 401: up, login on
                 return server
         except requests.RequestException:
             pass
@@ -109,8 +109,10 @@ def start_process(command: list[str], workdir: Path, env: dict[str, str], url: s
     raise RuntimeError(f"server did not answer {url}/info/ within {timeout_s:.0f} s:\n{server.log_tail()}")
 
 
-def start_monailabel(workdir: Path, studies: Path, conf: dict[str, str] | None = None) -> RunningServer:
-    """``monailabel start_server`` with a copy of the app, on a free port, writing only in ``workdir``."""
+def start_monailabel(workdir: Path, studies: Path, conf: dict[str, str] | None = None,
+                     env: dict[str, str] | None = None) -> RunningServer:
+    """``monailabel start_server`` with a copy of the app, on a free port, writing only in ``workdir``;
+    ``env`` adds environment variables (MONAI Label reads its settings, e.g. ``MONAI_LABEL_AUTH_*``, from there)."""
     workdir.mkdir(parents=True, exist_ok=True)
     app_dir = copy_app(workdir / "app")
     port = free_port()
@@ -119,4 +121,4 @@ def start_monailabel(workdir: Path, studies: Path, conf: dict[str, str] | None =
     conf = {"models_dir": str(workdir / "models"), **(conf or {})}
     for key, value in conf.items():
         command += ["--conf", key, value]
-    return start_process(command, workdir, isolated_env(workdir), f"http://127.0.0.1:{port}")
+    return start_process(command, workdir, {**isolated_env(workdir), **(env or {})}, f"http://127.0.0.1:{port}")
