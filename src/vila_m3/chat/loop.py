@@ -8,6 +8,7 @@ expert message to the model and a visible error, never an exception out of the t
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from vila_m3.chat.params import DEFAULT_CONTEXT_TOKENS, GenerationParams, parse_turn_params
 from vila_m3.chat.store import Chat, ChatStore
 from vila_m3.chat.study import Study, StudyError, open_study
 from vila_m3.chat.transcript import Message, vlm_conversation
@@ -177,12 +179,44 @@ class ChatLoop:
 
     # --- the turn ------------------------------------------------------------------------------
 
+    @property
+    def context_length(self) -> int:
+        """The VLM's context in tokens (its own where it says, else the releases' 4096): ``max_new_tokens``' bound."""
+        return int(getattr(self.vlm, "context_length", None) or DEFAULT_CONTEXT_TOKENS)
+
+    @property
+    def special_tokens(self) -> tuple[str, ...]:
+        """The served tokenizer's special-token strings (none for a remote VLM), refused in questions."""
+        tokenizer = getattr(self.vlm, "tokenizer", None)
+        if tokenizer is None:
+            return ()
+        specials = {str(token) for token in getattr(tokenizer, "all_special_tokens", []) or []}
+        added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        specials |= {str(token.content) for token in added.values() if getattr(token, "special", False)}
+        return tuple(sorted(token for token in specials if token))
+
+    def check_request(self, request: TurnRequest) -> None:
+        """Refuse a turn whose chat id, question or generation settings are not valid, before anything is
+        read or written (ChatIdError, TurnParamsError); the study and slice are checked when loaded."""
+        self.store.check_id(request.chat_id)
+        parse_turn_params({"prompt": request.question, "max_new_tokens": request.max_new_tokens,
+                           "temperature": request.temperature, "top_p": request.top_p},
+                          context_length=self.context_length, special_tokens=self.special_tokens,
+                          model=GenerationParams)
+
+    def open_study(self, request: TurnRequest) -> tuple[Study, str, int]:
+        """The turn's study and the (axis, index) to render; StudyError / VolumeReadError name the problem."""
+        study = open_study(request.images, self.experts.load_volume, request.modality)
+        axis, index = study.check_slice(request.axis, request.slice_index)
+        return study, axis, index
+
     def run_turn(self, request: TurnRequest, on_event: EventSink | None = None,
                  cancel: threading.Event | None = None) -> TurnResult:
-        """Run one turn; the chat is saved after every message, so nothing is lost if a step fails."""
+        """Run one turn. The request is checked in full before anything is stored; during the turn the
+        chat is saved after every message, and if a step fails (the VLM is down, an error of ours) the
+        stored chat goes back to what it was before the turn, so its next turn starts clean."""
         emit = on_event or (lambda name, data: None)
-        if not isinstance(request.question, str) or not request.question.strip():
-            raise StudyError("the question is empty")
+        self.check_request(request)
         with self.store.lock(request.chat_id):
             return self._run_locked(request, emit, cancel or threading.Event())
 
@@ -194,10 +228,25 @@ class ChatLoop:
             timings.append({"step": name, "seconds": round(time.perf_counter() - began, 4)})
 
         chat = self.store.load(request.chat_id)
-        study = open_study(request.images, self.experts.load_volume, request.modality)
-        axis, index = study.check_slice(request.axis, request.slice_index)
+        study, axis, index = self.open_study(request)
         step("load", clock)
+        before, existed = copy.deepcopy(chat), self.store.exists(request.chat_id)
+        try:
+            return self._turn(chat, study, axis, index, request, emit, cancel, timings, step, clock)
+        except BaseException:
+            seen = {name for message in before.messages for name in message.images}
+            written = {name for message in chat.messages for name in message.images} - seen
+            try:
+                self.store.restore(before, existed, written)
+                logger.warning("a chat turn failed; the chat is kept as it was before the turn")
+            except OSError:
+                logger.exception("a chat turn failed and the chat could not be put back as it was")
+            raise
 
+    def _turn(self, chat: Chat, study: Study, axis: str, index: int, request: TurnRequest, emit: EventSink,
+              cancel: threading.Event, timings: list[dict[str, Any]], step: Callable[[str, float], None],
+              clock: float) -> TurnResult:
+        """The turn's steps after loading: the user message, answers, expert rounds, the labelmap."""
         began = time.perf_counter()
         first_message = len(chat.messages)
         chat.study = {**chat.study, **request.study, "images": study.paths}

@@ -21,7 +21,10 @@ from PIL import Image
 from vila_m3.chat.transcript import Message
 
 IMAGE_CACHE_ENTRIES = 64
-_CHAT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+#: a chat id: 1-128 letters, digits, "_", "-" or ".", starting with a letter or digit; anchored with \A and \Z
+#: (``$`` would also match before a trailing newline, which is not safe in a folder name)
+CHAT_ID_PATTERN = r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z"
+_CHAT_ID = re.compile(CHAT_ID_PATTERN)
 
 
 class ChatIdError(ValueError):
@@ -68,7 +71,7 @@ class ChatStore:
 
     @staticmethod
     def check_id(chat_id: str) -> str:
-        if not isinstance(chat_id, str) or not _CHAT_ID.match(chat_id):
+        if not isinstance(chat_id, str) or not _CHAT_ID.fullmatch(chat_id):
             raise ChatIdError(
                 f"chat_id {chat_id!r} is not valid: use 1-128 letters, digits, '_', '-' or '.', starting with a "
                 f"letter or digit"
@@ -108,6 +111,25 @@ class ChatStore:
         with os.fdopen(handle, "w", encoding="utf-8") as out:
             json.dump(chat.as_dict(), out, indent=1)
         os.replace(temporary, folder / "chat.json")
+
+    def restore(self, chat: Chat, existed: bool, new_images: set[str]) -> None:
+        """Put a chat back as it was before a turn that failed: its ``chat.json`` as ``chat`` (or none
+        when the chat did not exist), without the pictures the turn wrote; an emptied folder goes too."""
+        folder = self.folder(chat.chat_id)
+        if existed:
+            self.save(chat)
+        else:
+            (folder / "chat.json").unlink(missing_ok=True)
+        for name in new_images:
+            (folder / Path(name).name).unlink(missing_ok=True)
+            with self._guard:
+                self._images.pop((chat.chat_id, name), None)
+        if not existed and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+    def exists(self, chat_id: str) -> bool:
+        """True when the chat has been stored."""
+        return (self.folder(chat_id) / "chat.json").is_file()
 
     def save_image(self, chat_id: str, name: str, image: Image.Image) -> str:
         """Store a PNG the model sees in the chat's folder; returns its name.
