@@ -388,7 +388,7 @@ def test_a_dicom_series_is_split_by_hashed_patient_and_its_identifiers_never_rea
     result = export_dataset(studies, tmp_path / "out", chats_dir=tmp_path / "chats", seed=3, progress=False)
     assert result.privacy_passed
     assert [s.reason for s in result.skips if s.source == "named"] == [
-        "left out: its text identifier from the source DICOM headers"]
+        "left out: free text held a value from the study's DICOM headers"]
     manifest = json.loads((result.out_dir / "manifest.json").read_text(encoding="utf-8"))
     units = {entry["unit"] for entry in manifest["records"] if entry["category"] == "vista3d"}
     assert units == {hashed_id(3, "unit", f"patient:{PATIENT_ID}")}

@@ -6,13 +6,17 @@ Layout of the export (all names relative to it)::
     images/<sha256>.png    the slices and overlays the records refer to
     manifest.json          seed, source, config and question-pool hashes, the phrasings used (all, train or
                            heldout), counts, records' provenance (split, category, group, kind, answer,
-                           slice; hashed source), files with sha256
+                           slice; hashed source), files with sha256, and ``privacy``: the result of the
+                           final privacy scan (``passed``, number of findings), which training reads
     summary.txt, .png      counts by expert, group, answer and split; skipped inputs with reasons
 
 Steps: pair images with final labels (:mod:`.cases`), make each case's records (:mod:`.conversations`),
 turn chats into records with corrections (:mod:`.chats`), drop any record holding an identifier of the
-source DICOM headers or a generic identifier pattern (:mod:`.privacy`), deduplicate, split by patient
-or volume and repeat by category (:mod:`.balance`), write, then scan the written export.
+source DICOM headers (of the labelled volumes and of every chat's study) or a generic identifier
+pattern - record numbers and names typed into a chat included (:mod:`.privacy`), with a skip reason
+that does not quote what was found - deduplicate, split by patient or volume and repeat by category
+(:mod:`.balance`), write, then scan the written export (the manifest too) and record the result in
+the manifest.
 
 The export is written next to ``out_dir`` and moved into place when complete; ``out_dir`` must be empty,
 absent, or an earlier export (which is replaced).
@@ -40,16 +44,26 @@ from vila_m3.data.cases import Case, CaseError, LoadedCase, collect_cases, load_
 from vila_m3.data.chats import ChatConverter, ChatStudy, chat_study_ids
 from vila_m3.data.config import DatagenConfig, load_datagen_config
 from vila_m3.data.conversations import ConversationBuilder
-from vila_m3.data.privacy import Finding, hashed_id, scan_export, scan_text
+from vila_m3.data.privacy import (
+    DICOM_SUFFIXES,
+    Finding,
+    dicom_identifiers,
+    find_dicom_files,
+    hashed_id,
+    scan_export,
+    scan_json,
+    scan_text,
+)
 from vila_m3.data.questions import QuestionPools
 from vila_m3.data.records import ImageWriter, Record
-from vila_m3.data.sources import DatastoreImage, Skip, SourceError, open_datastore
+from vila_m3.data.sources import IMAGE_SUFFIXES, DatastoreImage, Skip, SourceError, open_datastore, split_name
 from vila_m3.data.summary import draw_summary, format_summary, summarize
 from vila_m3.experts.registry import ExpertRegistry
 from vila_m3.imaging.sequences import SEQUENCE_ORDER, sequence_of
 
 FORMAT = "vila-m3-datagen"
 FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
 
 
 class ExportError(RuntimeError):
@@ -156,13 +170,17 @@ def export_dataset(
             placed, units = place(records, config.val_fraction, seed, config.multipliers, config.id_length)
             removed = images.remove_unused({path for item in placed for path in item.record.images})
             notes = {"duplicates_removed": duplicates, "unused_images_removed": removed, **chat_notes}
-            summary = summarize(placed, skips, seed, **notes)
+            summary = summarize(placed, skips, seed, identifiers=engine.identifiers, **notes)
             manifest = _write(staging, placed, units, summary, config, all_pools, used, registry, seed,
                               source.location, chats_dir)
             close = getattr(source, "close", None)
             if close is not None:
                 close()
         findings = scan_export(staging, engine.identifiers)
+        findings += scan_json(manifest, MANIFEST, engine.identifiers)
+        manifest["privacy"] = {"passed": not findings, "findings": len(findings),
+                               "identifiers_searched": len(engine.identifiers)}
+        _write_json(staging / MANIFEST, manifest)
         _replace(out, staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -194,6 +212,7 @@ class _Engine:
         self.cases: list[Case] = []
         self.loaded_ok: set[str] = set()
         self.unit_of_image: dict[str, str] = {}
+        self.identified: set[str] = set()
         self._cache: OrderedDict[str, LoadedCase] = OrderedDict()
 
     def datastore_records(self) -> tuple[list[Record], list[Skip]]:
@@ -206,6 +225,7 @@ class _Engine:
                 skips.append(Skip(case.labelled.label_name or case.source_id, "label", str(err)))
                 continue
             self.identifiers |= loaded.identifiers
+            self.identified.update(case.image_ids)
             made = self.builder.records(loaded, self.seed)
             if not made:
                 skips.append(Skip(case.source_id, "label", "no structure of the label belongs to a conversation "
@@ -232,6 +252,9 @@ class _Engine:
         brats_chat = set((chat.study or {}).get("images") or {}) == set(SEQUENCE_ORDER)
         candidates = chat_study_ids(chat)
         for candidate in candidates:
+            if candidate in images:
+                self.add_image_identifiers(images[candidate])
+        for candidate in candidates:
             case = by_image.get(candidate)
             if case is not None:
                 unit = self.unit_of_image.get(candidate) or (
@@ -245,6 +268,22 @@ class _Engine:
                 return ChatStudy(f"study:{found[0]}" if found and found[0] in studies else f"image:{candidate}")
         return ChatStudy(f"chat-study:{candidates[0]}" if candidates else f"chat:{chat.chat_id}")
 
+    def add_image_identifiers(self, image: DatastoreImage) -> None:
+        """Search the export for the DICOM-header identifiers of ``image`` too (a chat's study, labelled or not).
+
+        Images in a known non-DICOM format (NIfTI, NRRD, PNG, ...) are not read (nor downloaded).
+        """
+        if image.image_id in self.identified:
+            return
+        self.identified.add(image.image_id)
+        suffix = split_name(image.file_name)[1].lower()
+        if suffix in IMAGE_SUFFIXES and suffix not in DICOM_SUFFIXES:
+            return
+        try:
+            self.identifiers |= dicom_identifiers(find_dicom_files(self.source.image_path(image)))
+        except OSError:  # unreadable or not downloadable: the generic patterns still apply
+            return
+
     def _load(self, case: Case) -> LoadedCase:
         if case.source_id not in self._cache:
             self._cache[case.source_id] = load_case(case, self.source)
@@ -253,7 +292,11 @@ class _Engine:
         return self._cache[case.source_id]
 
     def privacy_gate(self, records: list[Record]) -> tuple[list[Record], list[Skip]]:
-        """Records whose texts hold no identifier or identifier-like pattern, and skips for the others."""
+        """Records whose texts hold no identifier or identifier-like pattern, and skips for the others.
+
+        A skip's reason says what kind of thing was found (:data:`vila_m3.data.privacy.SKIP_REASONS`),
+        never the text itself: it is written to ``summary.txt``.
+        """
         kept, skips = [], []
         clean: set[str] = set()
         for record in records:
@@ -263,13 +306,13 @@ class _Engine:
                     continue
                 findings = scan_text(text, "", self.identifiers)
                 if findings:
-                    problem = findings[0].reason
+                    problem = findings[0].skip_reason
                     break
                 clean.add(text)
             if problem is None:
                 kept.append(record)
             else:
-                skips.append(Skip(record.source, "record", f"left out: its text {problem}"))
+                skips.append(Skip(record.source, "record", problem))
         return kept, skips
 
 
@@ -297,7 +340,7 @@ def _replace(out: Path, staging: Path) -> None:
 def _write(folder: Path, placed: list[Placed], units: dict[str, str], summary: dict[str, Any],
            config: DatagenConfig, pools: QuestionPools, phrasings: dict[str, Any], registry: ExpertRegistry,
            seed: int, datastore: str | os.PathLike[str], chats_dir: str | os.PathLike[str] | None) -> dict[str, Any]:
-    """Write the split files, the summary and the manifest (last); returns the manifest.
+    """Write the split files and the summary; returns the manifest, which the caller writes after scanning.
 
     ``pools`` are all the question pools (their hash is ``questions_sha256``); ``phrasings`` says which
     side of them was drawn from (``use``, ``heldout_fraction``, the hash and number of those phrasings).
@@ -344,7 +387,6 @@ def _write(folder: Path, placed: list[Placed], units: dict[str, str], summary: d
         ],
         "files": files,
     }
-    _write_json(folder / "manifest.json", manifest)
     return manifest
 
 

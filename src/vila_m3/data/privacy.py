@@ -5,7 +5,12 @@ Nothing that names a patient may reach the export: record ids and image file nam
 the identifiers read from the source DICOM headers (:func:`dicom_identifiers`). :func:`scan_export`
 searches a finished export - JSON keys and values, text files, file names and PNG text chunks - for
 those identifiers and for generic patterns (DICOM dates ``YYYYMMDD``, person names ``Family^Given``,
-DICOM keywords such as ``PatientName``, DICOM UIDs).
+DICOM keywords such as ``PatientName``, DICOM UIDs) and for what people type into a chat: record
+numbers (``MRN 12345678``, ``patient id: 4711-0815``, ``DOB 01/02/1960``, a standalone run of six or
+more digits near such words) and titled names (``Mr. Smith``, ``Dr Jones``, ``Patient John Q Smith``,
+``named Smith``). Each finding has a :attr:`Finding.kind`; :data:`SKIP_REASONS` words the reason a
+record is left out for, without quoting what was found (the reason is written to ``summary.txt``,
+which the same scan checks).
 """
 
 from __future__ import annotations
@@ -46,6 +51,40 @@ _EIGHT_DIGITS = re.compile(r"^\d{8}$")
 _DATE_TOKEN = re.compile(r"(?<![\w.])(?:19|20)\d\d(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])(?![\w.])")
 _ISO_DATE = re.compile(r"(?<![\w.])(?:19|20)\d\d-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01])(?![\w.])")
 _UID = re.compile(r"(?<![\w.])\d+(?:\.\d+){5,}(?![\w.])")
+#: Words after or near which a number identifies a patient (record numbers, ids, birth dates).
+_RECORD_WORD = re.compile(
+    r"(?<![A-Za-z])(?:MRN|M\.R\.N|medical\s+record|(?:record|chart|case|hospital|accession|insurance|NHS|health\s+card)"
+    r"\s+(?:number|no|num|#|id)|patient(?:'s)?\s+(?:id|identifier|number|no|num|#)|NHS|SSN|social\s+security"
+    r"|accession|DOB|D\.O\.B|date\s+of\s+birth|birth\s*date|born|(?-i:ID))(?![A-Za-z])",
+    re.IGNORECASE,
+)
+#: A number right after a record word: four or more digits (separators allowed) or a d/m/y date.
+_NUMBER_AFTER = re.compile(r"[^A-Za-z0-9]{0,6}(?:(?:is|was|of|on|number|no|num)\b[^A-Za-z0-9]{0,4}){0,2}"
+                           r"(?:\d[\d /.-]{2,}\d|\d{1,2}[/.-]\d{1,2}[/.-]\d{2,4})", re.IGNORECASE)
+#: A standalone run of six or more digits (spaces or hyphens between them allowed).
+_LONG_NUMBER = re.compile(r"(?<![\w.])\d(?:[ -]?\d){5,}(?![\w.])")
+_NEAR = 40
+_CAPITALISED = r"[A-Z][a-z][A-Za-z'\u2019-]*"
+#: A courtesy or professional title before a capitalised name.
+_TITLED_NAME = re.compile(rf"(?<![A-Za-z])(?:Mr|Mrs|Ms|Mx|Miss|Dr|Prof)\.?\s+{_CAPITALISED}")
+#: "Patient John Smith", "patient: John Q. Smith", "the patient's name is John Smith".
+_PATIENT_NAME = re.compile(
+    rf"(?<![A-Za-z])[Pp]atient(?:'s)?(?:\s+name)?(?:\s*[:,]|\s+(?:is|was|named|called))?\s+{_CAPITALISED}"
+    rf"(?:\s+[A-Z]\.?)?\s+{_CAPITALISED}"
+)
+#: "named Smith", "called John", "name is Smith", "name: Smith".
+_NAMED = re.compile(rf"(?<![A-Za-z])(?:named|called|[Nn]ame\s+is|[Nn]ame\s*:)\s+{_CAPITALISED}")
+
+#: Finding kinds and the reason a record holding one is left out for. None of these reasons is itself
+#: flagged by :func:`scan_text`, and none quotes the text found.
+SKIP_REASONS = {
+    "identifier": "left out: free text held a value from the study's DICOM headers",
+    "record_number": "left out: free text held an identifying number",
+    "name": "left out: free text held a person's name",
+    "date": "left out: free text held a date",
+    "dicom": "left out: free text named a DICOM patient attribute",
+    "uid": "left out: free text held a DICOM UID",
+}
 
 
 def hashed_id(seed: int, *parts: str, length: int = 16) -> str:
@@ -138,6 +177,12 @@ class Finding:
     where: str
     text: str
     reason: str
+    kind: str = "identifier"
+
+    @property
+    def skip_reason(self) -> str:
+        """Why a record holding this is left out, worded without the text found."""
+        return SKIP_REASONS.get(self.kind, SKIP_REASONS["identifier"])
 
     def __str__(self) -> str:
         return f"{self.where}: {self.reason}: {self.text!r}"
@@ -160,19 +205,45 @@ def scan_text(text: str, where: str, identifiers: Iterable[str] = (), whole_valu
         if position >= 0:
             findings.append(Finding(where, _around(text, position), "identifier from the source DICOM headers"))
     checks = (
-        (_PERSON_NAME, "looks like a DICOM person name (Family^Given)"),
-        (_KEYWORD, "names a DICOM patient attribute"),
-        (_DATE_TOKEN, "looks like a DICOM date (YYYYMMDD)"),
-        (_ISO_DATE, "looks like a date (YYYY-MM-DD)"),
-        (_UID, "looks like a DICOM UID"),
+        (_PERSON_NAME, "looks like a DICOM person name (Family^Given)", "name"),
+        (_KEYWORD, "names a DICOM patient attribute", "dicom"),
+        (_DATE_TOKEN, "looks like a DICOM date (YYYYMMDD)", "date"),
+        (_ISO_DATE, "looks like a date (YYYY-MM-DD)", "date"),
+        (_UID, "looks like a DICOM UID", "uid"),
+        (_TITLED_NAME, "looks like a titled person name (Mr., Dr. ...)", "name"),
+        (_PATIENT_NAME, "looks like a patient's name", "name"),
+        (_NAMED, "looks like a person named in free text", "name"),
     )
-    for pattern, reason in checks:
+    for pattern, reason, kind in checks:
         match = pattern.search(text)
         if match:
-            findings.append(Finding(where, _around(text, match.start()), reason))
+            findings.append(Finding(where, _around(text, match.start()), reason, kind))
+    position = record_number_position(text)
+    if position is not None:
+        findings.append(Finding(where, _around(text, position), "looks like a record number or birth date",
+                                "record_number"))
     if whole_value and _EIGHT_DIGITS.match(text.strip()) and not any("YYYYMMDD" in f.reason for f in findings):
-        findings.append(Finding(where, text, "eight digits: looks like a DICOM date (YYYYMMDD)"))
+        findings.append(Finding(where, text, "eight digits: looks like a DICOM date (YYYYMMDD)", "date"))
     return findings
+
+
+def record_number_position(text: str) -> int | None:
+    """Where ``text`` gives what looks like a record number or birth date, or None.
+
+    A record word (MRN, medical record, patient id, DOB, date of birth, NHS, SSN, accession, ``ID``,
+    ...) followed by a number of four or more digits or a d/m/y date, or a standalone run of six or
+    more digits within 40 characters of a record word.
+    """
+    words = list(_RECORD_WORD.finditer(text))
+    if not words:
+        return None
+    for word in words:
+        if _NUMBER_AFTER.match(text, word.end()) is not None:
+            return word.start()
+    for number in _LONG_NUMBER.finditer(text):
+        if any(word.start() - _NEAR <= number.start() and number.end() <= word.end() + _NEAR for word in words):
+            return number.start()
+    return None
 
 
 def _around(text: str, position: int, width: int = 120) -> str:
@@ -256,3 +327,51 @@ def scan_export(folder: str | os.PathLike[str], identifiers: Iterable[str] = ())
             for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
                 findings += scan_text(line, f"{relative}:{number}", identifiers)
     return findings
+
+
+# ------------------------------------------------------------------------------ the export's result
+
+
+PRIVACY_CHECK = "the data engine's privacy check (vila-m3 datagen-check)"
+
+
+def export_privacy_problem(folder: str | os.PathLike[str]) -> str | None:
+    """Why the export ``folder`` must not be trained on, or None when its privacy check passed.
+
+    Reads the result the export recorded (``manifest.json`` ``privacy.passed``) and scans the texts
+    training reads (``train.json``, ``val.json``) again for the generic patterns, so that an export
+    edited after it was checked is refused too. The message names the export by its folder name only.
+    """
+    folder = Path(folder)
+    name = folder.name or str(folder)
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        manifest = None
+    if not isinstance(manifest, dict):
+        return (f"export {name!r} has no readable manifest.json, so {PRIVACY_CHECK} cannot be confirmed; "
+                "train only on exports made by vila-m3 datagen")
+    privacy = manifest.get("privacy")
+    if not isinstance(privacy, dict) or "passed" not in privacy:
+        return (f"export {name!r} records no result of {PRIVACY_CHECK} (made by an older version?); "
+                "export it again with vila-m3 datagen")
+    if privacy.get("passed") is not True:
+        count = privacy.get("findings")
+        found = f" ({count} finding(s))" if isinstance(count, int) else ""
+        return (f"export {name!r} failed {PRIVACY_CHECK}{found}: it may identify patients and is not trained on; "
+                f"run `vila-m3 datagen-check {name}` to see the findings, remove them at the source, and export again")
+    findings: list[Finding] = []
+    clean: set[str] = set()
+    for split in ("train.json", "val.json"):
+        try:
+            document = json.loads((folder / split).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError):
+            return f"export {name!r}: {split} is not valid JSON, so {PRIVACY_CHECK} cannot be confirmed"
+        findings += scan_json(document, split, clean=clean)
+    if findings:
+        return (f"export {name!r} passed {PRIVACY_CHECK} when it was made, but its {findings[0].where.split()[0]} "
+                f"now holds {len(findings)} finding(s) (edited since?): it is not trained on; run "
+                f"`vila-m3 datagen-check {name}` and export again")
+    return None

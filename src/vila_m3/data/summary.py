@@ -2,7 +2,9 @@
 
 :func:`summarize` computes the counts, :func:`format_summary` the text table (``summary.txt``, also
 printed) and :func:`draw_summary` the bar chart (``summary.png``, drawn with PIL). Sources in the
-summary are hashed: it is part of the export, which must not name patients.
+summary are hashed: it is part of the export, which must not name patients. A skip reason that the
+export's privacy scan would flag (an error message quoting a value) is replaced by
+:data:`WITHHELD_REASON`, so that dropping a record never makes the export fail its own check.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from vila_m3.data.balance import TRAIN, Placed
-from vila_m3.data.privacy import hashed_id
+from vila_m3.data.privacy import hashed_id, scan_text
 from vila_m3.data.sources import Skip
 
 SECTIONS = (("by_expert", "records by expert"), ("by_group", "records by group"),
             ("by_answer", "records by answer"), ("by_split", "records by split"))
+WITHHELD_REASON = "left out (the reason is withheld: it quoted a value the privacy scan flags)"
 
 
 def _bump(table: dict[str, dict[str, int]], key: str, item: Placed) -> None:
@@ -29,11 +32,15 @@ def _bump(table: dict[str, dict[str, int]], key: str, item: Placed) -> None:
         row["train_listed"] += item.repeats
 
 
-def summarize(placed: Iterable[Placed], skips: Iterable[Skip], seed: int, **extra: Any) -> dict[str, Any]:
+def summarize(placed: Iterable[Placed], skips: Iterable[Skip], seed: int, identifiers: Iterable[str] = (),
+              **extra: Any) -> dict[str, Any]:
     """Counts of placed records (unique ones, and train as listed with repeats) and the skips (hashed sources).
 
-    ``extra`` values (duplicates removed, corrected chat turns, ...) are kept under ``notes``.
+    ``identifiers``: values the export must not hold; a skip reason holding one, or anything else the
+    privacy scan flags, is replaced by :data:`WITHHELD_REASON`. ``extra`` values (duplicates removed,
+    corrected chat turns, ...) are kept under ``notes``.
     """
+    identifiers = set(identifiers)
     tables: dict[str, dict[str, dict[str, int]]] = {"by_expert": {}, "by_group": {}, "by_answer": {}, "by_split": {}}
     for item in placed:
         record = item.record
@@ -43,7 +50,8 @@ def summarize(placed: Iterable[Placed], skips: Iterable[Skip], seed: int, **extr
         _bump(tables["by_split"], item.split, item)
     for name, table in tables.items():
         tables[name] = dict(sorted(table.items()))
-    skipped = [{"source": hashed_id(seed, "source", skip.source), "kind": skip.kind, "reason": skip.reason}
+    skipped = [{"source": hashed_id(seed, "source", skip.source), "kind": skip.kind,
+                "reason": WITHHELD_REASON if scan_text(skip.reason, "", identifiers, whole_value=True) else skip.reason}
                for skip in skips]
     return {**tables, "skipped": skipped, "notes": dict(extra)}
 

@@ -27,6 +27,7 @@ import torch
 from transformers import AutoTokenizer, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from vila_m3.data.privacy import export_privacy_problem
 from vila_m3.training.examples import ConversationDataset, DataError, collate
 from vila_m3.training.layout import MODEL_DIR, STEPS_DIR
 from vila_m3.training.options import TrainingOptions
@@ -36,7 +37,8 @@ from vila_m3.vlm.errors import CheckpointError
 from vila_m3.vlm.modeling import VilaForConditionalGeneration, inspect_checkpoint
 from vila_m3.vlm.templates import detect_template
 
-__all__ = ["MODEL_DIR", "STEPS_DIR", "TrainingError", "TrainingResult", "fine_tune", "latest_step_checkpoint"]
+__all__ = ["MODEL_DIR", "STEPS_DIR", "PrivacyCheckFailed", "TrainingError", "TrainingResult", "fine_tune",
+           "latest_step_checkpoint", "require_private_export"]
 
 
 # The LLM's linear layers that LoRA adapts (attention and MLP of every decoder layer).
@@ -45,6 +47,21 @@ LORA_TARGETS = r"llm\.model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|
 
 class TrainingError(RuntimeError):
     """A fine-tuning run cannot start or continue; the message says why."""
+
+
+class PrivacyCheckFailed(DataError):
+    """The export's privacy check failed (or cannot be confirmed): it is not trained on."""
+
+
+def require_private_export(data: str | Path) -> None:
+    """Refuse an export whose privacy check failed (:func:`vila_m3.data.privacy.export_privacy_problem`).
+
+    Raises:
+        PrivacyCheckFailed: naming the export and the check.
+    """
+    problem = export_privacy_problem(data)
+    if problem is not None:
+        raise PrivacyCheckFailed(problem)
 
 
 @dataclass
@@ -146,10 +163,13 @@ def fine_tune(
         log: where log lines go (default: print).
 
     Raises:
+        PrivacyCheckFailed: the export failed its privacy check (see :func:`require_private_export`);
+            nothing is loaded or written.
         TrainingError / DataError / CheckpointError: with a message naming the problem.
     """
     options = options or TrainingOptions.from_config()
     emit = log or (lambda line: print(line, flush=True))
+    require_private_export(data)
     run = Path(run_dir)
     base_dir = Path(base).expanduser()
     inspect_checkpoint(base_dir, require_tokenizer=True)
