@@ -10,7 +10,9 @@ geometry of the volume they label.
 
 from __future__ import annotations
 
+import gzip
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -108,7 +110,49 @@ def _to_volume(image: sitk.Image, path: Path, modality: str | None, metadata: di
     return Volume.from_sitk(image, modality=modality, metadata=metadata)
 
 
+def _nifti_data_end(path: Path) -> tuple[int, int]:
+    """(offset of the voxel data, offset of its end) in the uncompressed NIfTI stream, from the header."""
+    import nibabel
+
+    try:
+        proxy = nibabel.load(str(path)).dataobj
+        offset = int(proxy.offset)
+        return offset, offset + int(np.prod(proxy.shape, dtype=np.int64)) * proxy.dtype.itemsize
+    except Exception as err:  # nibabel raises several types for a broken header
+        raise VolumeReadError(f"{path}: not a readable NIfTI file (corrupt header or another format)") from err
+
+
+def _gzip_content_size(path: Path, expected: int) -> int:
+    """Uncompressed bytes of a gzip file (read only as far as ``expected`` needs). The trailer's size field
+    (ISIZE, the size mod 2**32) answers at once when it equals ``expected``; otherwise the stream is
+    decompressed and counted. Raises VolumeReadError when the stream ends early or is corrupt."""
+    with path.open("rb") as raw:
+        raw.seek(-4, os.SEEK_END)
+        if int.from_bytes(raw.read(4), "little") == expected % 2**32:
+            return expected
+    total = 0
+    try:
+        with gzip.open(path, "rb") as stream:
+            while chunk := stream.read(1 << 20):
+                total += len(chunk)
+    except (EOFError, zlib.error, OSError) as err:
+        raise VolumeReadError(f"{path}: the compressed data is truncated or corrupt") from err
+    return total
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """Refuse a NIfTI file whose voxel data ends early: ITK's reader would fill the missing voxels with
+    zeros and say nothing."""
+    offset, end = _nifti_data_end(path)
+    size = _gzip_content_size(path, end) if path.name.lower().endswith(".gz") else path.stat().st_size
+    if size < end:
+        raise VolumeReadError(f"{path}: the file is truncated: {max(size - offset, 0)} of the {end - offset} bytes "
+                              "of voxel data are there")
+
+
 def _read_itk_file(path: Path, kind: str) -> Volume:
+    if kind == "nifti":
+        _check_nifti_complete(path)
     if kind == "dicom":
         reader = _dicom_reader(path)
     else:
