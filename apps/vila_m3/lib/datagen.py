@@ -14,7 +14,7 @@ from monailabel.endpoints.user.auth import RBAC, User
 
 from vila_m3.data import ExportError, export_from_app
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # \Z: "$" would let a trailing newline through
 
 
 def datagen_router(studies: str, chats_dir: Path, exports_dir: Path) -> APIRouter:
@@ -25,7 +25,7 @@ def datagen_router(studies: str, chats_dir: Path, exports_dir: Path) -> APIRoute
     @router.post("/", summary="Export expert-training conversations from final labels and chats (admin)")
     async def export(name: str, seed: int = 0,
                      user: User = Depends(admin_role)) -> dict[str, Any]:
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise HTTPException(422, "name: 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit")
         try:
             return await run_in_threadpool(export_from_app, studies, str(chats_dir), str(exports_dir / name), seed)

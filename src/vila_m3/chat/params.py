@@ -239,6 +239,7 @@ def describe_validation_error(err: ValidationError, prefix: str = "params") -> s
         where = ".".join(str(part) for part in (prefix, *item["loc"]) if part != "")
         message = str(item["msg"]).removeprefix("Value error, ")
         message = message.replace("Input should be", "must be").replace("Field required", "is required")
+        message = message.replace("Extra inputs are not permitted", "is not a known field")
         problems.append(f"{where}: {message}" if item["loc"] else f"{prefix}: {message}")
     return "; ".join(problems)
 
