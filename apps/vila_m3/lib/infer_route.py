@@ -1,0 +1,329 @@
+"""``POST /infer/{model}`` in place of MONAI Label's, with the same request and response formats.
+
+Same query parameters (``image``, ``session_id``, ``output`` = ``image`` | ``json`` | ``all`` | ``dicom_seg``),
+form fields (``params``, ``file``, ``label``), role and answers (``all``: multipart with ``params`` and ``image``,
+or the JSON alone when the result has no file; ``image``: the file; ``json``: the JSON), so MONAI Label's
+Slicer module, OHIF plugin and Python client work unchanged. Differences, each deliberate:
+
+- **The task runs off the event loop** (Starlette's thread pool). MONAI Label 0.8.5's handler is ``async`` but
+  calls the task synchronously, so one chat turn or VISTA3D infer froze ``/info/``, the datastore, other users'
+  infers and the chat streams until it ended. Here everything slow (saving uploads, resolving the image, the
+  task, packing the answer) runs in a worker thread and the event loop keeps answering.
+- **Bad requests are 4xx**: ``params`` that is not a UTF-8 JSON object, or that sets one of the keys the route
+  owns (``image``, ``model``, ``label``, ...) → 422; an unknown model → 404; no image, file or session → 422;
+  an unknown or expired session → 422; ``output=image`` on a result without a file → 422. A fault of the server
+  is a 500 whose message holds an error id that the log line with the traceback carries, no internals.
+- **Files stay in the app's folders and are always removed**: uploads are streamed (with the upload size limit)
+  into ``<app_dir>/tmp/uploads/`` under unique names, taking only a known suffix from the client's file name, and
+  removed in ``finally`` whatever the outcome. The task's result file is moved to ``<app_dir>/tmp/results/`` under
+  a unique name and sent with that name, then removed. MONAI Label's client saves a result under the server's
+  file name in its own temp folder; with the server's file in the system temp folder, on one machine that was the
+  same file, which the server then deleted.
+- **No prompt text in the log**: one line per request with the model, image id or session, user, the param keys
+  and the prompt's length and SHA-256 prefix (MONAI Label logged the whole request).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, UploadFile
+from fastapi.responses import FileResponse, Response
+from monailabel.config import RBAC_USER, settings
+from monailabel.endpoints.infer import ResultType
+from monailabel.endpoints.user.auth import RBAC, User
+from monailabel.interfaces.datastore import DefaultLabelTag
+from monailabel.interfaces.exception import MONAILabelException
+from monailabel.interfaces.utils.app import app_instance
+from monailabel.utils.others.generic import get_mime_type
+from monailabel.utils.sessions import SessionInfo
+from requests_toolbelt import MultipartEncoder
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
+
+from lib.body_limit import BodyLimitMiddleware, limits_from_conf
+from lib.infers import BAD_INPUT, datastore_path
+from lib.server_hooks import install_middleware, remove_routes, replace_routes
+from lib.session_route import SessionUploads, find_session, session_router, sessions_max_bytes
+from lib.uploads import (
+    RequestFiles,
+    clear,
+    copy_limited,
+    remove,
+    request_files,
+    results_dir,
+    safe_suffix,
+    unique_path,
+    upload_dir,
+)
+
+logger = logging.getLogger(__name__)
+
+# Keys of the task's request that only the route sets (MONAI Label let ``params`` override ``image``).
+ROUTE_KEYS = frozenset({"model", "image", "image_id", "session", "session_id", "label", "file", "user"})
+RESULT_MAX_AGE_S = 3600.0  # results older than this are left over from an interrupted answer
+WSI_ROUTES = (("/infer/wsi/{model}", "POST"), ("/infer/wsi_v2/{model}", "POST"))
+
+
+@dataclass(frozen=True)
+class InferFolders:
+    """Where the route keeps a request's files, and the upload limit in bytes."""
+
+    uploads: Path
+    results: Path
+    max_upload_bytes: int
+
+
+def parse_params(text: str | None) -> dict[str, Any]:
+    """The ``params`` form field as a dict; HTTP 422 naming the problem if it is not a UTF-8 JSON object."""
+    if not text:
+        return {}
+    # Starlette decodes a field that is not UTF-8 as Latin-1 (multipart) or with U+FFFD (url-encoded forms).
+    if "\ufffd" in text or any("\x80" <= char <= "\x9f" for char in text):
+        raise HTTPException(BAD_INPUT, "params is not UTF-8 text")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise HTTPException(BAD_INPUT, f"params is not JSON: {err.msg} (line {err.lineno}, column {err.colno})") from None
+    except RecursionError:
+        raise HTTPException(BAD_INPUT, "params is nested too deeply") from None
+    if not isinstance(value, dict):
+        raise HTTPException(BAD_INPUT, f"params must be a JSON object ({{...}}), not {_json_kind(value)}")
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise HTTPException(BAD_INPUT, "params holds text that is not valid UTF-8 (a lone surrogate)") from None
+    owned = sorted(ROUTE_KEYS & value.keys())
+    if owned:
+        raise HTTPException(BAD_INPUT, f"params may not set {', '.join(owned)}: name the image with the image= "
+                                       "(datastore id) or session_id= query parameter, or send it as 'file'")
+    return value
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
+
+
+def text_digest(text: Any) -> str:
+    """``<n> chars, sha256 <12 hex>`` for a text, so logs can tell prompts apart without holding them."""
+    if not isinstance(text, str):
+        return "-"
+    return f"{len(text)} chars, sha256 {hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()[:12]}"
+
+
+def _loggable(value: str, limit: int = 80) -> str:
+    """A client-given id made safe for one log line (printable ASCII, cut at ``limit`` characters)."""
+    return ascii(value[:limit])[1:-1] if value else "-"
+
+
+class InferRequestHandler:
+    """Runs one ``/infer/{model}`` request in a worker thread (see the module docstring)."""
+
+    def __init__(self, folders: InferFolders):
+        self.folders = folders
+
+    def __call__(self, model: str, image: str, session_id: str, params: str | None, file: UploadFile | None,
+                 label: UploadFile | None, output: ResultType | None, user: User) -> Any:
+        clear(self.folders.results, older_than_s=RESULT_MAX_AGE_S)
+        with request_files() as files:
+            return self.run(files, model, image, session_id, params, file, label, output, user)
+
+    def run(self, files: RequestFiles, model: str, image: str, session_id: str, params: str | None,
+            file: UploadFile | None, label: UploadFile | None, output: ResultType | None, user: User) -> Any:
+        given = parse_params(params)
+        instance = app_instance()
+        info = instance.info()
+        if model not in info.get("models", {}):
+            raise HTTPException(404, f"no model '{model}' on this server; see GET /info/ for the models")
+
+        request: dict[str, Any] = {**info.get("config", {}).get("infer", {}), **given}
+        request["model"] = model
+        request["user"] = {"username": user.username, "roles": list(user.roles)}
+        request["image"], request["image_id"], session = self.image(files, instance, image, session_id, file)
+        if session is not None:
+            request["session"] = session.to_json()
+        if label is not None:
+            request["label"] = self.label(files, label, request["image"])
+
+        logger.info("infer %s: image %s, session %s, upload %s, user %s, params %s, prompt %s", model,
+                    _loggable(image), _loggable(session_id), file is not None, _loggable(user.username),
+                    sorted(given), text_digest(given.get("prompt")))
+        result = self.infer(instance, request)
+        from_datastore = session is None and file is None
+        if from_datastore and request.get("save_label") and result.get("file"):
+            tag = request.get("label_tag", DefaultLabelTag.ORIGINAL)
+            result["label"] = instance.datastore().save_label(
+                image, result["file"], tag, {"model": model, "params": result.get("params")})
+
+        result_file = self.result_file(files, instance, result)
+        answer = result.get("params")
+        if output == ResultType.json:
+            return answer
+        if output == ResultType.image:
+            if result_file is None:
+                raise HTTPException(BAD_INPUT, f"this result has no image: '{model}' answered with JSON only; "
+                                               "ask with output=json or output=all")
+            return self.file_response(files, result_file)
+        if output == ResultType.dicom_seg:
+            return self.dicom_seg(files, instance, request, result_file)
+        if result_file is None:
+            return answer
+        with open(result_file, "rb") as handle:
+            fields = {"params": (None, json.dumps(answer), "application/json"),
+                      "image": (result_file.name, handle, get_mime_type(str(result_file)))}
+            message = MultipartEncoder(fields=fields)
+            return Response(content=message.to_string(), media_type=message.content_type)
+
+    def image(self, files: RequestFiles, instance: Any, image: str, session_id: str,
+              file: UploadFile | None) -> tuple[str, str, SessionInfo | None]:
+        """(file path, id for the task, the session if any) of the request's image: the session, else the
+        uploaded file, else the datastore id (MONAI Label's order); HTTP 422 if none or unknown."""
+        if session_id:
+            sessions = instance.sessions()
+            session = find_session(sessions, session_id) if sessions is not None else None
+            if session is None:
+                raise HTTPException(BAD_INPUT, f"session '{session_id}' not found (expired?)")
+            return session.image, session_id, session
+        if file is not None:
+            return str(self.save_upload(files, file, ".nii.gz")), "upload", None
+        if image:
+            return datastore_path(instance.datastore(), image), image, None
+        raise HTTPException(BAD_INPUT, "no image: give a datastore id (image=), a session (session_id=) or a file")
+
+    def save_upload(self, files: RequestFiles, upload: UploadFile, default_suffix: str) -> Path:
+        """Stream ``upload`` into the upload folder under a unique name, within the upload limit."""
+        target = unique_path(self.folders.uploads, safe_suffix(upload.filename, default_suffix))
+        files.add(target)
+        copy_limited(upload.file, target, self.folders.max_upload_bytes)
+        return target
+
+    def label(self, files: RequestFiles, upload: UploadFile, image_path: str) -> str:
+        """The uploaded label as a file; a raw ``.bin`` mask (OHIF scribbles) becomes a NIfTI on the image's grid."""
+        path = self.save_upload(files, upload, ".nii.gz")
+        if path.suffix != ".bin":
+            return str(path)
+        from monailabel.datastore.utils.convert import binary_to_image
+
+        try:
+            converted = binary_to_image(image_path, str(path))
+        except (ValueError, OSError, RuntimeError) as err:
+            raise HTTPException(BAD_INPUT, f"the .bin label does not fit the image: {type(err).__name__}") from None
+        files.add(converted)
+        return converted
+
+    @staticmethod
+    def infer(instance: Any, request: dict[str, Any]) -> dict[str, Any]:
+        """``instance.infer(request)``; a server fault becomes a 500 with an error id, never its internals."""
+        try:
+            result = instance.infer(request)
+        except HTTPException:
+            raise
+        except MONAILabelException as err:
+            raise HTTPException(BAD_INPUT, f"{request['model']}: {err.msg}") from None
+        except Exception:
+            error_id = uuid.uuid4().hex[:12]
+            logger.exception("infer %s failed (error id %s)", request["model"], error_id)
+            raise HTTPException(500, f"internal error while running '{request['model']}'; "
+                                     f"see the server log (error id {error_id})") from None
+        if result is None:
+            raise HTTPException(500, f"'{request['model']}' returned no result")
+        return result
+
+    def result_file(self, files: RequestFiles, instance: Any, result: dict[str, Any]) -> Path | None:
+        """The result's file to send: the task's temporary file, moved into the results folder under a unique
+        name (and removed after the answer), or a label already in the datastore (kept); None if there is none."""
+        produced = result.get("file") or result.get("label")
+        if not produced:
+            return None
+        if os.path.isfile(produced):
+            target = unique_path(self.folders.results, safe_suffix(os.path.basename(produced), ""))
+            files.add(target)
+            files.add(produced)  # removed even if the move fails half way
+            try:
+                os.replace(produced, target)
+            except OSError:  # another file system: copy, then remove
+                with open(produced, "rb") as source:
+                    copy_limited(source, target, 2**62)
+                remove(produced)
+            return target
+        stored = instance.datastore().get_label_uri(produced, result.get("tag"))
+        return Path(stored) if stored and os.path.isfile(stored) else None
+
+    def file_response(self, files: RequestFiles, path: Path, media_type: str | None = None) -> FileResponse:
+        """Send ``path``; if it is one of this request's files, it is removed once sent."""
+        background = None
+        if str(path) in files.paths:
+            files.release(path)
+            background = BackgroundTask(remove, path)
+        return FileResponse(path, media_type=media_type or get_mime_type(str(path)), filename=path.name,
+                            background=background)
+
+    def dicom_seg(self, files: RequestFiles, instance: Any, request: dict[str, Any],
+                  result_file: Path | None) -> FileResponse:
+        """The result as DICOM SEG (a DICOMweb datastore only, as in MONAI Label)."""
+        from monailabel.datastore.dicom import DICOMWebDatastore
+        from monailabel.datastore.utils.convert import nifti_to_dicom_seg
+
+        if not isinstance(instance.datastore(), DICOMWebDatastore):
+            raise HTTPException(BAD_INPUT, "output=dicom_seg needs a DICOMweb datastore; this server has a folder")
+        if request.get("label_info") is None:
+            raise HTTPException(BAD_INPUT, "output=dicom_seg needs params.label_info")
+        if result_file is None:
+            raise HTTPException(BAD_INPUT, "this result has no image to turn into DICOM SEG")
+        series = str(request["image"])
+        for suffix in (".nii.gz", ".nii", ".nrrd"):
+            series = series.removesuffix(suffix)
+        seg = nifti_to_dicom_seg(series, str(result_file), request.get("label_info"), use_itk=True)
+        files.add(seg)
+        return self.file_response(files, Path(seg), media_type="application/dicom")
+
+
+def infer_router(folders: InferFolders) -> APIRouter:
+    """The ``/infer/{model}`` route (MONAI Label's path, parameters, role and answers)."""
+    router = APIRouter(prefix="/infer", tags=["Infer"], responses={404: {"description": "Not found"}})
+    handler = InferRequestHandler(folders)
+    user_role = RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)
+
+    @router.post("/{model}", summary=f"{RBAC_USER}Run Inference for supported model")
+    async def api_run_inference(
+        model: str,
+        image: str = "",
+        session_id: str = "",
+        params: str = Form("{}"),
+        file: UploadFile = File(None),
+        label: UploadFile = File(None),
+        output: ResultType | None = None,
+        user: User = Depends(user_role),
+    ):
+        return await run_in_threadpool(handler, model, image, session_id, params, file, label, output, user)
+
+    return router
+
+
+def install_request_routes(server: FastAPI, app_dir: str, conf: Mapping[str, str]) -> InferFolders:
+    """Body limits, our ``/infer/{model}`` and ``/session/`` routes in place of MONAI Label's, and the app's
+    temporary folders emptied of what an earlier run left; MONAI Label's whole-slide (pathology) infer routes,
+    which this app has no task for, are removed (they too logged whole requests and left uploads behind)."""
+    limits, other = limits_from_conf(conf)
+    api = settings.MONAI_LABEL_API_STR
+    folders = InferFolders(upload_dir(app_dir), results_dir(app_dir), limits[f"{api.rstrip('/')}/infer"])
+    for folder in (folders.uploads, folders.results):
+        stale = clear(folder)
+        if stale:
+            logger.info("removed %d file(s) left in %s by an earlier run", stale, folder.name)
+        folder.mkdir(parents=True, exist_ok=True)
+    install_middleware(server, BodyLimitMiddleware, limits=limits, default_bytes=other)
+    remove_routes(server, {(f"{api}{path}", method) for path, method in WSI_ROUTES})
+    replace_routes(server, infer_router(folders), prefix=api)
+    sessions = SessionUploads(folders.uploads, limits[f"{api.rstrip('/')}/session"], sessions_max_bytes(conf))
+    replace_routes(server, session_router(sessions), prefix=api)
+    return folders
