@@ -115,3 +115,14 @@ def test_upload_stem_is_a_checked_id():
 def test_paths_module_needs_no_web_framework():
     source = (Path(__file__).resolve().parents[1] / "src" / "vila_m3" / "security" / "paths.py").read_text()
     assert "fastapi" not in source and "monailabel" not in source
+
+
+def test_scrub_paths_names_known_files_by_their_ids_and_others_by_file_name():
+    from vila_m3.security.paths import scrub_paths
+
+    known = {"/srv/studies/my scans/ct_abdomen.nii.gz": "ct_abdomen"}
+    assert scrub_paths("/srv/studies/my scans/ct_abdomen.nii.gz: the file is empty", known) == "ct_abdomen: the file is empty"
+    assert scrub_paths("/work/app: no DICOM series in this folder") == "app: no DICOM series in this folder"
+    assert scrub_paths("read 'C:\\data\\ct.nii.gz' failed") == "read 'ct.nii.gz' failed"
+    untouched = "expected one of .nii.gz, .nii or a DICOM folder; t1c/t1 and/or 3/4"
+    assert scrub_paths(untouched) == untouched

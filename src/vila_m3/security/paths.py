@@ -92,3 +92,18 @@ def is_within(path: str | os.PathLike[str], roots: Iterable[str | os.PathLike[st
         if target != resolved and target.is_relative_to(resolved):
             return True
     return False
+
+
+_ABSOLUTE = re.compile(r"(?<![\w.~-])(?:[A-Za-z]:\\|/)(?:[^\s'\"/\\:,;()<>\[\]{}]+[/\\])*[^\s'\"/\\:,;()<>\[\]{}]*")
+
+
+def scrub_paths(text: str, known: dict[str, str] | None = None) -> str:
+    """``text`` without server paths, for a client: each ``known`` path (and anything below it) becomes its
+    label (e.g. a datastore id), longest first; any other absolute path becomes its last part (a file name).
+    """
+    for path, label in sorted((known or {}).items(), key=lambda item: len(item[0]), reverse=True):
+        if not path:
+            continue
+        for form in {path, os.path.realpath(path)}:
+            text = text.replace(form, label)
+    return _ABSOLUTE.sub(lambda match: os.path.basename(match.group(0).rstrip("/\\").replace("\\", "/")), text)
