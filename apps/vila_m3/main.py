@@ -29,6 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from fastapi import HTTPException
+from lib.auth import install_auth
 from lib.chat import ChatInferTask, ChatTurns, chat_router
 from lib.datagen import datagen_router
 from lib.infers import BratsInferTask, CxrInferTask, Vista3DInferTask, datastore_path
@@ -55,6 +56,9 @@ class VilaM3App(MONAILabelApp):
     """VILA-M3 chat and its experts (VISTA3D, BRATS, CXR) as MONAI Label infer tasks."""
 
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]):
+        from monailabel.app import app as server  # the running FastAPI app
+
+        install_auth(server, conf)  # verified tokens and roles on every route (lib/auth.py)
         self.models_dir = resolve_models_dir(conf.get("models_dir"))
         self.vlm_id = conf.get("vlm") or load_config("app.yaml")["default_vlm"]
         self.task_statuses: list[TaskStatus] = task_statuses(

@@ -7,7 +7,7 @@ stack and while the routes are already registered; both helpers work at that poi
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from fastapi import APIRouter, FastAPI
 from starlette.middleware import Middleware
@@ -29,26 +29,52 @@ def install_middleware(server: FastAPI, cls: type, **options) -> None:
         server.middleware_stack = server.build_middleware_stack()
 
 
-def route_key(route: BaseRoute) -> set[tuple[str, str]]:
-    """The (path, method) pairs a route answers; empty for mounts and websockets."""
+def walk_routes(router: APIRouter, prefix: str = "") -> Iterator[tuple[APIRouter, BaseRoute, str]]:
+    """(the router holding it, route, prefix it is served under) for every route reachable from ``router``.
+
+    FastAPI keeps an included router as one entry (``original_router`` plus the include's ``prefix``) rather
+    than copying its routes into the parent, so MONAI Label's routes live in its endpoint modules' routers.
+    """
+    for route in list(router.routes):
+        original = getattr(route, "original_router", None)
+        if isinstance(original, APIRouter):
+            yield from walk_routes(original, prefix + getattr(getattr(route, "include_context", None), "prefix", ""))
+        else:
+            yield router, route, prefix
+
+
+def route_keys(route: BaseRoute, prefix: str = "") -> set[tuple[str, str]]:
+    """The (path, method) pairs a route answers under ``prefix``; empty for mounts and websockets."""
     path = getattr(route, "path", None)
     methods = getattr(route, "methods", None) or set()
-    return {(path, method) for method in methods} if path else set()
+    return {(prefix + path, method) for method in methods} if path else set()
 
 
-def remove_routes(server: FastAPI, pairs: Iterable[tuple[str, str]]) -> int:
-    """Remove the routes answering any of the (path, method) ``pairs``; returns how many went."""
+def remove_routes(server: FastAPI, pairs: Iterable[tuple[str, str]], keep: APIRouter | None = None) -> int:
+    """Remove the routes answering any of the (path, method) ``pairs``, wherever they were included from
+    (except those of ``keep``); returns how many went."""
     wanted = set(pairs)
-    kept = [route for route in server.router.routes if not route_key(route) & wanted]
-    removed = len(server.router.routes) - len(kept)
-    server.router.routes[:] = kept
+    removed = 0
+    for holder, route, prefix in list(walk_routes(server.router)):
+        if holder is not keep and route_keys(route, prefix) & wanted:
+            holder.routes.remove(route)
+            removed += 1
+            _mark_changed(holder)
+    _mark_changed(server.router)
     server.openapi_schema = None  # the docs are built again from the routes now in place
     return removed
 
 
 def replace_routes(server: FastAPI, router: APIRouter, prefix: str = "") -> None:
     """Put ``router``'s routes in place of the server's routes with the same path and method."""
-    probe = APIRouter()
-    probe.include_router(router, prefix=prefix)
-    remove_routes(server, {pair for route in probe.routes for pair in route_key(route)})
-    server.include_router(router, prefix=prefix)
+    remove_routes(server, {pair for _, route, base in walk_routes(router, prefix) for pair in route_keys(route, base)},
+                  keep=router)
+    if not any(holder is router for holder, _, _ in walk_routes(server.router)):
+        server.include_router(router, prefix=prefix)
+
+
+def _mark_changed(router: APIRouter) -> None:
+    """Tell FastAPI (versions that cache included routes) that ``router``'s routes changed."""
+    mark = getattr(router, "_mark_routes_changed", None)
+    if callable(mark):
+        mark()

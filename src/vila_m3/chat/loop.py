@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from vila_m3.chat.params import DEFAULT_CONTEXT_TOKENS, GenerationParams, parse_turn_params
-from vila_m3.chat.store import Chat, ChatStore
+from vila_m3.chat.store import Chat, ChatStore, ChatUser
 from vila_m3.chat.study import Study, StudyError, open_study
 from vila_m3.chat.transcript import Message, vlm_conversation
 from vila_m3.experts.colors import overlay_colors_float
@@ -63,6 +63,7 @@ class TurnRequest:
         study: what to remember about the study (e.g. datastore image ids), stored with the chat.
     """
 
+        user: who asks when login is on (a new chat becomes theirs; another's is ChatNotFound); None: login off.
     chat_id: str
     question: str
     images: Mapping[str, str | Path]
@@ -75,6 +76,7 @@ class TurnRequest:
     study: dict[str, Any] = field(default_factory=dict)
 
 
+    user: ChatUser | None = None
 @dataclass
 class ExpertCall:
     """One expert run within a turn."""
@@ -227,7 +229,7 @@ class ChatLoop:
         def step(name: str, began: float) -> None:
             timings.append({"step": name, "seconds": round(time.perf_counter() - began, 4)})
 
-        chat = self.store.load(request.chat_id)
+        chat = self.store.load(request.chat_id, request.user, write=True)
         study, axis, index = self.open_study(request)
         step("load", clock)
         before, existed = copy.deepcopy(chat), self.store.exists(request.chat_id)
