@@ -31,6 +31,27 @@ class ChatIdError(ValueError):
     """A chat id that is not safe as a folder name."""
 
 
+class ChatNotFound(LookupError):
+    """A chat that does not exist, or that belongs to someone else (told apart by no one)."""
+
+    def __init__(self, chat_id: str):
+        super().__init__(f"no chat '{chat_id}'")
+        self.chat_id = chat_id
+
+
+@dataclass(frozen=True)
+class ChatUser:
+    """Who opens a chat when login is on.
+
+    Attributes:
+        name: the signed-in user; the chats they start are theirs.
+        reads_all: reviewers and admins may read every chat (but continue or cancel only their own).
+    """
+
+    name: str
+    reads_all: bool = False
+
+
 @dataclass
 class Chat:
     """A conversation about one study.
@@ -41,6 +62,7 @@ class Chat:
         modality: ``CT``, ``MRI`` or ``CXR`` as decided on the first turn.
         messages: the transcript.
         labels: the last labelmap the experts produced, as a file name in the chat folder, if any.
+        owner: the user who started the chat; None when login was off (chat.json files without it too).
     """
 
     chat_id: str
@@ -48,15 +70,29 @@ class Chat:
     modality: str | None = None
     messages: list[Message] = field(default_factory=list)
     labels: str | None = None
+    owner: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "chat_id": self.chat_id,
+            "owner": self.owner,
             "study": self.study,
             "modality": self.modality,
             "labels": self.labels,
             "messages": [message.as_dict() for message in self.messages],
         }
+
+
+def may_open(chat: Chat, user: ChatUser | None, write: bool = False) -> bool:
+    """Whether ``user`` may read ``chat`` (``write=False``) or continue or cancel it (``write=True``).
+
+    Login off (``user`` None): yes. A chat without messages: yes (it becomes theirs). Its owner: yes.
+    Reviewers and admins (``reads_all``): read only. Anyone else, including everyone for a chat
+    started while login was off (no owner): no.
+    """
+    if user is None or not chat.messages or (chat.owner is not None and chat.owner == user.name):
+        return True
+    return user.reads_all and not write
 
 
 class ChatStore:
@@ -89,19 +125,29 @@ class ChatStore:
         with self._guard:
             return self._locks.setdefault(self.check_id(chat_id), threading.Lock())
 
-    def load(self, chat_id: str) -> Chat:
-        """The stored chat, or a new empty one."""
+    def load(self, chat_id: str, user: ChatUser | None = None, write: bool = False) -> Chat:
+        """The stored chat, or a new empty one (owned by ``user``).
+
+        ``user`` None means login is off: every chat is everyone's. Otherwise a chat ``user`` may not
+        open (see :func:`may_open`; ``write`` for a turn or a cancel) is :class:`ChatNotFound`.
+        """
         path = self.folder(chat_id) / "chat.json"
         if not path.is_file():
-            return Chat(chat_id)
+            return Chat(chat_id, owner=user.name if user is not None else None)
         data = json.loads(path.read_text(encoding="utf-8"))
-        return Chat(
+        chat = Chat(
             chat_id=data["chat_id"],
             study=data.get("study", {}),
             modality=data.get("modality"),
             labels=data.get("labels"),
             messages=[Message.from_dict(item) for item in data.get("messages", [])],
+            owner=data.get("owner"),
         )
+        if not may_open(chat, user, write):
+            raise ChatNotFound(chat_id)
+        if not chat.messages and user is not None:
+            chat.owner = user.name  # an empty chat is whoever's starts it
+        return chat
 
     def save(self, chat: Chat) -> None:
         """Write ``chat.json`` atomically (a temporary file renamed over the old one)."""
