@@ -33,7 +33,8 @@ from lib.auth import install_auth
 from lib.chat import ChatInferTask, ChatTurns, chat_router
 from lib.datagen import datagen_router
 from lib.infers import BratsInferTask, CxrInferTask, Vista3DInferTask, datastore_path
-from lib.train import VilaM3TrainTask, versions_router
+from lib.server_hooks import replace_routes
+from lib.train import VilaM3TrainTask, train_router, versions_router
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel.interfaces.tasks.train import TrainTask
@@ -115,8 +116,13 @@ class VilaM3App(MONAILabelApp):
 
         server.include_router(versions_router(self.vlm_versions))
         base = ModelManifest.load()[self.vlm_id].location(self.models_dir)
-        return {"vila_m3": VilaM3TrainTask(self.vlm_versions, base, self.studies, self._chats_dir(),
-                                           "Fine-tune VILA-M3 on the datastore's final labels and chats")}
+        task = VilaM3TrainTask(self.vlm_versions, base, self.studies, self._chats_dir(),
+                               "Fine-tune VILA-M3 on the datastore's final labels and chats", self._exports_dir())
+        replace_routes(server, train_router(task))  # POST /train/vila_m3 checks a named export's privacy first
+        return {"vila_m3": task}
+
+    def _exports_dir(self) -> Path:
+        return Path(self.conf.get("datagen_dir") or Path(self.app_dir) / "datagen")
 
     def _chats_dir(self) -> Path:
         return Path(self.conf.get("chats_dir") or Path(self.app_dir) / "chats")
@@ -125,8 +131,7 @@ class VilaM3App(MONAILabelApp):
         """``POST /vila_m3/datagen/``: the data engine for admins (local studies folders)."""
         from monailabel.app import app as server
 
-        exports_dir = Path(self.conf.get("datagen_dir") or Path(self.app_dir) / "datagen")
-        server.include_router(datagen_router(self.studies, self._chats_dir(), exports_dir))
+        server.include_router(datagen_router(self.studies, self._chats_dir(), self._exports_dir()))
 
     def _chat_task(self, registry: ExpertRegistry, description: str) -> ChatInferTask:
         """The chat infer task, and its streaming routes on this server."""

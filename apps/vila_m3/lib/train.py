@@ -5,7 +5,14 @@ its progress lines): export the datastore's final labels and the stored chats wi
 fine-tune the checkpoint being served on that export, and register the result as a new version,
 which the chat serves from its next turn. Request fields are the options of ``configs/training.yaml``
 (``max_steps``, ``epochs``, ``learning_rate``, ``parts``, ``lora_enabled``, ...) plus ``seed`` (the
-export's) and ``activate`` (default true). A failed run registers nothing and changes nothing served.
+export's), ``activate`` (default true) and ``export``: the name of an export an admin made with
+``POST /vila_m3/datagen/`` to train on instead of a fresh one. A failed run registers nothing and
+changes nothing served.
+
+Privacy: an export whose privacy check failed is never trained on. A named ``export`` is checked
+before anything starts (:func:`train_router` replaces MONAI Label's ``POST /train/{model}``: 422 for
+an unknown name, 409 for a failed or unconfirmed check); a fresh export is checked when it is made,
+in the background task, which then ends in ERROR with the reason and trains nothing.
 
 ``GET /vila_m3/versions/``: the versions and which one is served; ``PUT /vila_m3/versions/current?version=
 v0001|base`` (admin): serve another one.
@@ -14,22 +21,34 @@ v0001|base`` (admin): serve another one.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException
 from monailabel.config import settings
+from monailabel.endpoints.train import run_model
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.tasks.train import TrainTask
 
 from vila_m3.data import export_from_app
+from vila_m3.data.privacy import PRIVACY_CHECK, export_privacy_problem
 from vila_m3.training.options import TrainingOptions, TrainingOptionsError
 from vila_m3.training.trainer import fine_tune
 from vila_m3.training.versions import ModelVersions, VersionError
 
 logger = logging.getLogger(__name__)
 
-_NOT_OPTIONS = {"model", "device", "gpus", "seed", "activate", "local_rank", "dataset", "name"}
+_NOT_OPTIONS = {"model", "device", "gpus", "seed", "activate", "local_rank", "dataset", "name", "export"}
+_EXPORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+class TrainRefused(ValueError):
+    """A train request that must not start; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
 
 
 class VilaM3TrainTask(TrainTask):
@@ -41,15 +60,38 @@ class VilaM3TrainTask(TrainTask):
         studies: the datastore (a local studies folder or a DICOMweb URL).
         chats_dir: the stored chats, exported with the final labels.
         description: shown in ``/info/``.
+        exports_dir: the admins' exports (``POST /vila_m3/datagen/``), which a request may name.
     """
 
     def __init__(self, versions: ModelVersions, base_checkpoint: Path, studies: str, chats_dir: Path,
-                 description: str):
+                 description: str, exports_dir: Path | None = None):
         super().__init__(description)
         self.versions = versions
         self.base_checkpoint = base_checkpoint
         self.studies = studies
         self.chats_dir = chats_dir
+        self.exports_dir = exports_dir
+
+    def named_export(self, request: dict[str, Any]) -> Path | None:
+        """The export a request names (``export``), checked; None when it names none (a fresh export is made).
+
+        Raises:
+            TrainRefused: 422 for a name that is not an export of this server, 409 when the export's
+                privacy check failed or cannot be confirmed (the message names the export and the check).
+        """
+        name = request.get("export")
+        if name is None or name == "":
+            return None
+        if not isinstance(name, str) or not _EXPORT_NAME.fullmatch(name):
+            raise TrainRefused(422, "export: the name of an export made with POST /vila_m3/datagen/ (1-64 letters, "
+                                    "digits, '_', '-' or '.', starting with a letter or digit)")
+        folder = self.exports_dir / name if self.exports_dir is not None else None
+        if folder is None or not folder.is_dir():
+            raise TrainRefused(422, f"export {name!r} does not exist; make it with POST /vila_m3/datagen/?name={name}")
+        problem = export_privacy_problem(folder)
+        if problem is not None:
+            raise TrainRefused(409, f"training refused: {problem}")
+        return folder
 
     def config(self) -> dict[str, Any]:
         options = TrainingOptions.from_config().as_dict()
@@ -65,13 +107,24 @@ class VilaM3TrainTask(TrainTask):
             options = TrainingOptions.from_config(overrides)
         except TrainingOptionsError as err:
             raise ValueError(f"train request: {err}") from None
+        named = self.named_export(request)
         base = self.versions.checkpoint() or self.base_checkpoint
         version, run = self.versions.reserve()
-        print(f"{version}: exporting conversations from {self.studies}", flush=True)
-        export = export_from_app(self.studies, str(self.chats_dir), str(run / "data"), int(request.get("seed", 0)))
-        counts = export.get("counts", {})
-        print(f"{version}: export done ({counts}); fine-tuning {base}", flush=True)
-        result = fine_tune(base, run / "data", run, options, progress=False)
+        if named is not None:
+            data = named
+            print(f"{version}: training on export {named.name!r} (its privacy check passed)", flush=True)
+        else:
+            data = run / "data"
+            print(f"{version}: exporting conversations from {self.studies}", flush=True)
+            export = export_from_app(self.studies, str(self.chats_dir), str(data), int(request.get("seed", 0)))
+            if not export.get("privacy", {}).get("passed"):
+                count = len(export.get("privacy", {}).get("findings", []))
+                raise RuntimeError(f"{version}: training refused: the fresh export failed {PRIVACY_CHECK} "
+                                   f"({count} finding(s)); nothing was trained or registered. Run "
+                                   f"`vila-m3 datagen-check` on the run's data folder to see the findings.")
+            print(f"{version}: export done ({export.get('counts', {})}); privacy check passed; fine-tuning {base}",
+                  flush=True)
+        result = fine_tune(base, data, run, options, progress=False)
         summary = {
             "base": str(base),
             "steps": result.metrics["steps"],
@@ -83,6 +136,25 @@ class VilaM3TrainTask(TrainTask):
         self.versions.register(version, summary, make_current=activate)
         print(f"{version}: registered{' and served' if activate else ''}: {result.checkpoint}", flush=True)
         return {"version": version, "checkpoint": str(result.checkpoint), **summary}
+
+
+def train_router(task: VilaM3TrainTask, name: str = "vila_m3") -> APIRouter:
+    """``POST /train/{model}`` in place of MONAI Label's: the same parameters and answer, but a request for
+    ``name`` is checked before the background task starts (:meth:`VilaM3TrainTask.named_export`)."""
+    router = APIRouter(prefix="/train", tags=["Train"])
+    admin_role = RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN)
+
+    @router.post("/{model}", summary="Run the training task of one model (admin)")
+    async def run_train(model: str, params: dict[str, Any] | None = None, run_sync: bool = False,
+                        enqueue: bool = False, user: User = Depends(admin_role)) -> Any:
+        if model == name:
+            try:
+                task.named_export(params or {})
+            except TrainRefused as err:
+                raise HTTPException(err.status, str(err)) from None
+        return run_model(model, params, run_sync, enqueue)
+
+    return router
 
 
 def versions_router(versions: ModelVersions) -> APIRouter:

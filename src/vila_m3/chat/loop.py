@@ -32,6 +32,7 @@ from vila_m3.experts.service import ExpertService
 from vila_m3.experts.triggers import Trigger, find_triggers
 from vila_m3.imaging import Volume, write_labelmap
 from vila_m3.imaging.overlay import render_overlay
+from vila_m3.logtext import fingerprint
 from vila_m3.vlm.errors import PromptTooLongError
 from vila_m3.vlm.generation import DEFAULT_MIN_NEW_TOKENS
 
@@ -254,6 +255,7 @@ class ChatLoop:
         chat.study = {**chat.study, **request.study, "images": study.paths}
         chat.modality = study.modality
         user = self._user_message(chat, study, request.question, axis, index)
+        logger.debug("chat turn: question %s", fingerprint(request.question))  # never the words (privacy)
         chat.messages.append(user)
         self.store.save(chat)
         step("render", began)
@@ -265,6 +267,8 @@ class ChatLoop:
             began = time.perf_counter()
             answer, cancelled = self._generate(chat, request, emit, cancel, round_number)
             step(f"generate {round_number + 1}", began)
+            logger.debug("chat turn: answer %d %s%s", round_number + 1, fingerprint(answer),
+                         " (cancelled)" if cancelled else "")
             chat.messages.append(Message("assistant", answer))
             self.store.save(chat)
             if cancelled:
