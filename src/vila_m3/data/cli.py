@@ -70,7 +70,12 @@ def _datagen_check(args: argparse.Namespace) -> int:
     identifiers = dicom_identifiers(files) | set(args.identifier or [])
     problems = [] if args.privacy_only else check_structure(folder)
     findings = scan_export(folder, identifiers)
-    print(f"Checked {folder}: {len(identifiers)} identifiers from {len(files)} DICOM file(s) searched for.")
+    print(f"Checked {folder}: {len(identifiers)} identifiers from {len(files)} DICOM file(s) searched for, and "
+          "the generic patterns (DICOM dates, names and UIDs; record numbers and names typed into chats).")
+    recorded = _recorded_privacy(folder)
+    if recorded is not None:
+        print(f"Recorded when exported: privacy check {'passed' if recorded.get('passed') else 'FAILED'} "
+              f"({recorded.get('findings', '?')} finding(s)); training refuses an export whose check failed.")
     for problem in problems:
         print(f"structure: {problem}")
     for finding in findings:
@@ -83,7 +88,8 @@ def _datagen_check(args: argparse.Namespace) -> int:
 
 
 def _manifest_source(folder: Path) -> Path | None:
-    """The export's local source folder, when it still exists (its DICOM headers are read)."""
+    """The export's local source folder, when the manifest gives it as an absolute path that still exists
+    (its DICOM headers are read); a manifest that names its source without a path needs ``--dicom``."""
     try:
         source = json.loads((folder / "manifest.json").read_text(encoding="utf-8")).get("source")
     except (OSError, ValueError, AttributeError):
@@ -91,7 +97,16 @@ def _manifest_source(folder: Path) -> Path | None:
     if not isinstance(source, str) or source.startswith(("http://", "https://")):
         return None
     path = Path(source)
-    return path if path.exists() else None
+    return path if path.is_absolute() and path.exists() else None
+
+
+def _recorded_privacy(folder: Path) -> dict | None:
+    """The privacy result the export recorded in its manifest (``passed``, ``findings``), or None."""
+    try:
+        privacy = json.loads((folder / "manifest.json").read_text(encoding="utf-8")).get("privacy")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return privacy if isinstance(privacy, dict) else None
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:

@@ -99,7 +99,8 @@ class ExportResult:
             "counts": self.manifest["counts"],
             "summary": self.summary,
             "skipped": [{"source": s.source, "kind": s.kind, "reason": s.reason} for s in self.skips],
-            "privacy": {"passed": self.privacy_passed, "findings": [str(f) for f in self.findings]},
+            # where and what kind, never the text found: this answer leaves the server
+            "privacy": {"passed": self.privacy_passed, "findings": [f"{f.where}: {f.reason}" for f in self.findings]},
         }
 
 
