@@ -179,8 +179,10 @@ class TurnParams(GenerationParams):
     @field_validator("chat_id", mode="before")
     @classmethod
     def _check_chat_id(cls, chat_id: Any) -> str:
-        if not isinstance(chat_id, str) or not chat_id:
+        if chat_id is None or chat_id == "":
             raise ValueError("is required: any id the client keeps for this chat")
+        if not isinstance(chat_id, str):
+            raise ValueError("must be text: 1-128 letters, digits, '_', '-' or '.'")
         return ChatStore.check_id(chat_id)
 
     @field_validator("axis", mode="before")
