@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,9 @@ import requests
 from fake_openai_server import FakeOpenAIServer, sse
 from keycloak_realm import ROLES, KeycloakRealm, forge_hs256, new_rsa_key, public_pem, unsigned
 from server_harness import RunningServer, start_monailabel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "slicer_extension" / "VILAM3Chat"))
+from VILAM3ChatLib import client as vclient  # noqa: E402  (the Slicer panel's library)
 
 pytestmark = pytest.mark.server
 
@@ -138,6 +142,24 @@ def test_login_with_password_gives_a_working_token_and_a_wrong_password_is_401(s
     assert "wrong user name or password" in wrong.json()["detail"]
     info = call(server, "GET", "/auth/")
     assert info.status_code == 200 and info.json()["enabled"] is True
+
+
+def test_the_slicer_panels_client_logs_in_with_a_password_or_a_given_token(server, realm, fake_vlm):
+    client = vclient.VilaM3Client(server.url, username="alice", password="alice-password", timeout_s=30)
+    assert client.auth_enabled() is True
+    assert "vila_m3" in client.info()["models"]
+    with pytest.raises(vclient.AuthError, match="check the user name and password"):
+        vclient.VilaM3Client(server.url, username="alice", password="nope", timeout_s=30).info()
+
+    sso = vclient.VilaM3Client(server.url, token=realm.token("alice", [USER]), timeout_s=30)
+    assert "vila_m3" in sso.info()["models"]
+    fake_vlm.script(sse(["A CT of the abdomen."]))
+    answer = sso.ask(vclient.StudyRef.image("ct_abdomen"), vclient.turn_params("What is this?", "sso-chat"))
+    assert answer.answer == "A CT of the abdomen."
+    assert sso.get_chat("sso-chat")["owner"] == "alice"
+    expired = realm.token("alice", [USER], exp=int(time.time()) - 60)
+    with pytest.raises(vclient.AuthError, match="refused the access token"):
+        vclient.VilaM3Client(server.url, token=expired, timeout_s=30).info()
 
 
 # --- every route has a role ---------------------------------------------------------------------------

@@ -583,3 +583,66 @@ def test_the_library_imports_without_slicer_and_uses_only_stdlib_and_requests():
             for name in names:
                 assert name.split(".")[0] in allowed, f"{path.name} imports {name}"
     assert os.path.isfile(lib / "terminology.json")
+
+
+class TokenServer:
+    """``/auth/`` (on), ``/auth/token`` (gives ``fresh`` for annotator/s3cret) and ``/info/``, which answers
+    only ``Authorization: Bearer <one of valid>``; records the Authorization headers it got."""
+
+    def __init__(self, valid: tuple[str, ...] = ("sso-token", "fresh")):
+        self.valid, self.seen = valid, []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def answer(self, status: int, body: dict) -> None:
+                payload = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def do_GET(self) -> None:
+                if self.path == "/auth/":
+                    self.answer(200, {"enabled": True})
+                    return
+                owner.seen.append(self.headers.get("Authorization"))
+                if self.headers.get("Authorization") in {f"Bearer {token}" for token in owner.valid}:
+                    self.answer(200, {"models": {"vila_m3": {}}})
+                else:
+                    self.answer(401, {"detail": "the token is not valid"})
+
+            def do_POST(self) -> None:
+                form = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
+                if "username=annotator" in form and "password=s3cret" in form:
+                    self.answer(200, {"access_token": "fresh", "token_type": "Bearer"})
+                else:
+                    self.answer(401, {"detail": "wrong user name or password"})
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_a_given_access_token_is_sent_as_bearer_and_a_refused_one_says_so():
+    server = TokenServer()
+    try:
+        assert "vila_m3" in vclient.VilaM3Client(server.url, token="sso-token", timeout_s=5).info()["models"]
+        assert server.seen == ["Bearer sso-token"]
+        with pytest.raises(vclient.AuthError, match="refused the access token") as refused:
+            vclient.VilaM3Client(server.url, token="expired", timeout_s=5).info()
+        assert refused.value.status == 401
+        assert server.seen[-1] == "Bearer expired"
+        # with a password as well, a refused token is replaced by a login
+        client = vclient.VilaM3Client(server.url, username="annotator", password="s3cret", token="expired", timeout_s=5)
+        assert "vila_m3" in client.info()["models"]
+        assert server.seen[-2:] == ["Bearer expired", "Bearer fresh"]
+    finally:
+        server.close()
