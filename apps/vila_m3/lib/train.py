@@ -9,6 +9,9 @@ export's), ``activate`` (default true) and ``export``: the name of an export an 
 ``POST /vila_m3/datagen/`` to train on instead of a fresh one. A failed run registers nothing and
 changes nothing served.
 
+Every field of a request is checked before anything starts (types from the options' dataclasses, finite
+numbers, ranges, known keys): a bad one is answered 422 naming it, not found 20 s later in the background.
+
 Privacy: an export whose privacy check failed is never trained on. A named ``export`` is checked
 before anything starts (:func:`train_router` replaces MONAI Label's ``POST /train/{model}``: 422 for
 an unknown name, 409 for a failed or unconfirmed check); a fresh export is checked when it is made,
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import re
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +34,12 @@ from monailabel.config import settings
 from monailabel.endpoints.train import run_model
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.tasks.train import TrainTask
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from vila_m3.chat.params import describe_validation_error
 from vila_m3.data import export_from_app
 from vila_m3.data.privacy import PRIVACY_CHECK, export_privacy_problem
-from vila_m3.training.options import TrainingOptions, TrainingOptionsError
+from vila_m3.training.options import LoraOptions, TrainingOptions, TrainingOptionsError
 from vila_m3.training.trainer import fine_tune
 from vila_m3.training.versions import ModelVersions, VersionError
 
@@ -41,6 +47,29 @@ logger = logging.getLogger(__name__)
 
 _NOT_OPTIONS = {"model", "device", "gpus", "seed", "activate", "local_rank", "dataset", "name", "export"}
 _EXPORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _request_model() -> type[BaseModel]:
+    """The types of a train request's fields, from the options' own dataclasses (one source of truth):
+    strict (``"abc"`` or ``true`` is no step count), finite numbers, no unknown keys; MONAI Label's own
+    request keys are let through as they are."""
+    fields: dict[str, Any] = {}
+    for name, hint in typing.get_type_hints(TrainingOptions).items():
+        if name not in ("lora", "parts"):
+            fields[name] = (hint | None, None)
+    fields["parts"] = (str | list[str] | None, Field(None, description="comma list or list of llm, projector, vision"))
+    fields["lora"] = (dict[str, Any] | None, None)
+    for name, hint in typing.get_type_hints(LoraOptions).items():
+        fields[f"lora_{name}"] = (hint | None, None)
+    fields["activate"] = (bool | None, Field(None, strict=False))  # "false" is accepted, as before
+    fields["export"] = (str | None, None)
+    for name in ("model", "gpus", "local_rank", "dataset", "name"):
+        fields.setdefault(name, (Any, None))
+    config = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
+    return create_model("TrainRequest", __config__=config, **fields)
+
+
+TrainRequest = _request_model()
 
 
 class TrainRefused(ValueError):
@@ -71,6 +100,21 @@ class VilaM3TrainTask(TrainTask):
         self.studies = studies
         self.chats_dir = chats_dir
         self.exports_dir = exports_dir
+
+    def check_options(self, request: dict[str, Any]) -> TrainingOptions:
+        """The training options of a request, every field checked (types, finite numbers, ranges, known keys).
+
+        Raises:
+            TrainRefused: 422 naming each problem.
+        """
+        try:
+            TrainRequest.model_validate(request)
+        except ValidationError as err:
+            raise TrainRefused(422, describe_validation_error(err, prefix="train")) from None
+        try:
+            return TrainingOptions.from_config({key: value for key, value in request.items() if key not in _NOT_OPTIONS})
+        except (TrainingOptionsError, TypeError, ValueError) as err:
+            raise TrainRefused(422, f"train: {err}") from None
 
     def named_export(self, request: dict[str, Any]) -> Path | None:
         """The export a request names (``export``), checked; None when it names none (a fresh export is made).
@@ -149,6 +193,7 @@ def train_router(task: VilaM3TrainTask, name: str = "vila_m3") -> APIRouter:
                         enqueue: bool = False, user: User = Depends(admin_role)) -> Any:
         if model == name:
             try:
+                task.check_options(params or {})
                 task.named_export(params or {})
             except TrainRefused as err:
                 raise HTTPException(err.status, str(err)) from None
