@@ -302,7 +302,10 @@ class VilaM3Client:
 
     Args:
         server_url: e.g. ``http://127.0.0.1:8000``.
-        username, password: MONAI Label login, used only when the server says auth is enabled.
+        username, password: MONAI Label login (``POST /auth/token``), used only when the server says auth
+            is enabled; the token it gives is renewed the same way when the server answers 401.
+        token: a bearer token got elsewhere (e.g. from the hospital's single sign-on), sent as it is when
+            auth is enabled; when the server refuses it, the user name and password are used if set.
         timeout_s: limit for quick requests (info, cancel, chat, saving labels).
         turn_timeout_s: limit for a whole turn answered at once (``ask``); experts may take minutes.
         stream_idle_timeout_s: a stream that sends nothing (not even its keep-alive each second) for
@@ -315,7 +318,7 @@ class VilaM3Client:
 
     def __init__(self, server_url: str, username: str | None = None, password: str | None = None,
                  timeout_s: float = 30.0, turn_timeout_s: float = 900.0, stream_idle_timeout_s: float = 90.0,
-                 connect_timeout_s: float = 5.0, download_dir: str | None = None):
+                 connect_timeout_s: float = 5.0, download_dir: str | None = None, token: str | None = None):
         self.server_url = normalize_server_url(server_url)
         self.username = username or None
         self.password = password or ""
@@ -327,7 +330,8 @@ class VilaM3Client:
         self._http = requests.Session()
         self._lock = threading.Lock()
         self._auth_enabled: bool | None = None
-        self._token: str | None = None
+        self._token: str | None = token or None
+        self._given_token = bool(token)
         self._info: dict[str, Any] | None = None
 
     # --- plumbing ---------------------------------------------------------------------------------
@@ -412,6 +416,9 @@ class VilaM3Client:
             return {"Authorization": f"Bearer {self._token}"}
 
     def _fetch_token(self) -> str:
+        if not self.username and self._given_token:
+            raise AuthError(f"the server at {self.server_url} refused the access token (expired or not for this "
+                            "server): get a new one, or set the user name and password", 401)
         if not self.username:
             raise AuthError(f"the server at {self.server_url} requires a login: set the user name and password", 401)
         what = f"logging in as '{self.username}'"
