@@ -84,14 +84,15 @@ def test_the_train_task_fine_tunes_registers_a_version_and_the_chat_serves_it(tr
     assert response.status_code == 422 and "unknown version" in response.text
 
 
-def test_a_bad_train_request_fails_and_changes_nothing_served(train_server):
+def test_a_bad_train_request_is_refused_before_anything_starts(train_server):
     server, models = train_server
     before = server.get("/vila_m3/versions/").json()
-    response = requests.post(f"{server.url}/train/vila_m3", json={"learning_rat": 1.0}, timeout=30)
-    assert response.status_code == 200
-    status = _wait_for_training(server)
-    assert status["status"] == "ERROR"
-    assert any("unknown training option" in line for line in status["details"])
+    tasks = server.get("/train/", params={"all": "true"}).json()
+    for options, fragment in (({"learning_rat": 1.0}, "train.learning_rat"), ({"max_steps": "abc"}, "train.max_steps"),
+                              ({"batch_size": 0}, "batch_size must be > 0")):
+        response = requests.post(f"{server.url}/train/vila_m3", json=options, timeout=30)
+        assert response.status_code == 422 and fragment in response.json()["detail"], response.text
+    assert server.get("/train/", params={"all": "true"}).json() == tasks  # no background task was started
     assert server.get("/vila_m3/versions/").json() == before
 
 
