@@ -5,6 +5,10 @@
   URL), then ``final`` with the same JSON as the infer task, or ``error``;
 - ``POST /vila_m3/chat/{chat_id}/cancel``: stop the chat's running turn (closing the stream does too);
 - ``GET /vila_m3/chat/{chat_id}``: the stored chat; ``GET /vila_m3/chat/{chat_id}/labels``: its last labelmap.
+
+With login on, a chat belongs to the user who started it: to anyone else (but reviewers and admins,
+who may read every chat) it is 404 "no chat", for reading, continuing and cancelling alike
+(:func:`vila_m3.chat.store.may_open` decides; :func:`chat_user` says who asks).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.infers import BAD_INPUT, datastore_path
 from vila_m3.chat.loop import ChatLoop, TurnRequest, TurnResult
-from vila_m3.chat.store import ChatIdError
+from vila_m3.chat.store import Chat, ChatIdError, ChatNotFound, ChatUser
 from vila_m3.chat.study import StudyError
 from vila_m3.imaging import VolumeReadError
 from vila_m3.imaging.sequences import SEQUENCE_ORDER, sibling_sequences
@@ -55,6 +59,7 @@ class ChatTurns:
         self._loop_lock = threading.Lock()
         self.datastore = datastore
         self.running: dict[str, threading.Event] = {}
+        self.running_users: dict[str, ChatUser | None] = {}  # who started each running turn
 
     @property
     def loop(self) -> ChatLoop:
@@ -87,7 +92,7 @@ class ChatTurns:
         return TurnRequest(
             chat_id=chat_id, question=prompt, images=self.images(request, image), axis=request.get("axis") or "axial",
             slice_index=index, modality=request.get("modality"), study={"image": request.get("image_id") or image},
-            **numbers,
+            user=chat_user(request.get("user")), **numbers,
         )
 
     def images(self, request: dict[str, Any], image: str) -> dict[str, str]:
@@ -108,8 +113,11 @@ class ChatTurns:
         turn = self.turn_request(request)
         cancel = threading.Event()
         self.running[turn.chat_id] = cancel
+        self.running_users[turn.chat_id] = turn.user
         try:
             return self.loop.run_turn(turn, on_event=on_event, cancel=cancel)
+        except ChatNotFound as err:
+            raise HTTPException(404, str(err)) from None
         except (StudyError, ChatIdError, VolumeReadError, FileNotFoundError) as err:
             raise HTTPException(BAD_INPUT, str(err)) from None
         except VlmError as err:
@@ -117,12 +125,50 @@ class ChatTurns:
         finally:
             if self.running.get(turn.chat_id) is cancel:  # a later turn of the same chat may have replaced it
                 del self.running[turn.chat_id]
+                self.running_users.pop(turn.chat_id, None)
 
-    def labels_file(self, chat_id: str) -> str | None:
-        chat = self.loop.store.load(chat_id)
+    def open_chat(self, chat_id: str, user: ChatUser | None, write: bool = False) -> Chat:
+        """The chat ``user`` may open (a new one is empty); HTTP 404 for another user's, 422 for a bad id."""
+        try:
+            return self.loop.store.load(chat_id, user, write)
+        except ChatNotFound as err:
+            raise HTTPException(404, str(err)) from None
+        except ChatIdError as err:
+            raise HTTPException(BAD_INPUT, str(err)) from None
+
+    def cancel(self, chat_id: str, user: ChatUser | None) -> bool:
+        """Stop the chat's running turn; False when none runs (or it is another user's first turn)."""
+        self.open_chat(chat_id, user, write=True)
+        event = self.running.get(chat_id)
+        starter = self.running_users.get(chat_id)
+        if event is None or (user is not None and (starter is None or starter.name != user.name)):
+            return False
+        event.set()
+        return True
+
+    def labels_file(self, chat_id: str, user: ChatUser | None = None) -> str | None:
+        chat = self.open_chat(chat_id, user)
         if not chat.labels:
             return None
         return str(self.loop.store.folder(chat_id) / chat.labels)
+
+
+def chat_user(user: Any) -> ChatUser | None:
+    """Who a request speaks for, as the chat store sees it: None with login off (every chat is everyone's).
+
+    ``user`` is MONAI Label's ``User`` or ``request["user"]`` as our routes set it (``{"username", "roles"}``);
+    with login on, a request that does not say who asks opens no chat (HTTP 403).
+    """
+    if not settings.MONAI_LABEL_AUTH_ENABLE:
+        return None
+    if isinstance(user, User):
+        user = {"username": user.username, "roles": user.roles}
+    name = user.get("username") if isinstance(user, dict) else None
+    if not isinstance(name, str) or not name:
+        raise HTTPException(403, "this request does not say who is asking; chats need a signed-in user")
+    roles = set(user.get("roles") or ())
+    readers = {settings.MONAI_LABEL_AUTH_ROLE_ADMIN, settings.MONAI_LABEL_AUTH_ROLE_REVIEWER}
+    return ChatUser(name, reads_all=bool(roles & readers))
 
 
 class ChatInferTask(InferTask):
@@ -176,33 +222,26 @@ def chat_router(turns: ChatTurns, resolve_image: Callable[[str, str], str]) -> A
             raise HTTPException(BAD_INPUT, f"params is not JSON: {err}") from None
         request["image"] = resolve_image(image, session_id)
         request["image_id"] = image or session_id
-        turns.turn_request(request)  # reject bad requests before the stream starts
+        request["user"] = {"username": user.username, "roles": list(user.roles)}  # never the client's own "user"
+        turn = turns.turn_request(request)  # reject bad requests before the stream starts
+        turns.open_chat(turn.chat_id, turn.user, write=True)  # another user's chat: 404, not a stream
         return StreamingResponse(_events(turns, request, http_request), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @router.post("/{chat_id}/cancel", summary="Stop the chat's running turn")
     async def cancel(chat_id: str, user: User = Depends(user_role)) -> dict[str, Any]:
-        event = turns.running.get(chat_id)
-        if event is not None:
-            event.set()
-        return {"chat_id": chat_id, "cancelled": event is not None}
+        return {"chat_id": chat_id, "cancelled": turns.cancel(chat_id, chat_user(user))}
 
     @router.get("/{chat_id}", summary="The stored chat: transcript, study, modality")
     async def get_chat(chat_id: str, user: User = Depends(user_role)) -> dict[str, Any]:
-        try:
-            chat = turns.loop.store.load(chat_id)
-        except ChatIdError as err:
-            raise HTTPException(BAD_INPUT, str(err)) from None
+        chat = turns.open_chat(chat_id, chat_user(user))
         if not chat.messages:
             raise HTTPException(404, f"no chat '{chat_id}'")
         return chat.as_dict()
 
     @router.get("/{chat_id}/labels", summary="The chat's last labelmap (NIfTI, in the volume's geometry)")
     async def get_labels(chat_id: str, user: User = Depends(user_role)) -> FileResponse:
-        try:
-            path = turns.labels_file(chat_id)
-        except ChatIdError as err:
-            raise HTTPException(BAD_INPUT, str(err)) from None
+        path = turns.labels_file(chat_id, chat_user(user))
         if path is None or not os.path.isfile(path):
             raise HTTPException(404, f"chat '{chat_id}' has no labelmap")
         return FileResponse(path, media_type="application/gzip", filename=f"{chat_id}_labels.nii.gz")
