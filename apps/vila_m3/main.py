@@ -10,6 +10,10 @@ A thin shell over the ``vila_m3`` package. App settings (``--conf KEY VALUE``):
 - ``chats_dir``: where chats are kept (default ``<app>/chats``); ``chat_max_rounds``: expert rounds per turn (3);
 - ``datagen_dir``: where ``POST /vila_m3/datagen/?name=...`` writes exports (default ``<app>/datagen``);
 - ``expert_idle_release_s``: seconds after which an unused expert frees its weights (default 600; 0 = never).
+- ``max_upload_mb``: largest request body of the upload routes (``/infer``, ``/session``, ``/datastore``,
+  ``/model``, ``/proxy``) in MB (default 1024); ``max_request_kb``: of every other route in KB (default 1024).
+  Both are enforced while the body streams in (413); ``sessions_max_gb``: all sessions together (default 20;
+  a new session past it is refused with 507). Uploads and results wait in ``<app>/tmp/`` (emptied at start).
 
 Train task ``vila_m3`` (local chat VLM only): ``POST /train/vila_m3`` fine-tunes the served checkpoint on
 the datastore's export; versions live in ``<models_dir>/finetuned/<vlm>/`` (``GET /vila_m3/versions/``,
@@ -32,6 +36,7 @@ from fastapi import HTTPException
 from lib.auth import install_auth
 from lib.chat import ChatInferTask, ChatTurns, chat_router
 from lib.datagen import datagen_router
+from lib.infer_route import install_request_routes
 from lib.infers import BratsInferTask, CxrInferTask, Vista3DInferTask, datastore_path
 from lib.server_hooks import replace_routes
 from lib.train import VilaM3TrainTask, train_router, versions_router
@@ -60,6 +65,7 @@ class VilaM3App(MONAILabelApp):
         from monailabel.app import app as server  # the running FastAPI app
 
         install_auth(server, conf)  # verified tokens and roles on every route (lib/auth.py)
+        install_request_routes(server, app_dir, conf)  # our /infer and /session, body limits (lib/infer_route.py)
         self.models_dir = resolve_models_dir(conf.get("models_dir"))
         self.vlm_id = conf.get("vlm") or load_config("app.yaml")["default_vlm"]
         self.task_statuses: list[TaskStatus] = task_statuses(
