@@ -33,8 +33,10 @@ from vila_m3.experts.triggers import Trigger, find_triggers
 from vila_m3.imaging import Volume, write_labelmap
 from vila_m3.imaging.overlay import render_overlay
 from vila_m3.logtext import fingerprint
+from vila_m3.security.paths import scrub_paths
 from vila_m3.vlm.errors import PromptTooLongError
 from vila_m3.vlm.generation import DEFAULT_MIN_NEW_TOKENS
+from vila_m3.vlm.prompting import special_token_texts
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +64,9 @@ class TurnRequest:
         axis, slice_index: the slice on screen (index along the RAS-oriented axis; None = middle).
         modality: the client's override (``CT``, ``MRI``, ``CXR``), else detected from the data.
         study: what to remember about the study (e.g. datastore image ids), stored with the chat.
+        user: who asks when login is on (a new chat becomes theirs; another's is ChatNotFound); None: login off.
     """
 
-        user: who asks when login is on (a new chat becomes theirs; another's is ChatNotFound); None: login off.
     chat_id: str
     question: str
     images: Mapping[str, str | Path]
@@ -75,9 +77,9 @@ class TurnRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     study: dict[str, Any] = field(default_factory=dict)
-
-
     user: ChatUser | None = None
+
+
 @dataclass
 class ExpertCall:
     """One expert run within a turn."""
@@ -191,12 +193,7 @@ class ChatLoop:
     def special_tokens(self) -> tuple[str, ...]:
         """The served tokenizer's special-token strings (none for a remote VLM), refused in questions."""
         tokenizer = getattr(self.vlm, "tokenizer", None)
-        if tokenizer is None:
-            return ()
-        specials = {str(token) for token in getattr(tokenizer, "all_special_tokens", []) or []}
-        added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-        specials |= {str(token.content) for token in added.values() if getattr(token, "special", False)}
-        return tuple(sorted(token for token in specials if token))
+        return () if tokenizer is None else tuple(sorted(special_token_texts(tokenizer)))
 
     def check_request(self, request: TurnRequest) -> None:
         """Refuse a turn whose chat id, question or generation settings are not valid, before anything is
@@ -252,7 +249,9 @@ class ChatLoop:
         """The turn's steps after loading: the user message, answers, expert rounds, the labelmap."""
         began = time.perf_counter()
         first_message = len(chat.messages)
-        chat.study = {**chat.study, **request.study, "images": study.paths}
+        # file names only: a chat (and GET of it) never holds server paths
+        file_names = {name: Path(path).name for name, path in study.paths.items()}
+        chat.study = {**chat.study, **request.study, "images": file_names}
         chat.modality = study.modality
         user = self._user_message(chat, study, request.question, axis, index)
         logger.debug("chat turn: question %s", fingerprint(request.question))  # never the words (privacy)
@@ -363,9 +362,10 @@ class ChatLoop:
             message, call, produced = self._expert_result(chat, study, spec, trigger, axis, index, question)
         except Exception as err:  # an expert failing must not end the turn; the model and user are told
             logger.warning("expert %s(%s) failed: %s", trigger.name, trigger.argument, err, exc_info=True)
-            text = error_feedback(str(err))
-            message = Message("expert", text, expert=trigger.name, argument=trigger.argument, error=str(err))
-            call, produced = ExpertCall(trigger.name, trigger.argument, 0.0, error=str(err)), None
+            reason = scrub_paths(str(err))  # the chat and the client see file names, never server paths
+            text = error_feedback(reason)
+            message = Message("expert", text, expert=trigger.name, argument=trigger.argument, error=reason)
+            call, produced = ExpertCall(trigger.name, trigger.argument, 0.0, error=reason), None
         call.seconds = time.perf_counter() - began
         emit("expert_finished", call.as_dict())
         return message, call, produced

@@ -24,6 +24,7 @@ __all__ = [
     "as_turns",
     "build_prompt",
     "count_placeholders",
+    "special_token_texts",
     "tokenize_with_images",
 ]
 
@@ -106,12 +107,18 @@ def tokenize_with_images(text: str, tokenizer: Any) -> list[int]:
     return ids
 
 
-def _check_no_special_tokens(turns: Sequence[Turn], tokenizer: Any) -> None:
-    """Refuse turn text that holds special-token strings (they would forge turn boundaries)."""
-    specials = {str(t) for t in getattr(tokenizer, "all_special_tokens", [])}
+def special_token_texts(tokenizer: Any) -> set[str]:
+    """The strings a tokenizer turns into special tokens (its named ones and every added special token)."""
+    specials = {str(t) for t in getattr(tokenizer, "all_special_tokens", None) or []}
     added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
     specials |= {str(tok.content) for tok in added.values() if getattr(tok, "special", False)}
     specials.discard("")
+    return specials
+
+
+def _check_no_special_tokens(turns: Sequence[Turn], tokenizer: Any) -> None:
+    """Refuse turn text that holds special-token strings (they would forge turn boundaries)."""
+    specials = special_token_texts(tokenizer)
     for i, (role, text) in enumerate(turns):
         found = sorted(s for s in specials if s in text)
         if found:
