@@ -43,7 +43,7 @@ def test_a_token_without_kid_is_checked_with_the_realms_public_key(realm):
 
 @pytest.mark.parametrize("case", ["expired", "no exp", "wrong key", "alg none", "alg none no kid", "hs256 pem",
                                   "hs256 pem no kid", "wrong issuer", "no issuer", "wrong audience", "garbage",
-                                  "tampered payload"])
+                                  "tampered payload", "id token"])
 def test_bad_tokens_are_refused(realm, case):
     claims = realm.claims("mallory", ["monailabel-admin"])
     pem = public_pem(realm.keys[realm.active])
@@ -60,6 +60,7 @@ def test_bad_tokens_are_refused(realm, case):
         "wrong audience": lambda: realm.sign({**claims, "azp": "other-client", "aud": ["account", "other-client"]}),
         "garbage": lambda: "not.a.token",
         "tampered payload": lambda: _tamper(realm.sign(claims)),
+        "id token": lambda: realm.sign({**claims, "typ": "ID", "aud": realm.client_id}),
     }[case]()
     with pytest.raises(TokenError) as refused:
         verifier_for(realm).verify(token)

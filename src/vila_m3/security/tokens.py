@@ -15,6 +15,8 @@ A token is accepted only when all of these hold:
   ``public_key`` when the token carries no ``kid``; the key's type must fit the algorithm;
 - ``exp`` is present and in the future (``leeway_s`` seconds of clock skew allowed);
 - ``iss`` equals the issuer (the setting, else the openid-configuration's);
+- it is an access token: a ``typ`` claim, where present, is ``Bearer`` (Keycloak's ID tokens, ``typ: ID``,
+  are signed by the same key and name our client as audience, but prove nothing to a server);
 - the client id is the audience: Keycloak puts the client a token was issued *for* in ``azp`` and the
   clients it may be *sent to* in ``aud`` (often ``account`` only, unless an audience mapper adds ours);
   either naming our client is accepted.
@@ -256,6 +258,9 @@ class TokenVerifier:
             )
         except (jwt.PyJWTError, TypeError, ValueError) as err:
             raise TokenError(f"{type(err).__name__}: {err}") from None
+        kind = claims.get("typ")
+        if kind is not None and str(kind).lower() != "bearer":
+            raise TokenError(f"a {kind!r} token is not an access token")  # Keycloak's ID tokens carry typ "ID"
         self._check_audience(claims)
         return self._user(claims)
 
