@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -279,7 +280,8 @@ def test_the_train_route_refuses_a_named_export_that_failed_its_check_before_sta
     models = tmp_path / "models"
     make_tiny_vila_checkpoint(ModelManifest.load()["vila_m3_8b"].location(models), template="llama_3",
                               image_size=14, num_shards=1)
-    studies = cxr_datastore(tmp_path, sample_data)
+    # a studies folder named by a date: the fresh export's manifest names it, so its final scan fails
+    studies = cxr_datastore(tmp_path, sample_data).rename(tmp_path / "20240115")
     server = start_monailabel(tmp_path / "server", studies,
                               conf={"models": "vila_m3", "models_dir": str(models), "datagen_dir": str(exports)})
     try:
@@ -291,5 +293,16 @@ def test_the_train_route_refuses_a_named_export_that_failed_its_check_before_sta
             response = requests.post(f"{server.url}/train/vila_m3", json={"export": name}, timeout=30)
             assert response.status_code == 422 and fragment in response.json()["detail"], response.text
         assert server.get("/train/").status_code == 404  # no training task was ever started
+        # a fresh export (no export named) that fails its check ends the background run untrained
+        before = server.get("/vila_m3/versions/").json()
+        response = requests.post(f"{server.url}/train/vila_m3", json={"max_steps": 1}, timeout=30)
+        assert response.status_code == 200, response.text
+        deadline = time.monotonic() + 300
+        while (status := server.get("/train/").json()).get("status") not in ("DONE", "ERROR"):
+            assert time.monotonic() < deadline, server.log_tail()
+            time.sleep(1)
+        assert status["status"] == "ERROR", status
+        assert any("training refused" in line and "privacy check" in line for line in status["details"]), status
+        assert server.get("/vila_m3/versions/").json() == before
     finally:
         server.stop()
