@@ -196,6 +196,21 @@ def test_a_normal_upload_label_and_delete_still_work_and_answer_without_paths(se
     assert requests.delete(f"{server.url}/datastore/image", params={"id": "uploaded_ct"}, timeout=30).status_code == 404
 
 
+def test_the_training_list_names_files_relative_to_the_studies_folder(server, site, sample_data):
+    label = (sample_data / "ground_truth" / f"{CT}.nii.gz").read_bytes()
+    saved = requests.put(f"{server.url}/datastore/label", params={"image": CT, "tag": "final"},
+                         files={"label": (f"{CT}.nii.gz", label)}, data={"params": "{}"}, timeout=60)
+    assert saved.status_code == 200, saved.text
+    try:
+        listing = server.get("/datastore/", params={"output": "train"})
+        assert listing.status_code == 200
+        assert {"image": f"{CT}.nii.gz", "label": f"labels/final/{CT}.nii.gz"} in listing.json()
+        assert_no_server_path(listing, site)
+        assert server.get("/datastore/").json()["total"] >= 1  # the other outputs as MONAI Label answers them
+    finally:
+        requests.delete(f"{server.url}/datastore/label", params={"id": CT, "tag": "final"}, timeout=30)
+
+
 # --- studies named by server path -------------------------------------------------------------------------------
 
 

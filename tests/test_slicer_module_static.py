@@ -231,8 +231,7 @@ def test_a_turn_uploads_what_the_server_lacks_then_streams_with_the_brats_sequen
     assert sessions == [("t1", "session-1"), ("flair", "session-2")]
     _, primary, params = client.calls[-1]
     assert primary == StudyRef.image("brain_t1c")
-    assert params["sequences"] == {"t1c": "brain_t1c", "t1": "/server/sessions/session-1/volume.nrrd",
-                                   "t2": "brain_t2", "flair": "/server/sessions/session-2/volume.nrrd"}
+    assert params["sequences"] == {"t1c": "brain_t1c", "t1": "session-1", "t2": "brain_t2", "flair": "session-2"}
     assert not any(Path(path).exists() for path in uploads.values()), "exported volumes are deleted after upload"
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 # Nothing is downloaded at run time: weights are staged beforehand.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,11 +37,21 @@ from fastapi import HTTPException
 from lib.auth import install_auth
 from lib.chat import ChatInferTask, ChatTurns, chat_router
 from lib.datagen import datagen_router
+from lib.datastore import (
+    ContainedDatastore,
+    ContainedSessions,
+    StudyFiles,
+    datastore_router,
+    not_in_datastore,
+)
 from lib.infer_route import install_request_routes
-from lib.infers import BratsInferTask, CxrInferTask, Vista3DInferTask, datastore_path
+from lib.infers import BratsInferTask, CxrInferTask, Vista3DInferTask
 from lib.server_hooks import replace_routes
 from lib.train import VilaM3TrainTask, train_router, versions_router
+from lib.uploads import upload_dir
+from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel.interfaces.tasks.train import TrainTask
 
@@ -52,6 +63,7 @@ from vila_m3.configs import load_config
 from vila_m3.experts.registry import ExpertRegistry
 from vila_m3.experts.service import DEFAULT_IDLE_RELEASE_S, ExpertService
 from vila_m3.models.manifest import ModelManifest, resolve_models_dir
+from vila_m3.security.paths import is_valid_id
 from vila_m3.tasks import TaskStatus, format_statuses, select_tasks, task_catalogue, task_statuses
 from vila_m3.training.versions import ModelVersions
 
@@ -66,6 +78,7 @@ class VilaM3App(MONAILabelApp):
 
         install_auth(server, conf)  # verified tokens and roles on every route (lib/auth.py)
         install_request_routes(server, app_dir, conf)  # our /infer and /session, body limits (lib/infer_route.py)
+        replace_routes(server, datastore_router(), prefix=settings.MONAI_LABEL_API_STR)  # no paths in its list
         self.models_dir = resolve_models_dir(conf.get("models_dir"))
         self.vlm_id = conf.get("vlm") or load_config("app.yaml")["default_vlm"]
         self.task_statuses: list[TaskStatus] = task_statuses(
@@ -106,11 +119,12 @@ class VilaM3App(MONAILabelApp):
                 continue
             spec = registry.configured_spec(task["expert"])
             if spec.runner == "vista3d":
-                infers[name] = Vista3DInferTask(self.experts, spec, InferType.SEGMENTATION, 3, description)
+                infers[name] = Vista3DInferTask(self.experts, spec, InferType.SEGMENTATION, 3, description,
+                                                self.study_files)
             elif spec.runner == "brats":
-                infers[name] = BratsInferTask(self.experts, spec, self.datastore(), description)
+                infers[name] = BratsInferTask(self.experts, spec, self.study_files, description)
             elif spec.runner == "cxr":
-                infers[name] = CxrInferTask(self.experts, spec, description)
+                infers[name] = CxrInferTask(self.experts, spec, description, self.study_files)
         return infers
 
     def init_trainers(self) -> dict[str, TrainTask]:
@@ -152,17 +166,56 @@ class VilaM3App(MONAILabelApp):
             name = None if remote else f"{self.vlm_id} ({f'fine-tuned {version}' if version else 'local checkpoint'})"
             return ChatLoop(vlm, self.experts, registry, ChatStore(chats_dir), max_rounds=max_rounds, vlm_name=name)
 
-        turns = ChatTurns(make_loop, self.datastore(), model_version=None if remote else self.vlm_versions.current)
+        turns = ChatTurns(make_loop, self.study_files, model_version=None if remote else self.vlm_versions.current)
         from monailabel.app import app as server  # the running FastAPI app
 
         server.include_router(chat_router(turns, self._image_path))
         return ChatInferTask(turns, description)
 
     def _image_path(self, image: str, session_id: str) -> str:
-        """The file of a datastore image id or a session (the same lookup ``/infer`` does)."""
+        """The file of a datastore image id or a session id; HTTP 422 for anything else (never a server path)."""
         if session_id:
-            session = self.sessions().get_session(session_id)
-            if session is None:
-                raise HTTPException(422, f"session '{session_id}' not found (expired?)")
-            return session.image
-        return datastore_path(self.datastore(), image)
+            return self.study_files.session(session_id)
+        return self.study_files.image(image)
+
+    # --- containment: clients name studies by datastore id or session id (lib/datastore.py) ---------
+
+    def init_datastore(self) -> Datastore:
+        """The studies folder as a ``ContainedDatastore``; a DICOMweb URL keeps MONAI Label's own datastore."""
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        return ContainedDatastore(
+            self.studies,
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    def _load_sessions(self, load: bool = False) -> ContainedSessions | None:
+        """MONAI Label's sessions with checked ids (a session id never leaves the sessions folder)."""
+        if not load:
+            return None
+        return ContainedSessions(settings.MONAI_LABEL_SESSION_PATH, settings.MONAI_LABEL_SESSION_EXPIRY)
+
+    @property
+    def study_files(self) -> StudyFiles:
+        """What clients name, resolved; server paths trusted only inside the datastore, sessions or uploads."""
+        if getattr(self, "_study_files", None) is None:
+            self._study_files = StudyFiles(self.datastore(), self.sessions, [upload_dir(self.app_dir)])
+        return self._study_files
+
+    def infer(self, request: dict[str, Any], datastore: Any = None) -> dict[str, Any]:
+        """MONAI Label's infer after checking ``image``: a datastore id, or a file the server put in a
+        session or the upload folder. A client's ``params.image`` (MONAI Label merges params into the
+        request) naming any other path is refused with 422, whether or not the path exists."""
+        image, image_id = request.get("image"), request.get("image_id")
+        if isinstance(image, str) and image and not is_valid_id(image):
+            if not (is_valid_id(image_id) and self.study_files.is_image_of(image, image_id)):  # our /infer resolved it
+                self.study_files.trusted(image, in_request=True)  # 422 unless a session's or upload's file
+            request = {**request, "image_id": image_id or self.study_files.id_of(image)}
+        elif isinstance(image, str) and image:
+            # the datastore's file, never a same-named file in the working directory
+            request = {**request, "image": self.study_files.image(image), "image_id": image}
+        elif image is not None and not isinstance(image, str):
+            raise HTTPException(422, not_in_datastore(image))
+        return super().infer(request, datastore)

@@ -722,7 +722,7 @@ class VILAM3ChatLogic(ScriptedLoadableModuleLogic):
             params = dict(params)
             if "t1c" in studies:
                 params["sequences"] = {
-                    key: study.image_id or client.session_info(study.session_id)["image"]
+                    key: study.image_id or study.session_id  # the server takes ids only, never its paths
                     for key, study in studies.items()
                 }
                 primary = studies["t1c"]

@@ -21,17 +21,22 @@ import os
 import shutil
 import tempfile
 import threading
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
 from monailabel.config import settings
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from lib.infers import BAD_INPUT, datastore_path
+from lib.datastore import StudyFiles
+from lib.infer_route import parse_params
+from lib.infers import BAD_INPUT, client_message
 from vila_m3.chat.loop import ChatLoop, TurnRequest, TurnResult
+from vila_m3.chat.params import TurnParamsError, parse_turn_params
 from vila_m3.chat.store import Chat, ChatIdError, ChatNotFound, ChatUser
 from vila_m3.chat.study import StudyError
 from vila_m3.imaging import VolumeReadError
@@ -50,14 +55,14 @@ class ChatTurns:
     train task registered a new version, an admin switched back), the next turn builds a new loop.
     """
 
-    def __init__(self, loop_factory: Callable[[], ChatLoop], datastore: Any,
+    def __init__(self, loop_factory: Callable[[], ChatLoop], files: StudyFiles,
                  model_version: Callable[[], object] | None = None):
         self._loop_factory = loop_factory
         self._model_version = model_version or (lambda: None)
         self._loop_built_for: object = None
         self._loop: ChatLoop | None = None
         self._loop_lock = threading.Lock()
-        self.datastore = datastore
+        self.files = files  # what clients name (datastore and session ids), and the paths a turn may trust
         self.running: dict[str, threading.Event] = {}
         self.running_users: dict[str, ChatUser | None] = {}  # who started each running turn
 
@@ -72,28 +77,39 @@ class ChatTurns:
             return self._loop
 
     def turn_request(self, request: dict[str, Any]) -> TurnRequest:
-        prompt = request.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise HTTPException(BAD_INPUT, "params.prompt (the question) is required")
-        chat_id = request.get("chat_id")
-        if not isinstance(chat_id, str) or not chat_id:
-            raise HTTPException(BAD_INPUT, "params.chat_id is required (any id the client keeps for this chat)")
-        index = request.get("slice_index")
-        if index is not None and (isinstance(index, bool) or not isinstance(index, int)):
-            raise HTTPException(BAD_INPUT, f"params.slice_index must be an integer, got {index!r}")
-        numbers = {}
-        for key, kind in (("max_new_tokens", int), ("temperature", float), ("top_p", float)):
-            if request.get(key) is not None:
-                try:
-                    numbers[key] = kind(request[key])
-                except (TypeError, ValueError):
-                    raise HTTPException(BAD_INPUT, f"params.{key} must be a number, got {request[key]!r}") from None
+        """The turn of ``request``, every parameter checked (TurnParams) before anything is read or stored;
+        HTTP 422 names each problem. The bounds are the served VLM's once it is loaded (context, tokenizer)."""
+        loop = self._loop
+        limits = {} if loop is None else {"context_length": loop.context_length, "special_tokens": loop.special_tokens}
+        try:
+            params = parse_turn_params({key: value for key, value in request.items() if value is not None}, **limits)
+        except TurnParamsError as err:
+            raise HTTPException(BAD_INPUT, str(err)) from None
         image = request.get("image") or ""
         return TurnRequest(
-            chat_id=chat_id, question=prompt, images=self.images(request, image), axis=request.get("axis") or "axial",
-            slice_index=index, modality=request.get("modality"), study={"image": request.get("image_id") or image},
-            user=chat_user(request.get("user")), **numbers,
+            chat_id=params.chat_id, question=params.prompt, images=self.images(request, image), axis=params.axis,
+            slice_index=params.slice_index, modality=params.modality, max_new_tokens=params.max_new_tokens,
+            temperature=params.temperature, top_p=params.top_p, study={"image": request.get("image_id") or image},
+            user=chat_user(request.get("user")),
         )
+
+    def check(self, request: dict[str, Any]) -> None:
+        """Everything a turn checks before its first word: params against the served VLM, the study and
+        the slice (the volume is read once and cached for the turn). HTTP 422 on a problem."""
+        turn = self.turn_request(request)
+        self.open_chat(turn.chat_id, turn.user, write=True)  # another user's chat: 404 before the stream starts
+        try:
+            self.loop.check_request(turn)
+            self.loop.open_study(turn)
+        except (TurnParamsError, StudyError, ChatIdError, VolumeReadError, FileNotFoundError) as err:
+            raise self._refused(err, request, turn) from None
+
+    def _refused(self, err: Exception, request: dict[str, Any], turn: TurnRequest) -> HTTPException:
+        """HTTP 422 for a turn's bad input, its files named by the client's ids (never by server paths)."""
+        logger.info("chat turn refused its input: %s", err)
+        image_id = request.get("image_id")  # a datastore file is named by its id; others by their file name
+        named = {path: image_id for path in turn.images.values() if self.files.is_image_of(path, image_id)}
+        return HTTPException(BAD_INPUT, client_message(err, named))
 
     def images(self, request: dict[str, Any], image: str) -> dict[str, str]:
         """``{"image": path}``, or the four sequences (given as ``params.sequences`` or found beside ``image``)."""
@@ -101,12 +117,13 @@ class ChatTurns:
         if given:
             if not isinstance(given, dict):
                 raise HTTPException(BAD_INPUT, "params.sequences must map t1c, t1, t2, flair to image ids")
-            return {name: datastore_path(self.datastore, value) for name, value in given.items()}
+            return {name: self.files.named(value, f"params.sequences.{name}") for name, value in given.items()}
         if not image:
             raise HTTPException(BAD_INPUT, "an image id, a session or params.sequences is required")
+        image = self.files.trusted(image)  # a file the server resolved from an id or a session, never a client's path
         siblings = sibling_sequences(image) if os.path.isfile(image) else {}
         if len(siblings) == len(SEQUENCE_ORDER):
-            return {name: str(path) for name, path in siblings.items()}
+            return {name: self.files.trusted(str(path)) for name, path in siblings.items()}
         return {"image": image}
 
     def run(self, request: dict[str, Any], on_event=None) -> TurnResult:
@@ -118,10 +135,10 @@ class ChatTurns:
             return self.loop.run_turn(turn, on_event=on_event, cancel=cancel)
         except ChatNotFound as err:
             raise HTTPException(404, str(err)) from None
-        except (StudyError, ChatIdError, VolumeReadError, FileNotFoundError) as err:
-            raise HTTPException(BAD_INPUT, str(err)) from None
-        except VlmError as err:
-            raise HTTPException(503, f"the VLM could not answer: {err}") from None
+        except (TurnParamsError, StudyError, ChatIdError, VolumeReadError, FileNotFoundError) as err:
+            raise self._refused(err, request, turn) from None
+        except VlmError:
+            raise server_fault(503, "the VLM could not answer") from None
         finally:
             if self.running.get(turn.chat_id) is cancel:  # a later turn of the same chat may have replaced it
                 del self.running[turn.chat_id]
@@ -171,6 +188,14 @@ def chat_user(user: Any) -> ChatUser | None:
     return ChatUser(name, reads_all=bool(roles & readers))
 
 
+def server_fault(status: int, what: str) -> HTTPException:
+    """A 5xx for the exception being handled: logged with its traceback and an error id; the client
+    gets ``what`` and the id, never the exception's text (class names, paths, hosts stay in the log)."""
+    error_id = uuid.uuid4().hex[:12]
+    logger.exception("%s (error id %s)", what, error_id)
+    return HTTPException(status, f"{what}; internal error, see the server log (error id {error_id})")
+
+
 class ChatInferTask(InferTask):
     """``POST /infer/vila_m3?image=ID`` with params ``{"prompt", "chat_id", "slice_index", "axis", ...}``."""
 
@@ -216,15 +241,14 @@ def chat_router(turns: ChatTurns, resolve_image: Callable[[str, str], str]) -> A
     @router.post("/stream", summary="Run a chat turn and stream it as server-sent events")
     async def stream(http_request: Request, image: str = "", session_id: str = "", params: str = Form("{}"),
                      user: User = Depends(user_role)) -> StreamingResponse:
-        try:
-            request = json.loads(params or "{}")
-        except json.JSONDecodeError as err:
-            raise HTTPException(BAD_INPUT, f"params is not JSON: {err}") from None
+        request = parse_params(params)  # a UTF-8 JSON object, as /infer takes it
         request["image"] = resolve_image(image, session_id)
         request["image_id"] = image or session_id
         request["user"] = {"username": user.username, "roles": list(user.roles)}  # never the client's own "user"
-        turn = turns.turn_request(request)  # reject bad requests before the stream starts
-        turns.open_chat(turn.chat_id, turn.user, write=True)  # another user's chat: 404, not a stream
+        # every check is an HTTP 4xx before the stream starts: params first (cheap), then against the served
+        # VLM, the study and the slice (loading the model and reading the volume, off the event loop)
+        turns.turn_request(request)
+        await run_in_threadpool(turns.check, request)
         return StreamingResponse(_events(turns, request, http_request), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -270,9 +294,9 @@ async def _events(turns: ChatTurns, request: dict[str, Any], http_request: Reque
             on_event("final", result.as_dict())
         except HTTPException as err:
             on_event("error", {"status": err.status_code, "detail": err.detail})
-        except Exception as err:  # the stream must end with an event the client can show
-            logger.exception("chat turn failed")
-            on_event("error", {"status": 500, "detail": f"{type(err).__name__}: {err}"})
+        except Exception:  # the stream must end with an event the client can show, without our internals
+            fault = server_fault(500, "the chat turn failed")
+            on_event("error", {"status": fault.status_code, "detail": fault.detail})
         finally:
             loop.call_soon_threadsafe(queue.put_nowait, done)
 

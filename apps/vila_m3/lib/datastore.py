@@ -12,6 +12,9 @@ unknown image or label. Image info handed to clients names the file, never its s
 ``ContainedSessions`` does the same for session ids (``GET``/``DELETE /session/{id}``, ``session_id=``)
 and gives clients the session's file name only.
 
+``datastore_router`` answers ``GET /datastore/`` in place of MONAI Label's, its training list relative to
+the studies folder.
+
 ``StudyFiles`` resolves what clients name (datastore ids, session ids) to files, and says which server
 paths a task may trust: only those inside the datastore, the sessions folder or the app's upload folders.
 """
@@ -26,8 +29,12 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from fastapi import HTTPException
+from fastapi import APIRouter, Depends, HTTPException
+from monailabel.config import RBAC_USER, settings
 from monailabel.datastore.local import LocalDatastore
+from monailabel.endpoints.datastore import ResultType
+from monailabel.endpoints.user.auth import RBAC, User
+from monailabel.interfaces.utils.app import app_instance
 from monailabel.utils.sessions import SessionInfo, Sessions
 
 from vila_m3.security.paths import (
@@ -322,6 +329,15 @@ class StudyFiles:
             raise HTTPException(BAD_NAME, not_in_datastore(image_id, what))
         return uri
 
+    def is_image_of(self, path: str, image_id: Any) -> bool:
+        """Whether ``path`` is the datastore's file of ``image_id`` (symbolic links resolved)."""
+        if not is_valid_id(image_id) or not isinstance(path, str):
+            return False
+        try:
+            return os.path.realpath(self.image(image_id)) == os.path.realpath(path)
+        except HTTPException:
+            return False
+
     def session(self, session_id: str) -> str:
         """The file (or DICOM folder) of session ``session_id``; 422 if there is no such session."""
         sessions = self.sessions
@@ -367,3 +383,32 @@ def not_in_datastore(value: Any, what: str = "image") -> str:
     if not isinstance(value, str):
         return f"{what} must be a datastore image id, not {type(value).__name__}"
     return f"{what} is not a datastore image id"
+
+
+def relative_datalist(datastore: Any) -> list[dict[str, str]]:
+    """MONAI Label's training list (``image``/``label`` pairs of final labels) with paths relative to the
+    studies folder (MONAI Label's own ``full_path=False`` strips nothing: it looks for ``os.pathsep``)."""
+    root = os.path.realpath(datastore._datastore_path) if isinstance(datastore, LocalDatastore) else ""
+    listing = []
+    for item in datastore.datalist():
+        listing.append({key: os.path.relpath(value, root) if root and is_within(value, [root]) else
+                        os.path.basename(str(value)) for key, value in item.items()})
+    return listing
+
+
+def datastore_router() -> APIRouter:
+    """``GET /datastore/`` as MONAI Label answers it, but ``output=train`` lists paths relative to the studies
+    folder (MONAI Label's lists the server's absolute paths)."""
+    router = APIRouter(prefix="/datastore", tags=["Datastore"])
+    user_role = RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)
+
+    @router.get("/", summary=f"{RBAC_USER}Get All Images/Labels from datastore")
+    async def api_datastore(output: ResultType | None = None, user: User = Depends(user_role)) -> Any:
+        store = app_instance().datastore()
+        if output == ResultType.all:
+            return store.json()
+        if output == ResultType.train:
+            return relative_datalist(store)
+        return store.status()
+
+    return router

@@ -17,23 +17,27 @@ from typing import Any
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
+from lib.datastore import StudyFiles
 from vila_m3.experts.registry import ExpertSpec, UnknownArgument
 from vila_m3.experts.service import ExpertRun, ExpertService
 from vila_m3.imaging import VolumeReadError, write_labelmap
-from vila_m3.imaging.sequences import SEQUENCE_ORDER, sibling_sequences
+from vila_m3.imaging.sequences import SEQUENCE_ALIASES, SEQUENCE_ORDER, sibling_sequences
+from vila_m3.security.paths import scrub_paths
 
 logger = logging.getLogger(__name__)
 BAD_INPUT = 422
 
 
 def datastore_path(datastore: Any, image: str) -> str:
-    """The file of ``image``: an existing path as it is, else a datastore image id; HTTP 422 if neither."""
-    if image and os.path.exists(image):
-        return image
-    uri = datastore.get_image_uri(image) if image else ""
-    if not uri or not os.path.exists(uri):
-        raise HTTPException(BAD_INPUT, f"image '{image}' is not in the datastore")
-    return uri
+    """The file of datastore image id ``image``; HTTP 422 for anything else (server paths are never accepted,
+    and the answer is the same whether or not such a path exists)."""
+    return StudyFiles(datastore).image(image)
+
+
+def client_message(err: BaseException, files: dict[str, str] | None = None) -> str:
+    """``err``'s text for a client: the request's files named by their ids, any other server path by its
+    file name only (the full text stays in the server log)."""
+    return scrub_paths(str(err), files)
 
 
 def input_errors() -> tuple[type[Exception], ...]:
@@ -46,11 +50,13 @@ def input_errors() -> tuple[type[Exception], ...]:
 class ExpertInferTask(InferTask):
     """Common request handling of the expert tasks; subclasses implement ``run``."""
 
-    def __init__(self, service: ExpertService, spec: ExpertSpec, infer_type: str, dimension: int, description: str):
+    def __init__(self, service: ExpertService, spec: ExpertSpec, infer_type: str, dimension: int, description: str,
+                 files: StudyFiles):
         labels = {name: label_id for label_id, name in sorted(spec.labels.items())}
         super().__init__(type=infer_type, labels=labels, dimension=dimension, description=description)
         self.service = service
         self.spec = spec
+        self.files = files
 
     def is_valid(self) -> bool:
         return True
@@ -60,10 +66,16 @@ class ExpertInferTask(InferTask):
 
     def __call__(self, request: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
         start = time.perf_counter()
+        request = dict(request)
+        # only a file the server put in the datastore, a session or its upload folder (never a client's path)
+        request["image"] = self.files.trusted(request.get("image"))
+        image_id = request.get("image_id")  # a datastore file is named by its id; others by their file name
+        named = {request["image"]: image_id} if self.files.is_image_of(request["image"], image_id) else {}
         try:
             outcome = self.run(request)
         except input_errors() as err:
-            raise HTTPException(status_code=BAD_INPUT, detail=f"{self.spec.name}: {err}") from None
+            logger.info("%s refused its input: %s", self.spec.name, err)
+            raise HTTPException(status_code=BAD_INPUT, detail=f"{self.spec.name}: {client_message(err, named)}") from None
         label_file, answer = self.answer(outcome)
         answer["latencies"] = {**outcome.timings, "total": round(time.perf_counter() - start, 4)}
         answer["cached"] = outcome.cached
@@ -87,10 +99,15 @@ class Vista3DInferTask(ExpertInferTask):
     """``POST /infer/vista3d?image=ID`` with params ``{"group": "hepatic tumor"}`` or ``{"label_prompt": [1, 26]}``."""
 
     def run(self, request: dict[str, Any]) -> ExpertRun:
+        group = request.get("group")
+        if group is not None and (not isinstance(group, str) or not group.strip()):
+            raise HTTPException(BAD_INPUT, f"VISTA3D: group must be one group name as text, e.g. 'hepatic tumor'; "
+                                           f"valid groups are {self.spec.valid_args_text()}")
         label_ids = request.get("label_prompt") or request.get("label_ids")
         if label_ids is not None:
-            if not isinstance(label_ids, list) or not all(isinstance(i, int) for i in label_ids):
-                raise HTTPException(BAD_INPUT, f"label_prompt must be a list of integer label ids, got {label_ids!r}")
+            if not isinstance(label_ids, list) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                          for i in label_ids):
+                raise HTTPException(BAD_INPUT, "VISTA3D: label_prompt must be a list of integer label ids, e.g. [1, 26]")
             unknown = sorted(set(label_ids) - set(self.spec.labels))
             if unknown:
                 raise HTTPException(BAD_INPUT, f"VISTA3D: unknown label ids {unknown}; valid ids are 1-132")
@@ -102,17 +119,22 @@ class BratsInferTask(ExpertInferTask):
     by name (``<study>_t1c``, ``_t1``, ``_t2``, ``_flair``) or given as params ``{"sequences": {"t1": ID, ...}}``.
     """
 
-    def __init__(self, service: ExpertService, spec: ExpertSpec, datastore, description: str):
-        super().__init__(service, spec, InferType.SEGMENTATION, 3, description)
-        self.datastore = datastore
+    def __init__(self, service: ExpertService, spec: ExpertSpec, files: StudyFiles, description: str):
+        super().__init__(service, spec, InferType.SEGMENTATION, 3, description, files)
 
     def sequence_paths(self, request: dict[str, Any]) -> dict[str, str]:
         given = request.get("sequences")
         if given is not None:
             if not isinstance(given, dict):
                 raise HTTPException(BAD_INPUT, "sequences must map sequence names (t1c, t1, t2, flair) to image ids")
-            return {name: datastore_path(self.datastore, image) for name, image in given.items()}
-        found = {name: str(path) for name, path in sibling_sequences(request["image"]).items()}
+            for name, image in given.items():
+                if SEQUENCE_ALIASES.get(str(name).lower()) is None:
+                    raise HTTPException(BAD_INPUT, "BRATS: sequences: keys must be t1c, t1, t2 and flair")
+                if not isinstance(image, str) or not image.strip():
+                    raise HTTPException(BAD_INPUT, f"BRATS: sequences.{SEQUENCE_ALIASES[str(name).lower()]} must be an "
+                                                   "image id (text)")
+            return {name: self.files.named(image, f"sequences.{name}") for name, image in given.items()}
+        found = {name: self.files.trusted(str(path)) for name, path in sibling_sequences(request["image"]).items()}
         return found or {"t1c": request["image"]}
 
     def run(self, request: dict[str, Any]) -> ExpertRun:
@@ -124,8 +146,8 @@ class BratsInferTask(ExpertInferTask):
 class CxrInferTask(ExpertInferTask):
     """``POST /infer/cxr?image=ID``: the 18 findings' probabilities and yes/no answers, as JSON."""
 
-    def __init__(self, service: ExpertService, spec: ExpertSpec, description: str):
-        super().__init__(service, spec, InferType.CLASSIFICATION, 2, description)
+    def __init__(self, service: ExpertService, spec: ExpertSpec, description: str, files: StudyFiles):
+        super().__init__(service, spec, InferType.CLASSIFICATION, 2, description, files)
 
     def run(self, request: dict[str, Any]) -> ExpertRun:
         return self.service.classify_cxr(request["image"])

@@ -490,7 +490,7 @@ class VilaM3Client:
         return str(session_id)
 
     def session_info(self, session_id: str) -> dict[str, Any]:
-        """A session's record (``GET /session/{id}``); its ``image`` is the file's path on the server."""
+        """A session's record (``GET /session/{id}``); its ``image`` is the file name (never a server path)."""
         what = f"reading session {session_id}"
         return self._json(self._send("GET", f"/session/{quote(session_id, safe='')}", what), what)
 
