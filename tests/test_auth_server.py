@@ -88,7 +88,7 @@ def test_no_token_is_401_asking_for_a_bearer_token(server):
 
 @pytest.mark.parametrize("case", ["expired", "wrong signature", "alg none", "hs256 with the public key",
                                   "hs256 with the public key, no kid", "wrong issuer", "wrong audience",
-                                  "unknown kid", "not a token"])
+                                  "unknown kid", "not a token", "id token"])
 def test_bad_tokens_are_401(server, realm, case):
     claims = realm.claims("mallory", EVERYONE)
     pem = public_pem(realm.keys[realm.active])
@@ -102,6 +102,7 @@ def test_bad_tokens_are_401(server, realm, case):
         "wrong audience": lambda: realm.sign({**claims, "azp": "another-app", "aud": "account"}),
         "unknown kid": lambda: realm.sign(claims, kid="not-a-realm-key", key=new_rsa_key()),
         "not a token": lambda: "abc.def.ghi",
+        "id token": lambda: realm.sign({**claims, "typ": "ID", "aud": realm.client_id}),
     }[case]()
     for method, path in (("GET", "/info/"), ("GET", "/logs/"), ("GET", "/datastore/")):
         response = call(server, method, path, token)
