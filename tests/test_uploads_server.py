@@ -95,7 +95,7 @@ def test_files_left_by_an_earlier_run_are_removed_at_start(site):
     assert listing(site["app"] / "tmp" / "uploads") == set() and listing(site["app"] / "tmp" / "results") == set()
 
 
-def test_twenty_failed_uploads_leave_no_file_behind(site, sample_data, fake_vlm, tmp_path):
+def test_failed_uploads_leave_no_file_behind(site, sample_data, fake_vlm, tmp_path):
     server = site["server"]
     ct = (sample_data / "studies" / "ct_abdomen.nii.gz").read_bytes()
     bomb = io.BytesIO()
@@ -141,8 +141,17 @@ def test_twenty_failed_uploads_leave_no_file_behind(site, sample_data, fake_vlm,
         ("session: two files to uncompress", lambda: requests.put(
             f"{server.url}/session/", params={"uncompress": "true"},
             files=[("files", ("a.zip", bomb.getvalue())), ("files", ("b.zip", bomb.getvalue()))], timeout=60)),
+        ("datastore: params not JSON", lambda: requests.put(
+            f"{server.url}/datastore/image", params={"image": "new_ct"}, data={"params": "{bad"},
+            files={"file": ("new_ct.nii.gz", ct)}, timeout=60)),
+        ("datastore: label params an array", lambda: requests.put(
+            f"{server.url}/datastore/label", params={"image": "ct_abdomen"}, data={"params": "[1]"},
+            files={"label": ("label.nii.gz", ct)}, timeout=60)),
+        ("datastore: traversing tag", lambda: requests.put(
+            f"{server.url}/datastore/label", params={"image": "ct_abdomen", "tag": "../../../x/evil"},
+            files={"label": ("label.nii.gz", ct)}, timeout=60)),
     ]
-    assert len(cases) == 20
+    assert len(cases) >= 20
     statuses = {}
     for name, send in cases:
         response = send()
@@ -151,6 +160,7 @@ def test_twenty_failed_uploads_leave_no_file_behind(site, sample_data, fake_vlm,
         assert str(site["root"]) not in response.text, (name, response.text[:300])
     assert statuses["unknown model"] == 404 and statuses["upload over the limit"] == 413
     assert statuses["session: over the limit"] == 413 and statuses["session: uncompress a non-zip"] == 422
+    assert statuses["datastore: params not JSON"] == 422
 
     assert listing(site["app"] / "tmp" / "uploads") == set()
     assert listing(site["app"] / "tmp" / "results") == set()

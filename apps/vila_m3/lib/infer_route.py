@@ -50,6 +50,8 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from lib.body_limit import BodyLimitMiddleware, limits_from_conf
+from lib.datastore_uploads import datastore_upload_router
+from lib.form_params import parse_params
 from lib.infers import BAD_INPUT, datastore_path
 from lib.server_hooks import install_middleware, remove_routes, replace_routes
 from lib.session_route import SessionUploads, find_session, session_router, sessions_max_bytes
@@ -82,37 +84,6 @@ class InferFolders:
     max_upload_bytes: int
 
 
-def parse_params(text: str | None) -> dict[str, Any]:
-    """The ``params`` form field as a dict; HTTP 422 naming the problem if it is not a UTF-8 JSON object."""
-    if not text:
-        return {}
-    # Starlette decodes a field that is not UTF-8 as Latin-1 (multipart) or with U+FFFD (url-encoded forms).
-    if "\ufffd" in text or any("\x80" <= char <= "\x9f" for char in text):
-        raise HTTPException(BAD_INPUT, "params is not UTF-8 text")
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise HTTPException(BAD_INPUT, f"params is not JSON: {err.msg} (line {err.lineno}, column {err.colno})") from None
-    except RecursionError:
-        raise HTTPException(BAD_INPUT, "params is nested too deeply") from None
-    if not isinstance(value, dict):
-        raise HTTPException(BAD_INPUT, f"params must be a JSON object ({{...}}), not {_json_kind(value)}")
-    try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise HTTPException(BAD_INPUT, "params holds text that is not valid UTF-8 (a lone surrogate)") from None
-    owned = sorted(ROUTE_KEYS & value.keys())
-    if owned:
-        raise HTTPException(BAD_INPUT, f"params may not set {', '.join(owned)}: name the image with the image= "
-                                       "(datastore id) or session_id= query parameter, or send it as 'file'")
-    return value
-
-
-def _json_kind(value: Any) -> str:
-    kinds = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
-    return "null" if value is None else kinds.get(type(value), type(value).__name__)
-
-
 def text_digest(text: Any) -> str:
     """``<n> chars, sha256 <12 hex>`` for a text, so logs can tell prompts apart without holding them."""
     if not isinstance(text, str):
@@ -139,7 +110,7 @@ class InferRequestHandler:
 
     def run(self, files: RequestFiles, model: str, image: str, session_id: str, params: str | None,
             file: UploadFile | None, label: UploadFile | None, output: ResultType | None, user: User) -> Any:
-        given = parse_params(params)
+        given = parse_params(params, owned=ROUTE_KEYS)
         instance = app_instance()
         info = instance.info()
         if model not in info.get("models", {}):
@@ -310,7 +281,8 @@ def infer_router(folders: InferFolders) -> APIRouter:
 
 
 def install_request_routes(server: FastAPI, app_dir: str, conf: Mapping[str, str]) -> InferFolders:
-    """Body limits, our ``/infer/{model}`` and ``/session/`` routes in place of MONAI Label's, and the app's
+    """Body limits, our ``/infer/{model}``, ``/session/`` and datastore upload routes in place of MONAI Label's
+    (``lib/datastore_uploads.py``), and the app's
     temporary folders emptied of what an earlier run left; MONAI Label's whole-slide (pathology) infer routes,
     which this app has no task for, are removed (they too logged whole requests and left uploads behind)."""
     limits, other = limits_from_conf(conf)
@@ -326,4 +298,5 @@ def install_request_routes(server: FastAPI, app_dir: str, conf: Mapping[str, str
     replace_routes(server, infer_router(folders), prefix=api)
     sessions = SessionUploads(folders.uploads, limits[f"{api.rstrip('/')}/session"], sessions_max_bytes(conf))
     replace_routes(server, session_router(sessions), prefix=api)
+    replace_routes(server, datastore_upload_router(), prefix=api)
     return folders
