@@ -253,6 +253,17 @@ def test_a_session_from_a_zip_and_bad_session_ids(site, sample_data, tmp_path):
     assert site["sessions"].is_dir() and site["root"].is_dir()
 
 
+def test_a_session_of_more_than_a_thousand_files(site):
+    """A thin-slice DICOM series comes as one file per slice: past Starlette's default of 1000 files a form."""
+    files = [("files", (f"slice{number:04d}.dcm", b"DICM slice %d" % number)) for number in range(1200)]
+    created = requests.put(f"{site['server'].url}/session/", files=files, timeout=120)
+    assert created.status_code == 200, created.text[:300]
+    session_id = created.json()["session_id"]
+    stored = [path for path in (site["sessions"] / session_id).rglob("*.dcm")]
+    assert len(stored) == 1200
+    assert requests.delete(f"{site['server'].url}/session/{session_id}", timeout=30).status_code == 200
+
+
 def test_the_stock_client_keeps_twenty_of_twenty_result_files(site, sample_data, monkeypatch):
     """MONAI Label's client with its default temp folder, which here is the server's own (one machine)."""
     monkeypatch.setattr(tempfile, "tempdir", str(site["tmp"]))

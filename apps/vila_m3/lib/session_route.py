@@ -48,6 +48,7 @@ SESSION_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-
 DEFAULT_SESSIONS_MAX_GB = 20.0
 STORAGE_FULL = 507
 MAX_ARCHIVE_MEMBERS = 20000
+MAX_SESSION_FILES = 20000  # files in one PUT /session/ (a DICOM series of thin slices)
 
 
 def sessions_max_bytes(conf: Mapping[str, str]) -> int:
@@ -182,7 +183,9 @@ def _sessions() -> Sessions:
 
 def session_router(uploads: SessionUploads) -> APIRouter:
     """``GET/PUT/DELETE /session/...`` with MONAI Label's paths, parameters, roles and answers."""
-    router = APIRouter(prefix="/session", tags=["Session"], responses={404: {"description": "Not found"}})
+    # a DICOM series comes as one file per slice: more than Starlette's default of 1000 files per form
+    router = APIRouter(prefix="/session", tags=["Session"], responses={404: {"description": "Not found"}},
+                       form_limits={"max_files": MAX_SESSION_FILES})
     user_role = RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)
 
     @router.get("/{session_id}", summary=f"{RBAC_USER}Get Session ID")
