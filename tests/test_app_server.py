@@ -167,9 +167,13 @@ def test_an_admin_exports_training_conversations_from_the_running_server(sample_
     response = requests.post(f"{sample_server.url}/vila_m3/datagen/", params={"name": "round1", "seed": 0}, timeout=300)
     assert response.status_code == 200, response.text[:500]
     result = response.json()
-    assert Path(result["out_dir"]).name == "round1" and result["privacy"]["passed"] is True
-    train = json.loads((Path(result["out_dir"]) / "train.json").read_text(encoding="utf-8"))
-    val = json.loads((Path(result["out_dir"]) / "val.json").read_text(encoding="utf-8"))
+    assert result["out_dir"] == "round1" and result["privacy"]["passed"] is True  # a name, not a server path
+    export = sample_server.log_path.parent / "app" / "datagen" / "round1"
+    assert str(sample_server.log_path.parent) not in response.text
+    manifest = json.loads((export / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["source"] == "studies" and str(sample_server.log_path.parent) not in json.dumps(manifest)
+    train = json.loads((export / "train.json").read_text(encoding="utf-8"))
+    val = json.loads((export / "val.json").read_text(encoding="utf-8"))
     assert any("<VISTA3D(hepatic tumor)>" in turn["value"] for record in train + val for turn in record["conversations"])
     bad = requests.post(f"{sample_server.url}/vila_m3/datagen/", params={"name": "../escape"}, timeout=60)
     assert bad.status_code == 422

@@ -139,6 +139,13 @@ def test_a_label_for_an_unknown_or_traversal_image_is_refused(server, site):
     assert not (site["site"] / "data" / "labels").exists()
 
 
+def test_a_label_file_of_another_kind_is_refused(server, site):
+    response = requests.put(f"{server.url}/datastore/label", params={"image": CT, "tag": "final"},
+                            files={"label": ("run.sh", b"#!/bin/sh\n")}, data={"params": "{}"}, timeout=30)
+    assert response.status_code == 422 and "must end in one of" in response.json()["detail"]
+    assert not (site["studies"] / "labels" / "final" / f"{CT}.sh").exists()
+
+
 def test_deleting_through_a_traversal_id_or_tag_removes_nothing(server, site):
     outside = site["site"] / "data" / "outside.nii.gz"
     for method, route, query in (

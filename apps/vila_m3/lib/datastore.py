@@ -49,6 +49,7 @@ from vila_m3.security.paths import (
 logger = logging.getLogger(__name__)
 BAD_NAME = 422
 NOT_FOUND = 404
+LABEL_SUFFIXES = (".json",)  # besides the image suffixes: a classification's findings (the CXR task's labels)
 
 
 def _refuse(err: Exception, status: int = BAD_NAME) -> HTTPException:
@@ -80,12 +81,13 @@ class ContainedDatastore(LocalDatastore):
         """The file suffixes this datastore holds (``.nii.gz``, ``.nii``, ...), from its extension patterns."""
         return [pattern.replace("*", "") for pattern in self._extensions if pattern.replace("*", "")]
 
-    def _suffix(self, filename: str) -> str:
+    def _suffix(self, filename: str, extra: tuple[str, ...] = ()) -> str:
+        allowed = [*self.suffixes(), *extra]
         name = os.path.basename(filename).lower()
-        for suffix in sorted(self.suffixes(), key=len, reverse=True):
+        for suffix in sorted(allowed, key=len, reverse=True):
             if name.endswith(suffix.lower()) and len(name) > len(suffix):
                 return suffix
-        raise UnsafeNameError(f"the file name must end in one of {', '.join(sorted(self.suffixes()))}")
+        raise UnsafeNameError(f"the file name must end in one of {', '.join(sorted(set(allowed)))}")
 
     def _inside(self, base: str, *parts: str) -> Path:
         """``base/parts`` inside ``base`` and inside the studies folder, else ``OutsideRootError``."""
@@ -124,7 +126,7 @@ class ContainedDatastore(LocalDatastore):
         try:
             check_id(label_tag, "tag")
             self._known_image(image_id)
-            suffix = self._suffix(label_filename)
+            suffix = self._suffix(label_filename, LABEL_SUFFIXES)
             self._label_file(image_id, label_tag, suffix)
         except (UnsafeNameError, OutsideRootError) as err:
             _drop_upload(label_filename)

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
@@ -95,7 +96,7 @@ class ExportResult:
     def as_dict(self) -> dict[str, Any]:
         """JSON-able result (e.g. the answer of a server route)."""
         return {
-            "out_dir": str(self.out_dir),
+            "out_dir": self.out_dir.name,  # the export's name: a client never sees the server's folders
             "counts": self.manifest["counts"],
             "summary": self.summary,
             "skipped": [{"source": s.source, "kind": s.kind, "reason": s.reason} for s in self.skips],
@@ -368,8 +369,8 @@ def _write(folder: Path, placed: list[Placed], units: dict[str, str], summary: d
         "format_version": FORMAT_VERSION,
         "generator": f"vila-m3 {__version__}",
         "seed": seed,
-        "source": str(datastore),
-        "chats": str(Path(chats_dir).resolve()) if chats_dir is not None else None,
+        "source": source_name(datastore),  # names, never the server's folders
+        "chats": Path(chats_dir).name if chats_dir is not None else None,
         "config_sha256": config.sha256(),
         "questions_sha256": pools.sha256,
         "phrasings": phrasings,
@@ -389,6 +390,17 @@ def _write(folder: Path, placed: list[Placed], units: dict[str, str], summary: d
         "files": files,
     }
     return manifest
+
+
+def source_name(datastore: str | os.PathLike[str]) -> str:
+    """What the manifest says about the export's datastore: a folder's name, or a server URL without
+    credentials, query or path beyond the host (never a server path)."""
+    text = os.fspath(datastore)
+    parts = urlsplit(text)
+    if parts.scheme in ("http", "https") and parts.hostname:
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{parts.hostname}{port}"
+    return Path(text).name
 
 
 def _write_json(path: Path, value: Any) -> None:

@@ -29,6 +29,7 @@ from urllib.parse import quote
 import requests
 
 from vila_m3.data.privacy import is_dicom_file
+from vila_m3.security.paths import scrub_paths
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".png", ".jpg", ".jpeg", ".dcm")
 LABEL_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".json")
@@ -69,6 +70,10 @@ class Skip:
     source: str
     kind: str
     reason: str
+
+    def __post_init__(self) -> None:
+        # a reason often carries an exception's text: it names files, never the server's folders
+        object.__setattr__(self, "reason", scrub_paths(self.reason))
 
 
 class DatastoreSource(Protocol):
