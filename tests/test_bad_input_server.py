@@ -184,6 +184,8 @@ CASES = [
     # the stream route: real HTTP 4xx before the stream starts
     Case("stream: malformed params", "/vila_m3/chat/stream", {"image": CT}, "{", fragment="params is not JSON"),
     Case("stream: params not an object", "/vila_m3/chat/stream", {"image": CT}, "5", fragment="JSON object"),
+    Case("stream: params naming the image", "/vila_m3/chat/stream", {"image": CT}, turn(image="brain_mri_t1"),
+         fragment="may not set image"),
     Case("stream: unknown image", "/vila_m3/chat/stream", {"image": "no_such_study"}, turn(),
          fragment="no_such_study"),
     Case("stream: temperature NaN", "/vila_m3/chat/stream", {"image": CT},

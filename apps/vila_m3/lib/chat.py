@@ -33,7 +33,8 @@ from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.datastore import StudyFiles
-from lib.infer_route import parse_params
+from lib.form_params import parse_params
+from lib.infer_route import ROUTE_KEYS
 from lib.infers import BAD_INPUT, client_message
 from vila_m3.chat.loop import ChatLoop, TurnRequest, TurnResult
 from vila_m3.chat.params import TurnParamsError, parse_turn_params
@@ -241,7 +242,7 @@ def chat_router(turns: ChatTurns, resolve_image: Callable[[str, str], str]) -> A
     @router.post("/stream", summary="Run a chat turn and stream it as server-sent events")
     async def stream(http_request: Request, image: str = "", session_id: str = "", params: str = Form("{}"),
                      user: User = Depends(user_role)) -> StreamingResponse:
-        request = parse_params(params)  # a UTF-8 JSON object, as /infer takes it
+        request = parse_params(params, owned=ROUTE_KEYS)  # a UTF-8 JSON object, checked as /infer checks it
         request["image"] = resolve_image(image, session_id)
         request["image_id"] = image or session_id
         request["user"] = {"username": user.username, "roles": list(user.roles)}  # never the client's own "user"
