@@ -218,6 +218,24 @@ def test_the_training_list_names_files_relative_to_the_studies_folder(server, si
         requests.delete(f"{server.url}/datastore/label", params={"id": CT, "tag": "final"}, timeout=30)
 
 
+def test_listings_and_info_name_no_server_folder(server, site):
+    for route, query in (("/info/", {}), ("/datastore/", {"output": "all"}), ("/datastore/", {}),
+                         ("/datastore/image/info", {"image": CT})):
+        response = server.get(route, params=query)
+        assert response.status_code == 200, route
+        assert_no_server_path(response, site)
+
+
+def test_an_export_refused_for_its_folder_names_the_export_not_the_folder(server, site):
+    occupied = site["root"] / "work" / "app" / "datagen" / "occupied"
+    occupied.mkdir(parents=True)
+    (occupied / "notes.txt").write_text("someone else's", encoding="utf-8")
+    response = requests.post(f"{server.url}/vila_m3/datagen/", params={"name": "occupied"}, timeout=120)
+    assert response.status_code == 409, response.text[:300]
+    assert "occupied" in response.json()["detail"]
+    assert_no_server_path(response, site)
+
+
 # --- studies named by server path -------------------------------------------------------------------------------
 
 

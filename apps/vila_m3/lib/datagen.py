@@ -13,6 +13,7 @@ from monailabel.config import settings
 from monailabel.endpoints.user.auth import RBAC, User
 
 from vila_m3.data import ExportError, export_from_app
+from vila_m3.security.paths import scrub_paths
 
 _NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # \Z: "$" would let a trailing newline through
 
@@ -30,6 +31,6 @@ def datagen_router(studies: str, chats_dir: Path, exports_dir: Path) -> APIRoute
         try:
             return await run_in_threadpool(export_from_app, studies, str(chats_dir), str(exports_dir / name), seed)
         except ExportError as err:
-            raise HTTPException(409, str(err)) from None
+            raise HTTPException(409, scrub_paths(str(err), {str(exports_dir / name): name})) from None
 
     return router

@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from vila_m3.chat.params import describe_validation_error
 from vila_m3.data import export_from_app
 from vila_m3.data.privacy import PRIVACY_CHECK, export_privacy_problem
+from vila_m3.security.paths import scrub_paths
 from vila_m3.training.options import LoraOptions, TrainingOptions, TrainingOptionsError
 from vila_m3.training.trainer import fine_tune
 from vila_m3.training.versions import ModelVersions, VersionError
@@ -196,7 +197,7 @@ def train_router(task: VilaM3TrainTask, name: str = "vila_m3") -> APIRouter:
                 task.check_options(params or {})
                 task.named_export(params or {})
             except TrainRefused as err:
-                raise HTTPException(err.status, str(err)) from None
+                raise HTTPException(err.status, scrub_paths(str(err))) from None
         return run_model(model, params, run_sync, enqueue)
 
     return router
@@ -217,7 +218,7 @@ def versions_router(versions: ModelVersions) -> APIRouter:
         try:
             versions.use(version)
         except VersionError as err:
-            raise HTTPException(422, str(err)) from None
+            raise HTTPException(422, scrub_paths(str(err))) from None
         return versions.read()
 
     return router
