@@ -226,6 +226,13 @@ def test_listings_and_info_name_no_server_folder(server, site):
         assert_no_server_path(response, site)
 
 
+def test_the_next_sample_names_its_image_by_id_only(server, site):
+    response = requests.post(f"{server.url}/activelearning/random", json={}, timeout=30)
+    assert response.status_code == 200, response.text[:300]
+    assert response.json()["id"] and "path" not in response.json()
+    assert_no_server_path(response, site)
+
+
 def test_an_export_refused_for_its_folder_names_the_export_not_the_folder(server, site):
     occupied = site["root"] / "work" / "app" / "datagen" / "occupied"
     occupied.mkdir(parents=True)

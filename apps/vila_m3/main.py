@@ -219,3 +219,10 @@ class VilaM3App(MONAILabelApp):
         elif image is not None and not isinstance(image, str):
             raise HTTPException(422, not_in_datastore(image))
         return super().infer(request, datastore)
+
+    def next_sample(self, request: dict[str, Any]) -> dict[str, Any]:
+        """MONAI Label's next sample (``POST /activelearning/{strategy}``) without its image's server path:
+        clients fetch the image by its id."""
+        sample = super().next_sample(request)
+        sample.pop("path", None)
+        return sample
