@@ -73,6 +73,7 @@ logger = logging.getLogger(__name__)
 ROUTE_KEYS = frozenset({"model", "image", "image_id", "session", "session_id", "label", "file", "user"})
 RESULT_MAX_AGE_S = 3600.0  # results older than this are left over from an interrupted answer
 WSI_ROUTES = (("/infer/wsi/{model}", "POST"), ("/infer/wsi_v2/{model}", "POST"))
+_INSTALLED_FOR: dict[str, bool] = {}  # upload folders this process has installed the routes for
 
 
 @dataclass(frozen=True)
@@ -288,8 +289,12 @@ def install_request_routes(server: FastAPI, app_dir: str, conf: Mapping[str, str
     limits, other = limits_from_conf(conf)
     api = settings.MONAI_LABEL_API_STR
     folders = InferFolders(upload_dir(app_dir), results_dir(app_dir), limits[f"{api.rstrip('/')}/infer"])
+    # At the process's first install everything there is left over; a later one (POST /reload makes a new app
+    # instance) may run beside requests in flight, so it removes only what is past any request's age.
+    older_than_s = RESULT_MAX_AGE_S if _INSTALLED_FOR.get(str(folders.uploads)) else 0.0
+    _INSTALLED_FOR[str(folders.uploads)] = True
     for folder in (folders.uploads, folders.results):
-        stale = clear(folder)
+        stale = clear(folder, older_than_s=older_than_s)
         if stale:
             logger.info("removed %d file(s) left in %s by an earlier run", stale, folder.name)
         folder.mkdir(parents=True, exist_ok=True)
