@@ -9,6 +9,7 @@ appears beside it. Normal uploads, labels and deletes still work.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
@@ -241,6 +242,20 @@ def test_an_export_refused_for_its_folder_names_the_export_not_the_folder(server
     assert response.status_code == 409, response.text[:300]
     assert "occupied" in response.json()["detail"]
     assert_no_server_path(response, site)
+
+
+def test_the_ohif_route_keeps_to_its_folder(server):
+    host, port = server.url.removeprefix("http://").split(":")
+    answers = {}
+    for path in ("/ohif/..", "/ohif/.", "/ohif/%2E%2E", "/ohif/..%2F..%2F..%2Fapp.py", "/ohif/", "/ohif/index.html"):
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)  # sent as written, not normalised
+        connection.request("GET", path)
+        response = connection.getresponse()
+        answers[path] = (response.status, response.read()[:15])
+        connection.close()
+    assert answers["/ohif/"] == answers["/ohif/index.html"] == (200, b"<!doctype html>")
+    for path in ("/ohif/..", "/ohif/.", "/ohif/%2E%2E", "/ohif/..%2F..%2F..%2Fapp.py"):  # MONAI Label's: 500
+        assert answers[path][0] == 404, (path, answers[path])
 
 
 # --- studies named by server path -------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from lib.datastore import (
 )
 from lib.infer_route import install_request_routes
 from lib.infers import BratsInferTask, CxrInferTask, Vista3DInferTask
+from lib.ohif_route import ohif_router
 from lib.server_hooks import replace_routes
 from lib.train import VilaM3TrainTask, train_router, versions_router
 from lib.uploads import upload_dir
@@ -79,6 +80,7 @@ class VilaM3App(MONAILabelApp):
         install_auth(server, conf)  # verified tokens and roles on every route (lib/auth.py)
         install_request_routes(server, app_dir, conf)  # our /infer and /session, body limits (lib/infer_route.py)
         replace_routes(server, datastore_router(), prefix=settings.MONAI_LABEL_API_STR)  # no paths in its list
+        replace_routes(server, ohif_router(), prefix=settings.MONAI_LABEL_API_STR)  # paths kept inside OHIF's folder
         self.models_dir = resolve_models_dir(conf.get("models_dir"))
         self.vlm_id = conf.get("vlm") or load_config("app.yaml")["default_vlm"]
         self.task_statuses: list[TaskStatus] = task_statuses(
