@@ -20,7 +20,7 @@ from server_harness import RunningServer, start_monailabel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "slicer_extension" / "VILAM3Chat"))
 from VILAM3ChatLib import client as vclient  # noqa: E402  (the Slicer panel's library)
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.security]
 
 #: What may be called without a token: the login and the API pages. Kept here, not read from the server,
 #: so that a route the server lists as public by mistake fails this test.

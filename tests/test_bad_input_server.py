@@ -29,7 +29,7 @@ from vila_m3.models.manifest import ModelManifest
 from vila_m3.models.stand_ins import stage_stand_ins
 from vila_m3.models.tiny_vila import make_tiny_vila_checkpoint
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.security]
 
 CT = "ct_abdomen"
 TRUNCATED = "ct_truncated"  # ct_abdomen.nii.gz cut to two thirds of its bytes

@@ -14,6 +14,8 @@ from fastapi import APIRouter, FastAPI, File, Form, HTTPException, UploadFile
 from fastapi.testclient import TestClient
 from starlette.formparsers import MultiPartParser
 
+pytestmark = pytest.mark.security
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "apps" / "vila_m3"))
 
 from lib.body_limit import BodyLimitMiddleware, limits_from_conf  # noqa: E402

@@ -9,6 +9,8 @@ import pytest
 from vila_m3.chat.store import Chat, ChatNotFound, ChatStore, ChatUser, may_open
 from vila_m3.chat.transcript import Message
 
+pytestmark = pytest.mark.security
+
 ALICE, BOB = ChatUser("alice"), ChatUser("bob")
 REVIEWER = ChatUser("rita", reads_all=True)
 

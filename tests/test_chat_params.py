@@ -23,6 +23,8 @@ from vila_m3.experts.registry import ExpertRegistry
 from vila_m3.experts.service import ExpertService
 from vila_m3.vlm.errors import VlmError
 
+pytestmark = pytest.mark.security
+
 QUESTION = "Is there a liver tumor?"
 
 

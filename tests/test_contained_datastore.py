@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from fastapi import HTTPException
 
+pytestmark = pytest.mark.security
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "apps" / "vila_m3"))
 
 from lib.datastore import (  # noqa: E402

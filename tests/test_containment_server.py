@@ -23,7 +23,7 @@ from server_harness import RunningServer, start_monailabel
 
 from vila_m3.models.stand_ins import stage_stand_ins
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.security]
 
 CT = "ct_abdomen"
 T1C, T1, T2, FLAIR = "brain_mri_t1c", "brain_mri_t1", "brain_mri_t2", "brain_mri_flair"

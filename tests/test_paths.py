@@ -19,6 +19,8 @@ from vila_m3.security.paths import (
     upload_suffix,
 )
 
+pytestmark = pytest.mark.security
+
 GOOD_IDS = ["ct_abdomen", "brain_mri_t1c", "1.2.840.113619.2.55", "_scratch", "case 12", "a+b", "x-1", "a" * MAX_ID_LENGTH]
 BAD_IDS = ["", ".", "..", "../../x/", ".bashrc", "a/b", "a\\b", "/etc/passwd", "x..y", "ct\n", "ct\x00", "-rf",
            "trailing ", " leading", "dot.", "a" * (MAX_ID_LENGTH + 1), "tab\there", "ünïcode"]

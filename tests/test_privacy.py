@@ -41,6 +41,8 @@ from vila_m3.models.manifest import ModelManifest
 from vila_m3.models.tiny_vila import make_tiny_vila_checkpoint
 from vila_m3.training.trainer import PrivacyCheckFailed, fine_tune
 
+pytestmark = pytest.mark.security
+
 TYPED = "Patient John Q Smith, MRN 12345678: is there an effusion?"
 NUMBER_ONLY = "Compare with the study of medical record number 0815-4711. Any effusion?"
 CLEAN = "Is there a pleural effusion on this chest x-ray?"

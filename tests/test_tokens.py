@@ -12,6 +12,8 @@ from keycloak_realm import KeycloakRealm, forge_hs256, new_rsa_key, public_pem, 
 
 from vila_m3.security.tokens import RealmUnavailable, TokenError, TokenSettings, TokenVerifier
 
+pytestmark = pytest.mark.security
+
 
 @pytest.fixture(scope="module")
 def realm() -> Iterator[KeycloakRealm]:

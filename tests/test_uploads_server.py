@@ -32,7 +32,7 @@ from server_harness import RunningServer, copy_app, free_port, isolated_env, sta
 from vila_m3.imaging import read_labelmap
 from vila_m3.models.stand_ins import stage_stand_ins
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.security]
 
 MB = 2**20
 UPLOAD_LIMIT_MB = 3

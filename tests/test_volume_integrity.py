@@ -9,6 +9,8 @@ import pytest
 
 from vila_m3.imaging import Geometry, VolumeReadError, read_volume, write_labelmap
 
+pytestmark = pytest.mark.security
+
 
 @pytest.fixture
 def volume_file(tmp_path: Path):
