@@ -19,6 +19,8 @@ Slicer module, OHIF plugin and Python client work unchanged. Differences, each d
   a unique name and sent with that name, then removed. MONAI Label's client saves a result under the server's
   file name in its own temp folder; with the server's file in the system temp folder, on one machine that was the
   same file, which the server then deleted.
+- **Every request is on record**: one line of the audit log (``--conf audit_log``, lib/audit_hooks.py) per
+  request, with its model, outcome and HTTP status, failures included.
 - **No prompt text in the log**: one line per request with the model, image id or session, user, the param keys
   and the prompt's length and SHA-256 prefix (MONAI Label logged the whole request).
 """
@@ -49,9 +51,10 @@ from requests_toolbelt import MultipartEncoder
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
+from lib.audit_hooks import AuditEvent, AuditTrail, audited, chat_id_of, infer_route_name, open_audit_log
 from lib.body_limit import BodyLimitMiddleware, limits_from_conf
 from lib.datastore_uploads import datastore_upload_router
-from lib.form_params import parse_params
+from lib.form_params import install_strict_multipart, parse_params
 from lib.infers import BAD_INPUT, datastore_path
 from lib.server_hooks import install_middleware, remove_routes, replace_routes
 from lib.session_route import SessionUploads, find_session, session_router, sessions_max_bytes
@@ -104,13 +107,15 @@ class InferRequestHandler:
         self.folders = folders
 
     def __call__(self, model: str, image: str, session_id: str, params: str | None, file: UploadFile | None,
-                 label: UploadFile | None, output: ResultType | None, user: User) -> Any:
+                 label: UploadFile | None, output: ResultType | None, user: User,
+                 event: AuditEvent | None = None) -> Any:
         clear(self.folders.results, older_than_s=RESULT_MAX_AGE_S)
         with request_files() as files:
-            return self.run(files, model, image, session_id, params, file, label, output, user)
+            return self.run(files, model, image, session_id, params, file, label, output, user, event)
 
     def run(self, files: RequestFiles, model: str, image: str, session_id: str, params: str | None,
-            file: UploadFile | None, label: UploadFile | None, output: ResultType | None, user: User) -> Any:
+            file: UploadFile | None, label: UploadFile | None, output: ResultType | None, user: User,
+            event: AuditEvent | None = None) -> Any:
         given = parse_params(params, owned=ROUTE_KEYS)
         instance = app_instance()
         info = instance.info()
@@ -130,6 +135,8 @@ class InferRequestHandler:
                     _loggable(image), _loggable(session_id), file is not None, _loggable(user.username),
                     sorted(given), text_digest(given.get("prompt")))
         result = self.infer(instance, request)
+        if event is not None:
+            event.note_answer(result.get("params"))  # its model and experts go in the audit line
         from_datastore = session is None and file is None
         if from_datastore and request.get("save_label") and result.get("file"):
             tag = request.get("label_tag", DefaultLabelTag.ORIGINAL)
@@ -259,8 +266,9 @@ class InferRequestHandler:
         return self.file_response(files, Path(seg), media_type="application/dicom")
 
 
-def infer_router(folders: InferFolders) -> APIRouter:
-    """The ``/infer/{model}`` route (MONAI Label's path, parameters, role and answers)."""
+def infer_router(folders: InferFolders, audit: AuditTrail) -> APIRouter:
+    """The ``/infer/{model}`` route (MONAI Label's path, parameters, role and answers); each request is one
+    line of the audit log, whatever its outcome (lib/audit_hooks.py)."""
     router = APIRouter(prefix="/infer", tags=["Infer"], responses={404: {"description": "Not found"}})
     handler = InferRequestHandler(folders)
     user_role = RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)
@@ -276,12 +284,17 @@ def infer_router(folders: InferFolders) -> APIRouter:
         output: ResultType | None = None,
         user: User = Depends(user_role),
     ):
-        return await run_in_threadpool(handler, model, image, session_id, params, file, label, output, user)
+        event = audit.event(infer_route_name(model), user, model=model, chat_id=chat_id_of(params),
+                            study_id=image or session_id)
+        with audited(event):
+            return await run_in_threadpool(handler, model, image, session_id, params, file, label, output, user,
+                                           event)
 
     return router
 
 
-def install_request_routes(server: FastAPI, app_dir: str, conf: Mapping[str, str]) -> InferFolders:
+def install_request_routes(server: FastAPI, app_dir: str, conf: Mapping[str, str],
+                           audit: AuditTrail | None = None) -> InferFolders:
     """Body limits, our ``/infer/{model}``, ``/session/`` and datastore upload routes in place of MONAI Label's
     (``lib/datastore_uploads.py``), and the app's
     temporary folders emptied of what an earlier run left; MONAI Label's whole-slide (pathology) infer routes,
@@ -299,8 +312,10 @@ def install_request_routes(server: FastAPI, app_dir: str, conf: Mapping[str, str
             logger.info("removed %d file(s) left in %s by an earlier run", stale, folder.name)
         folder.mkdir(parents=True, exist_ok=True)
     install_middleware(server, BodyLimitMiddleware, limits=limits, default_bytes=other)
+    install_strict_multipart()
     remove_routes(server, {(f"{api}{path}", method) for path, method in WSI_ROUTES})
-    replace_routes(server, infer_router(folders), prefix=api)
+    audit = audit or AuditTrail(open_audit_log(app_dir, conf))  # --conf audit_log (lib/audit_hooks.py)
+    replace_routes(server, infer_router(folders, audit), prefix=api)
     sessions = SessionUploads(folders.uploads, limits[f"{api.rstrip('/')}/session"], sessions_max_bytes(conf))
     replace_routes(server, session_router(sessions), prefix=api)
     replace_routes(server, datastore_upload_router(), prefix=api)
