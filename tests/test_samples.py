@@ -68,7 +68,7 @@ def test_same_seed_gives_byte_identical_files(samples: tuple[Path, dict], tmp_pa
     out, _ = samples
     generate_samples(tmp_path, seed=0)
     first, second = _files(out), _files(tmp_path)
-    assert len(first) == 64 + 12
+    assert len(first) == 64 + 4 * 96 + 12  # CT slices, MRI slices of four series, the other files
     assert first.keys() == second.keys()
     differing = [name for name in first if first[name] != second[name]]
     assert differing == []
@@ -264,6 +264,27 @@ def test_mri_sequences_share_one_geometry(samples: tuple[Path, dict]) -> None:
     arrays = [sitk.GetArrayFromImage(image) for image in images]
     for a, b in zip(arrays, arrays[1:], strict=False):
         assert not np.array_equal(a, b)
+
+
+def test_mri_sequences_as_four_dicom_series(samples: tuple[Path, dict]) -> None:
+    out, manifest = samples
+    series = manifest["studies"][MRI_ID]["dicom_series"]
+    assert set(series) == set(MRI_SEQUENCES)
+    seen = set()
+    for number, sequence in enumerate(MRI_SEQUENCES, start=1):
+        reader = sitk.ImageSeriesReader()
+        names = reader.GetGDCMSeriesFileNames(str(out / series[sequence]))
+        assert len(names) == 96
+        reader.SetFileNames(names)
+        volume = reader.Execute()
+        nifti = _read(samples, MRI_ID, sequence)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(volume), sitk.GetArrayFromImage(nifti))
+        _assert_same_geometry(volume, nifti, tol=1e-4)
+        first = pydicom.dcmread(names[0])
+        assert (first.Modality, first.SOPClassUID, first.SeriesNumber) == ("MR", "1.2.840.10008.5.1.4.1.1.4", number)
+        assert sequence.upper() in first.SeriesDescription
+        seen.add((first.StudyInstanceUID, first.FrameOfReferenceUID, first.SeriesInstanceUID))
+    assert len({s[:2] for s in seen}) == 1 and len({s[2] for s in seen}) == 4
 
 
 def test_mri_tumour_labels_and_contrast(samples: tuple[Path, dict]) -> None:

@@ -1,4 +1,5 @@
-"""DICOM files for the synthetic studies: a CT series (one file per slice) and a DX radiograph.
+"""DICOM files for the synthetic studies: a CT series, the four MRI sequences (one series each, one file per
+slice) and a DX radiograph.
 
 Everything written is a function of the pixels, the geometry and the seed: UIDs are derived from the
 seed, dates are fixed, so the same input gives byte-identical files. Written with the pydicom 2.4 API
@@ -15,6 +16,7 @@ from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, PYDICOM_ROOT_UID, ExplicitVRLittleEndian, generate_uid
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 DX_IMAGE_STORAGE_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 CT_RESCALE_INTERCEPT = -1024
 """HU = stored value + intercept (slope 1)."""
@@ -145,6 +147,79 @@ def write_ct_series(
         ds.SliceLocation = _ds(float(position @ normal))
         ds.add_new(0x7FE00010, "OW", stored[k].tobytes())
         path = out_dir / f"CT{k + 1:04d}.dcm"
+        ds.save_as(path, write_like_original=False)
+        paths.append(path)
+    return paths
+
+
+def write_mr_series(
+    signal: np.ndarray,
+    spacing: Sequence[float],
+    origin: Sequence[float],
+    direction: Sequence[float],
+    out_dir: Path,
+    seed: int,
+    sequence: str,
+    series_number: int,
+    key: str = "brain_mri",
+) -> list[Path]:
+    """Write one MRI sequence as an MR Image Storage series, ``MR0001.dcm`` upwards.
+
+    ``signal``: integer ``[z, y, x]`` within 0..65535 (arbitrary units, stored as is). Every sequence of
+    study ``key`` shares the study and frame of reference; ``sequence`` names the series (its UID derives
+    from it) and ``series_number`` numbers it. Geometry as in :func:`write_ct_series`. Returns the paths.
+    """
+    signal = np.asarray(signal)
+    if signal.ndim != 3:
+        raise ValueError(f"expected a [z, y, x] volume, got shape {signal.shape}")
+    if signal.min() < 0 or signal.max() > 65535:
+        raise ValueError("MR signal must lie within 0..65535 to be stored unsigned in 16 bits")
+    n_slices, n_rows, n_cols = signal.shape
+    axes = np.asarray(direction, dtype=float).reshape(3, 3)
+    stored = signal.astype("<u2")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ds = _new_file_dataset(MR_IMAGE_STORAGE, derive_uid(seed, key, sequence, "image", "0"))
+    _set_patient_and_study(ds, seed, key, "Phantom^Brain", "PHANTOM-MR-BRAIN")
+    ds.SeriesInstanceUID = derive_uid(seed, key, sequence, "series")
+    ds.SeriesNumber = series_number
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.Modality = "MR"
+    ds.SeriesDescription = f"Synthetic brain MRI phantom {sequence.upper()}"
+    ds.BodyPartExamined = "BRAIN"
+    ds.PatientPosition = "HFS"
+    ds.ScanningSequence = "SE"
+    ds.SequenceVariant = "NONE"
+    ds.MRAcquisitionType = "3D"
+    ds.MagneticFieldStrength = "3"
+    ds.SliceThickness = _ds(spacing[2])
+    ds.SpacingBetweenSlices = _ds(spacing[2])
+    ds.AcquisitionNumber = 1
+    ds.ImageOrientationPatient = [_ds(x, 10) for x in (*axes[:, 0], *axes[:, 1])]
+    ds.FrameOfReferenceUID = derive_uid(seed, key, "frame-of-reference")
+    ds.PositionReferenceIndicator = ""
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = n_rows
+    ds.Columns = n_cols
+    ds.PixelSpacing = [_ds(spacing[1]), _ds(spacing[0])]
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+
+    normal = np.cross(axes[:, 0], axes[:, 1])
+    paths = []
+    for k in range(n_slices):
+        sop_uid = derive_uid(seed, key, sequence, "image", str(k))
+        ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+        ds.SOPInstanceUID = sop_uid
+        ds.InstanceNumber = k + 1
+        position = np.asarray(origin, dtype=float) + k * float(spacing[2]) * axes[:, 2]
+        ds.ImagePositionPatient = [_ds(x) for x in position]
+        ds.SliceLocation = _ds(float(position @ normal))
+        ds.add_new(0x7FE00010, "OW", stored[k].tobytes())
+        path = out_dir / f"MR{k + 1:04d}.dcm"
         ds.save_as(path, write_like_original=False)
         paths.append(path)
     return paths

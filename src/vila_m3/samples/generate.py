@@ -5,6 +5,7 @@ Layout under the output folder (paths in the manifest are relative to it)::
     studies/ct_abdomen.nii.gz, studies/brain_mri_{t1c,t1,t2,flair}.nii.gz, studies/cxr_chest.png
     ground_truth/ct_abdomen.nii.gz, ground_truth/brain_mri.nii.gz, ground_truth/cxr_chest.json
     dicom/ct_abdomen/CT0001.dcm ..., dicom/cxr_chest.dcm
+    dicom/brain_mri/{t1c,t1,t2,flair}/MR0001.dcm ... (one series per sequence; manifest key ``dicom_series``)
     nrrd/ct_abdomen.nrrd
     manifest.json
 
@@ -29,9 +30,9 @@ import SimpleITK as sitk
 from PIL import Image
 
 from vila_m3.samples import ct_phantom, cxr_phantom, mri_phantom
-from vila_m3.samples.dicom_writer import write_ct_series, write_dx_image
+from vila_m3.samples.dicom_writer import write_ct_series, write_dx_image, write_mr_series
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 """Bumped whenever the phantoms or the layout change; a manifest from another version is rewritten."""
 
 CT_ID = "ct_abdomen"
@@ -50,6 +51,8 @@ _MRI_FILES = {
     **{sequence: f"studies/{MRI_ID}_{sequence}.nii.gz" for sequence in MRI_SEQUENCES},
     "label": f"ground_truth/{MRI_ID}.nii.gz",
 }
+_MRI_DICOM = {sequence: f"dicom/{MRI_ID}/{sequence}" for sequence in MRI_SEQUENCES}
+"""One DICOM series folder per sequence (the manifest's ``dicom_series``; ``files`` keeps the volumes)."""
 _CXR_FILES = {
     "image": f"studies/{CXR_ID}.png",
     "dicom": f"dicom/{CXR_ID}.dcm",
@@ -128,9 +131,15 @@ def _write_mri(out_dir: Path, seed: int) -> dict[str, Any]:
     geometry = (phantom.spacing, phantom.origin, phantom.direction)
     for sequence in MRI_SEQUENCES:
         _write_nifti(_image(phantom.sequences[sequence], *geometry), out_dir / _MRI_FILES[sequence])
+    for number, sequence in enumerate(MRI_SEQUENCES, start=1):
+        series_dir = out_dir / _MRI_DICOM[sequence]
+        for stale in series_dir.glob("MR*.dcm"):
+            stale.unlink()
+        write_mr_series(phantom.sequences[sequence], *geometry, series_dir, seed, sequence, number, key=MRI_ID)
     label_image = _image(phantom.labels, *geometry)
     _write_nifti(label_image, out_dir / _MRI_FILES["label"])
     entry = _geometry_entry("MR", _MRI_FILES, label_image)
+    entry["dicom_series"] = dict(_MRI_DICOM)
     entry["sequences"] = list(MRI_SEQUENCES)
     entry["labels"] = {str(k): v for k, v in mri_phantom.LABEL_NAMES.items()}
     return entry
@@ -177,6 +186,9 @@ def _files_present(out_dir: Path, manifest: dict[str, Any]) -> bool:
                 if len(list(path.glob("*.dcm"))) != study["shape"][2]:
                     return False
             elif not path.is_file():
+                return False
+        for relative in study.get("dicom_series", {}).values():
+            if len(list((out_dir / relative).glob("*.dcm"))) != study["shape"][2]:
                 return False
     return True
 
