@@ -25,6 +25,8 @@ class Message:
         expert, argument: for expert messages, which expert ran and with what argument.
         error: a problem to show the user (expert failure, unknown or malformed trigger).
         to_model: False for notes that are shown to the user but never sent to the model.
+        interrupted: True for the messages of a turn the server stopped in the middle of (a crash, a
+            kill): kept for reading, never sent to the model nor exported as training data.
     """
 
     role: Role
@@ -35,9 +37,13 @@ class Message:
     argument: str | None = None
     error: str | None = None
     to_model: bool = True
+    interrupted: bool = False
 
     def as_dict(self) -> dict[str, Any]:
-        return {key: value for key, value in asdict(self).items() if value not in (None, [], True) or key == "text"}
+        defaults = {"question": None, "expert": None, "argument": None, "error": None, "to_model": True,
+                    "interrupted": False}
+        return {key: value for key, value in asdict(self).items()
+                if not (key in defaults and value is defaults[key]) and value != []}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Message:
@@ -49,7 +55,7 @@ def vlm_conversation(messages: list[Message]) -> tuple[list[tuple[str, str]], li
     turns: list[tuple[str, str]] = []
     images: list[str] = []
     for message in messages:
-        if not message.to_model:
+        if not message.to_model or message.interrupted:
             continue
         role = "assistant" if message.role == "assistant" else "user"
         if turns and turns[-1][0] == role == "user":

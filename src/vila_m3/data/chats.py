@@ -4,7 +4,8 @@ A chat (``<chats>/<chat id>/chat.json`` and its PNGs, see :mod:`vila_m3.chat.sto
 multi-turn record: user → ``human``, assistant → ``gpt``, expert → ``human``, consecutive human turns
 joined as the chat loop sends them to the model (:func:`vila_m3.chat.transcript.vlm_conversation`);
 notes never sent to the model are left out, and trailing human turns (a turn without an answer) are
-dropped.
+dropped. Turns that did not finish (marked ``interrupted`` after a crash, or still running) are left out
+whole (:meth:`vila_m3.chat.store.Chat.finished_messages`).
 
 Correction: when the chat's image has a final label in the datastore saved after the chat's last
 expert result (its labelmap file, else ``chat.json``), each expert result is rebuilt from the final
@@ -124,7 +125,8 @@ class ChatConverter:
 
     def _convert_one(self, store: ChatStore, chat_id: str) -> tuple[Record, int, int]:
         chat = store.load(chat_id)
-        messages = [message for message in chat.messages if message.to_model]
+        # finished turns only: a turn marked interrupted (a crash) or still running is never training data
+        messages = [message for message in chat.finished_messages() if message.to_model]
         if self.config.chats.get("skip_expert_errors", True) and any(
                 message.role == "expert" and message.error for message in messages):
             raise ChatSkipped("an expert failed in this chat")
