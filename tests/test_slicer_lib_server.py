@@ -353,7 +353,9 @@ def fake_slicer_modules(tmp_path: Path, slice_to_ras: FakeMatrix, volume: FakeVo
     slicer.ScriptedLoadableModule = scripted
     slicer.app = types.SimpleNamespace(layoutManager=lambda: types.SimpleNamespace(
         sliceWidget=lambda name: red if name == "Red" else None))
-    slicer.mrmlScene = types.SimpleNamespace(GetNodeByID=lambda node_id: volume if node_id == volume.GetID() else None)
+    scene_nodes = {volume.GetID(): volume, "vtkMRMLSliceNodeRed": red.mrmlSliceNode(),
+                   "vtkMRMLSliceCompositeNodeRed": red.sliceLogic().GetSliceCompositeNode()}
+    slicer.mrmlScene = types.SimpleNamespace(GetNodeByID=scene_nodes.get)
     slicer.util = types.SimpleNamespace(
         loadUI=lambda path: types.SimpleNamespace(setMRMLScene=lambda scene: None),
         childWidgetVariables=lambda widget: types.SimpleNamespace(**widgets),

@@ -22,7 +22,7 @@ EXTENSION = REPO / "slicer_extension"
 MODULE_DIR = EXTENSION / "VILAM3Chat"
 MODULE_FILE = MODULE_DIR / "VILAM3Chat.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "VILAM3Chat.ui"
-SLICER_MODULES = {"slicer", "vtk", "qt", "ctk", "slicer.ScriptedLoadableModule", "slicer.util"}
+SLICER_MODULES = {"slicer", "vtk", "qt", "ctk", "slicer.ScriptedLoadableModule", "slicer.util", "numpy", "vtk.util"}  # numpy ships with Slicer
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 import unittest
 
@@ -43,8 +44,16 @@ from VILAM3ChatLib.segments import (
     decode_label_values,
     encode_label_values,
     segment_specs,
+    unnamed_segment_spec,
 )
-from VILAM3ChatLib.slice_mapping import SlicePosition, grids_match, slice_position
+from VILAM3ChatLib.slice_mapping import (
+    SlicePosition,
+    decode_grid,
+    encode_grid,
+    grid_axes_map,
+    grids_match,
+    slice_position,
+)
 from VILAM3ChatLib.worker import BackgroundJobs, Job
 
 SERVER_URL_SETTING = "VILAM3Chat/serverUrl"
@@ -60,6 +69,7 @@ ATTR_IMAGE_ID = "VILAM3Chat.ImageId"
 ATTR_CHAT_ID = "VILAM3Chat.ChatId"
 ATTR_EXPERT = "VILAM3Chat.Expert"
 ATTR_LABEL_VALUES = "VILAM3Chat.LabelValues"
+ATTR_SERVER_GRID = "VILAM3Chat.ServerGrid"  # the server's voxel grid of the image, as stored (JSON)
 REF_VOLUME = "VILAM3ChatVolume"
 BRATS_KEYS = ("t1c", "t1", "t2", "flair")
 
@@ -107,7 +117,7 @@ class VILAM3ChatWidget(ScriptedLoadableModuleWidget):
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = VILAM3ChatLogic()
+        self.logic = VILAM3ChatLogic(slicer.mrmlScene, tempDir=slicer.util.tempDirectory("VILAM3Chat"))
 
         self.ui.serverUrlLineEdit.text = self.logic.savedServerUrl()
         self.ui.usernameLineEdit.text = str(qt.QSettings().value(USERNAME_SETTING, "") or "")
@@ -289,7 +299,9 @@ class VILAM3ChatWidget(ScriptedLoadableModuleWidget):
         self.ui.questionLineEdit.text = ""
         self.render()
         sending = " (sending the volume first)" if uploads else ""
-        self.setStatus(f"Asking about {position.axis} slice {position.index} of {position.count}{sending}…")
+        note = position.note(SLICE_VIEW)
+        self.setStatus(f"Asking about {position.axis} slice {position.index} of {position.count}{sending}…"
+                       + (f" {note}" if note else ""))
         self.turn = {"client": client, "chatId": chatId, "primary": primary}
 
         def work(job: Job) -> TurnAnswer:
@@ -451,18 +463,22 @@ class VILAM3ChatWidget(ScriptedLoadableModuleWidget):
 class VILAM3ChatLogic(ScriptedLoadableModuleLogic):
     """Scene-side work of the panel: volumes in and labelmaps out, and which study a volume is.
 
-    Methods named ``run…``/``save…`` run in worker threads and touch no MRML node; all others run
-    on the GUI thread.
+    Everything here works on the MRML scene it is given (``slicer.mrmlScene`` in Slicer; a bare
+    ``vtkMRMLScene`` in the tests) with Slicer's MRML and module logics; it needs no widget, no
+    layout manager and no Qt. Methods named ``run…``/``save…`` run in worker threads and touch no
+    MRML node; all others run on the GUI thread.
     """
 
-    def __init__(self):
+    def __init__(self, scene=None, tempDir: str | None = None):
         ScriptedLoadableModuleLogic.__init__(self)
+        self.scene = scene if scene is not None else slicer.mrmlScene
         self._client: VilaM3Client | None = None
         self._clientKey: tuple | None = None
         self.sessions: dict[str, tuple[str, str]] = {}  # volume node ID -> (server URL, session id)
         self.chatIds: dict[str, str] = {}  # volume node ID -> chat id
         self.geometryWarning = ""
-        self.tempDir = slicer.util.tempDirectory("VILAM3Chat")
+        self.tempDir = tempDir or tempfile.mkdtemp(prefix="VILAM3Chat-")
+        os.makedirs(self.tempDir, exist_ok=True)
 
     def cleanup(self):
         shutil.rmtree(self.tempDir, ignore_errors=True)
@@ -528,24 +544,20 @@ class VILAM3ChatLogic(ScriptedLoadableModuleLogic):
 
     # --- the scene --------------------------------------------------------------------------------
 
-    @staticmethod
-    def sliceNode(viewName: str):
-        layoutManager = slicer.app.layoutManager()
-        if layoutManager is not None and layoutManager.sliceWidget(viewName) is not None:
-            return layoutManager.sliceWidget(viewName).mrmlSliceNode()
-        return slicer.mrmlScene.GetNodeByID(f"vtkMRMLSliceNode{viewName}")
+    def sliceNode(self, viewName: str):
+        """The view's slice node (Slicer names it ``vtkMRMLSliceNode<view>``), or None."""
+        return self.scene.GetNodeByID(f"vtkMRMLSliceNode{viewName}")
 
-    @staticmethod
-    def viewBackgroundVolume(viewName: str):
-        layoutManager = slicer.app.layoutManager()
-        if layoutManager is None or layoutManager.sliceWidget(viewName) is None:
-            return None
-        composite = layoutManager.sliceWidget(viewName).sliceLogic().GetSliceCompositeNode()
-        volumeId = composite.GetBackgroundVolumeID()
-        return slicer.mrmlScene.GetNodeByID(volumeId) if volumeId else None
+    def viewBackgroundVolume(self, viewName: str):
+        """The volume shown in the view's background layer, or None."""
+        composite = self.scene.GetNodeByID(f"vtkMRMLSliceCompositeNode{viewName}")
+        volumeId = composite.GetBackgroundVolumeID() if composite is not None else None
+        return self.scene.GetNodeByID(volumeId) if volumeId else None
 
     def slicePosition(self, volumeNode, viewName: str = SLICE_VIEW) -> SlicePosition:
-        """The slice of ``volumeNode`` at the centre of the view, as the server counts slices."""
+        """The slice of ``volumeNode`` at the centre of the view, as the server counts slices: in the
+        image's own frame (a parent transform moves the image on screen, not on the server), with
+        how oblique the view is to that slice (see ``SlicePosition.note``)."""
         sliceNode = self.sliceNode(viewName)
         if sliceNode is None:
             raise ValueError(f"There is no {viewName} slice view.")
@@ -553,15 +565,16 @@ class VILAM3ChatLogic(ScriptedLoadableModuleLogic):
             raise ValueError(f"The volume '{volumeNode.GetName()}' has no image data.")
         ijkToRas = vtk.vtkMatrix4x4()
         volumeNode.GetIJKToRASMatrix(ijkToRas)
+        toWorldRows = None
         parent = volumeNode.GetParentTransformNode()
-        if parent is not None:  # the server has the untransformed image: compare in world coordinates
+        if parent is not None:
             if not parent.IsTransformToWorldLinear():
                 raise ValueError(f"'{volumeNode.GetName()}' is under a non-linear transform; harden it first.")
             toWorld = vtk.vtkMatrix4x4()
             parent.GetMatrixTransformToWorld(toWorld)
-            vtk.vtkMatrix4x4.Multiply4x4(toWorld, ijkToRas, ijkToRas)
+            toWorldRows = _rows(toWorld)
         return slice_position(_rows(sliceNode.GetSliceToRAS()), _rows(ijkToRas),
-                              volumeNode.GetImageData().GetDimensions())
+                              volumeNode.GetImageData().GetDimensions(), to_world=toWorldRows)
 
     @staticmethod
     def dicomModality(volumeNode) -> str | None:
@@ -598,58 +611,75 @@ class VILAM3ChatLogic(ScriptedLoadableModuleLogic):
     # --- labelmaps in -----------------------------------------------------------------------------
 
     def loadLabelmap(self, answer: TurnAnswer, volumeNode, chatId: str):
-        """A NEW segmentation node "VILA-M3 <chat id> <expert>" from the answer's labelmap, referencing
-        ``volumeNode``, segments named and coloured, with terminology; existing nodes are not changed."""
-        specs = segment_specs(answer.label_names, answer.label_colors)
-        expert = answer.labelmap_expert or "labels"
-        labelmapNode = slicer.util.loadLabelVolume(answer.labelmap_path, properties={"show": False})
-        colorNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLColorTableNode")
-        try:
-            colorNode.SetTypeToUser()
-            colorNode.SetNumberOfColors(max([spec.label_value for spec in specs], default=0) + 1)
-            colorNode.SetColor(0, "background", 0.0, 0.0, 0.0, 0.0)
-            for spec in specs:
-                colorNode.SetColor(spec.label_value, spec.name, *spec.color, 1.0)
-            labelmapNode.GetDisplayNode().SetAndObserveColorNodeID(colorNode.GetID())
+        """A NEW segmentation node "VILA-M3 <chat id> <expert>" from the answer's labelmap (see
+        :meth:`importLabelmap`)."""
+        return self.importLabelmap(answer.labelmap_path, answer.label_names, answer.label_colors, volumeNode,
+                                   chatId, answer.labelmap_expert or "labels")
 
-            name = slicer.mrmlScene.GenerateUniqueName(f"VILA-M3 {chatId} {expert}")
-            segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    def importLabelmap(self, path: str, labelNames: dict, labelColors: dict | None, volumeNode, chatId: str,
+                       expert: str = "labels"):
+        """A NEW segmentation node from a labelmap file, referencing ``volumeNode`` (under its parent
+        transform), segments named, coloured and with terminology by label value; a value the server
+        did not name gets a segment "label <value>". Existing nodes are not changed and nothing else
+        is left in the scene. The labelmap's grid as the server stores it is kept on both nodes, so a
+        correction can be saved on it (:meth:`exportCorrection`)."""
+        specs = segment_specs(labelNames, labelColors)
+        serverGrid = _gridText(self._readNative(path, "vtkMRMLLabelMapVolumeNode"))
+        labelmapNode = self._readNative(path, "vtkMRMLLabelMapVolumeNode", rightHanded=True)  # not in the scene
+        with _NewNodesRemoved(self.scene) as scratch:
+            name = self.scene.GenerateUniqueName(f"VILA-M3 {chatId} {expert}")
+            segmentationNode = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
             segmentationNode.CreateDefaultDisplayNodes()
+            scratch.keep(segmentationNode, segmentationNode.GetDisplayNode())
             segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
             segmentationNode.SetNodeReferenceID(REF_VOLUME, volumeNode.GetID())
-            segmentationNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
-            labelmapNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
-            if not slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelmapNode, segmentationNode):
-                slicer.mrmlScene.RemoveNode(segmentationNode)
+            # both in the image's frame: import first, then place under the volume's transform
+            if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmapNode,
+                                                                                           segmentationNode):
+                scratch.keep()
+                self.scene.RemoveNode(segmentationNode.GetDisplayNode())
+                self.scene.RemoveNode(segmentationNode)
                 raise RuntimeError("Slicer could not import the returned labelmap")
-            self._describeSegments(segmentationNode, specs)
+            segmentationNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
+            specs = self._describeSegments(segmentationNode, specs)
             segmentationNode.SetAttribute(ATTR_CHAT_ID, chatId)
             segmentationNode.SetAttribute(ATTR_EXPERT, expert)
             segmentationNode.SetAttribute(ATTR_LABEL_VALUES, encode_label_values(specs))
             self.geometryWarning = self._geometryWarning(labelmapNode, volumeNode)
-            return segmentationNode
-        finally:
-            slicer.mrmlScene.RemoveNode(labelmapNode)
-            slicer.mrmlScene.RemoveNode(colorNode)
+            if not self.geometryWarning:
+                segmentationNode.SetAttribute(ATTR_SERVER_GRID, serverGrid)
+                volumeNode.SetAttribute(ATTR_SERVER_GRID, serverGrid)
+        return segmentationNode
 
     @staticmethod
-    def _describeSegments(segmentationNode, specs):
-        """Names, colours and terminology of the imported segments, found by their label value."""
+    def _readNative(path: str, nodeClass: str, rightHanded: bool = False):
+        """A volume node OUTSIDE the scene read from ``path``: on the file's own grid, or on the
+        right-handed grid Slicer makes of it when it loads a file (``rightHanded``)."""
+        node = getattr(slicer, nodeClass)()
+        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+        storage.SetFileName(path)
+        storage.SetForceRightHandedIJKCoordinateSystem(rightHanded)
+        if not storage.ReadData(node) or node.GetImageData() is None:
+            raise OSError(f"Slicer could not read the labelmap {os.path.basename(path)}")
+        return node
+
+    @staticmethod
+    def _describeSegments(segmentationNode, specs) -> list:
+        """Names, colours and terminology of the imported segments, found by their label value; a
+        value without a spec gets one ("label <value>"). Returns the specs of all segments."""
         segmentation = segmentationNode.GetSegmentation()
-        byValue = {}
+        byValue = {spec.label_value: spec for spec in specs}
+        described = list(specs)
         for index in range(segmentation.GetNumberOfSegments()):
             segment = segmentation.GetNthSegment(index)
-            byValue[segment.GetLabelValue()] = segment
-        for spec in specs:
-            segment = byValue.get(spec.label_value)
-            if segment is None:
-                segmentId = segmentation.GetSegmentIdBySegmentName(spec.name)
-                segment = segmentation.GetSegment(segmentId) if segmentId else None
-            if segment is None:  # the label is not in the labelmap (nothing found)
-                continue
+            spec = byValue.get(segment.GetLabelValue())
+            if spec is None:  # a value the server did not name
+                spec = unnamed_segment_spec(segment.GetLabelValue(), [each.name for each in described])
+                described.append(spec)
             segment.SetName(spec.name)
             segment.SetColor(*spec.color)
             segment.SetTag(segment.GetTerminologyEntryTagName(), spec.terminology_entry)
+        return sorted(described, key=lambda spec: spec.label_value)
 
     @staticmethod
     def _geometryWarning(labelmapNode, volumeNode) -> str:
@@ -673,15 +703,34 @@ class VILAM3ChatLogic(ScriptedLoadableModuleLogic):
         segmentation = segmentationNode.GetSegmentation()
         return [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
 
+    def serverGrid(self, segmentationNode, volumeNode) -> tuple | None:
+        """The grid the server stores the volume's image on: the one its labelmap came on, else the
+        grid of the file the volume was loaded from (Slicer reverses k of a left-handed file); None
+        when neither is known."""
+        for text in (segmentationNode.GetAttribute(ATTR_SERVER_GRID), volumeNode.GetAttribute(ATTR_SERVER_GRID)):
+            grid = decode_grid(text)
+            if grid is not None:
+                return grid
+        storage = volumeNode.GetStorageNode()
+        fileName = storage.GetFileName() if storage is not None else None
+        if fileName and os.path.isfile(fileName):
+            try:
+                return decode_grid(_gridText(self._readNative(fileName, volumeNode.GetClassName())))
+            except OSError:
+                return None
+        return None
+
     def exportCorrection(self, segmentationNode, volumeNode) -> str:
-        """The segmentation as a labelmap on the volume's grid (NIfTI), segments keeping the server's label values."""
+        """The segmentation as a labelmap (NIfTI) on the grid the server stores the volume's image on
+        (its datastore image's geometry, left-handed included), segments keeping the server's label
+        values; nothing is left in the scene."""
         names = self.segmentNames(segmentationNode)
         if not names:
             raise ValueError(f"'{segmentationNode.GetName()}' has no segments to save.")
         values = assign_label_values(names, decode_label_values(segmentationNode.GetAttribute(ATTR_LABEL_VALUES)))
-        colorNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLColorTableNode")
-        labelmapNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
-        try:
+        with _NewNodesRemoved(self.scene):
+            colorNode = self.scene.AddNewNodeByClass("vtkMRMLColorTableNode")
+            labelmapNode = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
             colorNode.SetTypeToUser()
             colorNode.SetNumberOfColors(max(values.values()) + 1)
             colorNode.SetColor(0, "background", 0.0, 0.0, 0.0, 0.0)
@@ -691,17 +740,44 @@ class VILAM3ChatLogic(ScriptedLoadableModuleLogic):
                 segment = segmentation.GetNthSegment(index)
                 colorNode.SetColor(values[segment.GetName()], segment.GetName(), *segment.GetColor(), 1.0)
                 segmentIds.InsertNextValue(segmentation.GetNthSegmentID(index))
-            exported = slicer.modules.segmentations.logic().ExportSegmentsToLabelmapNode(
+            exported = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
                 segmentationNode, segmentIds, labelmapNode, volumeNode,
                 slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, colorNode)
             if not exported:
                 raise RuntimeError("Slicer could not export the segmentation to a labelmap")
+            out = self._onServerGrid(labelmapNode, self.serverGrid(segmentationNode, volumeNode))
             path = os.path.join(self.tempDir, f"correction-{time.strftime('%H%M%S')}.nii.gz")
-            self._write(labelmapNode, path)
-            return path
-        finally:
-            slicer.mrmlScene.RemoveNode(labelmapNode)
-            slicer.mrmlScene.RemoveNode(colorNode)
+            self._write(out, path)
+        return path
+
+    @staticmethod
+    def _onServerGrid(labelmapNode, grid):
+        """``labelmapNode`` (on Slicer's grid of the volume), or a copy outside the scene with the same
+        voxels on the server's grid when that grid orders the same voxel centres differently."""
+        if grid is None:
+            return labelmapNode
+        matrix = vtk.vtkMatrix4x4()
+        labelmapNode.GetIJKToRASMatrix(matrix)
+        dims = labelmapNode.GetImageData().GetDimensions()
+        mapping = grid_axes_map(grid[0], grid[1], _rows(matrix), dims)
+        if mapping is None or mapping == ((0, 1, 2), (False, False, False)):
+            return labelmapNode
+        import numpy
+        from vtk.util import numpy_support
+
+        axes, flips = mapping
+        source = numpy_support.vtk_to_numpy(labelmapNode.GetImageData().GetPointData().GetScalars())
+        ijk = source.reshape(dims[2], dims[1], dims[0]).transpose(2, 1, 0)  # [i, j, k]
+        target = ijk.transpose(axes)[tuple(slice(None, None, -1) if flip else slice(None) for flip in flips)]
+        voxels = numpy.ascontiguousarray(target.transpose(2, 1, 0))  # [k, j, i] of the server's grid
+        image = vtk.vtkImageData()
+        image.SetDimensions(*[int(n) for n in grid[1]])
+        scalars = numpy_support.numpy_to_vtk(voxels.ravel(), deep=True)
+        image.GetPointData().SetScalars(scalars)
+        copy = slicer.vtkMRMLLabelMapVolumeNode()
+        copy.SetAndObserveImageData(image)
+        copy.SetIJKToRASMatrix(_matrix(grid[0]))
+        return copy
 
     # --- worker-thread work (no MRML) -------------------------------------------------------------
 
@@ -753,6 +829,44 @@ class VILAM3ChatLogic(ScriptedLoadableModuleLogic):
 def _rows(matrix) -> list:
     """A vtkMatrix4x4 as a list of 4 rows."""
     return [[matrix.GetElement(row, column) for column in range(4)] for row in range(4)]
+
+
+def _matrix(rows) -> vtk.vtkMatrix4x4:
+    matrix = vtk.vtkMatrix4x4()
+    for row in range(4):
+        for column in range(4):
+            matrix.SetElement(row, column, float(rows[row][column]))
+    return matrix
+
+
+def _gridText(volumeNode) -> str:
+    """A volume node's voxel grid as text, to keep in an attribute."""
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(matrix)
+    return encode_grid(_rows(matrix), volumeNode.GetImageData().GetDimensions())
+
+
+class _NewNodesRemoved:
+    """Removes, on exit, the nodes added to the scene inside the ``with`` block (display, storage and
+    colour nodes a reader or exporter creates), except those passed to :meth:`keep` and singletons."""
+
+    def __init__(self, scene):
+        self.scene = scene
+        self.kept: set = set()
+
+    def keep(self, *nodes):
+        self.kept.update(node.GetID() for node in nodes if node is not None)
+
+    def __enter__(self):
+        self.before = {self.scene.GetNthNode(i).GetID() for i in range(self.scene.GetNumberOfNodes())}
+        return self
+
+    def __exit__(self, *excInfo):
+        added = [self.scene.GetNthNode(i) for i in range(self.scene.GetNumberOfNodes())]
+        for node in added:
+            if node.GetID() not in self.before and node.GetID() not in self.kept and not node.GetSingletonTag():
+                self.scene.RemoveNode(node)
+        return False
 
 
 #

@@ -36,6 +36,7 @@ __all__ = [
     "fallback_color",
     "load_terminology",
     "segment_specs",
+    "unnamed_segment_spec",
 ]
 
 TERMINOLOGY_FILE = Path(__file__).with_name("terminology.json")
@@ -185,6 +186,16 @@ def segment_specs(label_names: Mapping[str, int], label_colors: Mapping[str, Seq
         seen[value] = name
         specs.append(SegmentSpec(name, value, _color(colors.get(name), name), table.lookup(name)))
     return sorted(specs, key=lambda spec: spec.label_value)
+
+
+def unnamed_segment_spec(label_value: int, taken: Iterable[str], table: TerminologyTable | None = None) -> SegmentSpec:
+    """A segment for a label value the server sent no name for: ``label <value>`` (made unique among
+    ``taken``), a stable colour and the generic terminology, so it can be told apart and saved."""
+    taken = set(taken)
+    name, suffix = f"label {label_value}", 2
+    while name in taken:
+        name, suffix = f"label {label_value} ({suffix})", suffix + 1
+    return SegmentSpec(name, int(label_value), fallback_color(name), (table or load_terminology()).lookup(name))
 
 
 def encode_label_values(specs: Iterable[SegmentSpec]) -> str:

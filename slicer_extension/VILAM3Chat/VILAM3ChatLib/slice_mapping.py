@@ -10,8 +10,15 @@ against the patient axis. This module repeats that rule with Slicer's matrices:
 - the view's slice-to-RAS matrix (``vtkMRMLSliceNode.GetSliceToRAS()``): its third column is the
   view's normal, which picks the axis (the closest of R, A, S); its fourth column is the centre of
   the view, the point whose slice is sent;
-- the volume's IJK-to-RAS matrix (``GetIJKToRASMatrix``, including any parent linear transform) and
-  its dimensions (i, j, k), as ``GetImageData().GetDimensions()`` gives them.
+- the volume's own IJK-to-RAS matrix (``GetIJKToRASMatrix``: the image's frame, as the server has it)
+  and its dimensions (i, j, k), as ``GetImageData().GetDimensions()`` gives them;
+- the volume's parent transform to world (``GetMatrixTransformToWorld``), when it has one: the view
+  is in world coordinates, so it is brought into the image's own frame first (the server names axes
+  and counts slices in that frame, never in the transformed one).
+
+A view that is not parallel to the server's slices (a rotated view, or an oblique acquisition shown
+in patient axes) crosses several of them: :attr:`SlicePosition.oblique_degrees` says by how much,
+and the panel says so instead of pretending the view is that slice.
 
 Pure Python (lists of lists); numpy is not needed.
 """
@@ -19,17 +26,30 @@ Pure Python (lists of lists); numpy is not needed.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["SlicePosition", "grids_match", "ras_axis_assignment", "slice_position", "view_axis"]
+__all__ = [
+    "OBLIQUE_TOLERANCE_DEGREES",
+    "SlicePosition",
+    "decode_grid",
+    "encode_grid",
+    "grid_axes_map",
+    "grids_match",
+    "ras_axis_assignment",
+    "slice_position",
+    "view_axis",
+]
 
 Matrix = Sequence[Sequence[float]]
 
 #: axis names by the patient axis along which their slices are stacked (R = 0, A = 1, S = 2)
 AXIS_BY_RAS = {0: "sagittal", 1: "coronal", 2: "axial"}
 RAS_BY_AXIS = {name: ras for ras, name in AXIS_BY_RAS.items()}
+#: a view within this angle of the server's slices shows one slice (degrees)
+OBLIQUE_TOLERANCE_DEGREES = 0.5
 
 
 @dataclass(frozen=True)
@@ -42,12 +62,29 @@ class SlicePosition:
         count: number of slices along that axis.
         offset_voxels: distance from the view's centre to the chosen slice's centre, in voxels
             (0 when the view is exactly on a slice; up to 0.5 otherwise, more when clipped).
+        oblique_degrees: angle between the view's plane and the server's slices (degrees); above
+            :data:`OBLIQUE_TOLERANCE_DEGREES` the view crosses several slices and ``index`` is the
+            one through the view's centre.
     """
 
     axis: str
     index: int
     count: int
     offset_voxels: float
+    oblique_degrees: float = 0.0
+
+    @property
+    def oblique(self) -> bool:
+        """True when the view is not parallel to the server's slices."""
+        return self.oblique_degrees > OBLIQUE_TOLERANCE_DEGREES
+
+    def note(self, view_name: str = "Red") -> str:
+        """What the annotator should know about this position ("" when the view shows the slice)."""
+        if not self.oblique:
+            return ""
+        return (f"The {view_name} view is {self.oblique_degrees:.1f}° oblique to the volume's {self.axis} slices: "
+                f"the server is asked about {self.axis} slice {self.index}, the one through the view's centre, "
+                "not the tilted plane on screen (Reformat's 'Rotate to volume plane' shows that slice).")
 
 
 def _check_matrix(matrix: Matrix, name: str) -> list[list[float]]:
@@ -75,6 +112,36 @@ def _solve3(matrix: list[list[float]], vector: list[float]) -> list[float]:
         replaced = [[vector[r] if c == column else matrix[r][c] for c in range(3)] for r in range(3)]
         result.append(det(replaced) / full)
     return result
+
+
+def _cross(a: Sequence[float], b: Sequence[float]) -> list[float]:
+    return [a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]]
+
+
+def _column(m: Sequence[Sequence[float]], column: int) -> list[float]:
+    return [m[row][column] for row in range(3)]
+
+
+def _invert_affine(m: list[list[float]]) -> list[list[float]]:
+    """The inverse of a 4x4 affine matrix (last row 0 0 0 1)."""
+    linear = [row[:3] for row in m[:3]]
+    columns = [_solve3(linear, [1.0 if r == c else 0.0 for r in range(3)]) for c in range(3)]
+    inverse = [[columns[c][r] for c in range(3)] for r in range(3)]
+    translation = [-sum(inverse[r][c] * m[c][3] for c in range(3)) for r in range(3)]
+    return [inverse[r] + [translation[r]] for r in range(3)] + [[0.0, 0.0, 0.0, 1.0]]
+
+
+def _multiply(a: list[list[float]], b: list[list[float]]) -> list[list[float]]:
+    return [[sum(a[r][k] * b[k][c] for k in range(4)) for c in range(4)] for r in range(4)]
+
+
+def _angle_degrees(a: Sequence[float], b: Sequence[float]) -> float:
+    """The angle between two lines (directions a and b, either sense), degrees."""
+    norm = math.sqrt(sum(v * v for v in a)) * math.sqrt(sum(v * v for v in b))
+    if norm == 0.0:
+        raise ValueError("a direction has zero length")
+    cosine = min(abs(sum(x * y for x, y in zip(a, b, strict=True))) / norm, 1.0)
+    return math.degrees(math.acos(cosine))
 
 
 def view_axis(slice_to_ras: Matrix) -> str:
@@ -109,27 +176,35 @@ def ras_axis_assignment(ijk_to_ras: Matrix) -> tuple[tuple[int, int, int], tuple
     return (best[0], best[1], best[2]), (flips[0], flips[1], flips[2])
 
 
-def slice_position(slice_to_ras: Matrix, ijk_to_ras: Matrix, dimensions: Sequence[int]) -> SlicePosition:
+def slice_position(slice_to_ras: Matrix, ijk_to_ras: Matrix, dimensions: Sequence[int],
+                   to_world: Matrix | None = None) -> SlicePosition:
     """The (axis, index) of the slice at the centre of a view, in the server's counting.
 
     Args:
-        slice_to_ras: the view's 4x4 slice-to-RAS matrix.
-        ijk_to_ras: the volume's 4x4 IJK-to-RAS matrix (mm, RAS).
+        slice_to_ras: the view's 4x4 slice-to-RAS matrix (world coordinates).
+        ijk_to_ras: the volume's own 4x4 IJK-to-RAS matrix (mm, RAS), without its parent transform.
         dimensions: the volume's size along i, j, k (voxels).
+        to_world: the volume's parent (linear) transform to world, if it has one.
 
     Returns:
         The nearest slice, clipped to the volume (a view outside the volume gets its first or last
-        slice; ``offset_voxels`` says how far away it was).
+        slice; ``offset_voxels`` says how far away it was), and how oblique the view is to it.
     """
     view = _check_matrix(slice_to_ras, "slice-to-RAS")
     volume = _check_matrix(ijk_to_ras, "IJK-to-RAS")
+    if to_world is not None:  # the view in the image's own frame
+        view = _multiply(_invert_affine(_check_matrix(to_world, "parent transform")), view)
     dims = [int(n) for n in dimensions]
     if len(dims) != 3 or min(dims) < 1:
         raise ValueError(f"volume dimensions must be 3 positive numbers, got {list(dimensions)}")
-    axis = view_axis(view)
+    normal = _cross(_column(view, 0), _column(view, 1))  # the plane's normal, whatever the transform did
+    axis = view_axis([[view[r][0], view[r][1], normal[r], view[r][3]] for r in range(3)] + [[0.0, 0.0, 0.0, 1.0]])
     patient_axis = RAS_BY_AXIS[axis]
     axis_of, flips = ras_axis_assignment(volume)
     index_axis = axis_of[patient_axis]
+    in_plane = [column for column in range(3) if column != index_axis]
+    slice_normal = _cross(_column(volume, in_plane[0]), _column(volume, in_plane[1]))
+    oblique = _angle_degrees(normal, slice_normal)
 
     centre = [view[row][3] - volume[row][3] for row in range(3)]
     ijk = _solve3([row[:3] for row in volume[:3]], centre)
@@ -138,7 +213,7 @@ def slice_position(slice_to_ras: Matrix, ijk_to_ras: Matrix, dimensions: Sequenc
     if flips[patient_axis]:
         continuous = count - 1 - continuous
     index = min(max(round(continuous), 0), count - 1)
-    return SlicePosition(axis, int(index), count, abs(continuous - index))
+    return SlicePosition(axis, int(index), count, abs(continuous - index), round(oblique, 3))
 
 
 def grids_match(ijk_to_ras_a: Matrix, dimensions_a: Sequence[int], ijk_to_ras_b: Matrix,
@@ -149,3 +224,56 @@ def grids_match(ijk_to_ras_a: Matrix, dimensions_a: Sequence[int], ijk_to_ras_b:
     a = _check_matrix(ijk_to_ras_a, "IJK-to-RAS")
     b = _check_matrix(ijk_to_ras_b, "IJK-to-RAS")
     return all(abs(a[row][col] - b[row][col]) <= tolerance_mm for row in range(3) for col in range(4))
+
+
+def grid_axes_map(target_ijk_to_ras: Matrix, target_dimensions: Sequence[int], source_ijk_to_ras: Matrix,
+                  source_dimensions: Sequence[int], tolerance_mm: float = 1e-2
+                  ) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]] | None:
+    """How to read a voxel array on the source grid as one on the target grid, when both grids have
+    the same voxel centres in another index order (e.g. 3D Slicer's right-handed copy of a
+    left-handed image: k reversed).
+
+    Returns:
+        ``(axes, flips)``: target index axis ``a`` is source axis ``axes[a]``, counted backwards
+        when ``flips[a]``; None when the grids do not share their voxel centres.
+    """
+    target = _check_matrix(target_ijk_to_ras, "target IJK-to-RAS")
+    source = _check_matrix(source_ijk_to_ras, "source IJK-to-RAS")
+    tdims, sdims = [int(n) for n in target_dimensions], [int(n) for n in source_dimensions]
+    mapping = _multiply(_invert_affine(source), target)  # target index -> source index
+    axes: list[int] = []
+    flips: list[bool] = []
+    for a in range(3):
+        column = [mapping[r][a] for r in range(3)]
+        s = max(range(3), key=lambda r: abs(column[r]))
+        sign = round(column[s])
+        if abs(abs(column[s]) - 1.0) > 1e-4 or any(abs(column[r]) > 1e-4 for r in range(3) if r != s):
+            return None
+        axes.append(s)
+        flips.append(sign < 0)
+    if sorted(axes) != [0, 1, 2]:
+        return None
+    for a in range(3):
+        s = axes[a]
+        if tdims[a] != sdims[s]:
+            return None
+        expected_offset = (sdims[s] - 1) if flips[a] else 0
+        # the target's origin in source index units must land on the source's first or last voxel
+        spacing = math.sqrt(sum(source[r][s] ** 2 for r in range(3)))
+        if abs(mapping[s][3] - expected_offset) * spacing > tolerance_mm:
+            return None
+    return (axes[0], axes[1], axes[2]), (flips[0], flips[1], flips[2])
+
+
+def encode_grid(ijk_to_ras: Matrix, dimensions: Sequence[int]) -> str:
+    """A voxel grid (IJK-to-RAS, dimensions) as JSON text, to keep in a node attribute."""
+    return json.dumps({"ijkToRas": _check_matrix(ijk_to_ras, "IJK-to-RAS"), "dimensions": [int(n) for n in dimensions]})
+
+
+def decode_grid(text: str | None) -> tuple[list[list[float]], list[int]] | None:
+    """The inverse of :func:`encode_grid`; None for missing or unreadable text."""
+    try:
+        data = json.loads(text or "")
+        return _check_matrix(data["ijkToRas"], "IJK-to-RAS"), [int(n) for n in data["dimensions"]]
+    except (ValueError, KeyError, TypeError):
+        return None
