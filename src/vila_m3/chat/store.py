@@ -409,12 +409,20 @@ class ChatStore:
 
     def restore(self, chat: Chat, existed: bool, new_images: set[str]) -> None:
         """Put a chat back as it was before a turn that failed: its ``chat.json`` as ``chat`` (or none
-        when the chat did not exist), without the pictures the turn wrote; an emptied folder goes too."""
+        when the chat did not exist), without the pictures the turn wrote; an emptied folder goes too.
+
+        When ``chat.json`` cannot be written back (a full or read-only disk) but still is the old version
+        (the turn failed at its first save), the rest is cleaned up all the same; when it holds part of the
+        turn, that part, its pictures and the marker stay for the start-up sweep, and the error is raised."""
         folder = self.folder(chat.chat_id)
-        if existed:
-            self.save(chat)
-        else:
-            (folder / "chat.json").unlink(missing_ok=True)
+        try:
+            if existed:
+                self.save(chat)
+            else:
+                (folder / "chat.json").unlink(missing_ok=True)
+        except OSError:
+            if not self._stored_as(chat):
+                raise
         for name in new_images:
             (folder / Path(name).name).unlink(missing_ok=True)
             with self._guard:
@@ -422,6 +430,13 @@ class ChatStore:
         self._drop_marker(chat.chat_id)
         if not existed and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
+
+    def _stored_as(self, chat: Chat) -> bool:
+        """Whether ``chat.json`` on disk is ``chat`` (False when it cannot be read)."""
+        try:
+            return json.loads((self.folder(chat.chat_id) / "chat.json").read_text(encoding="utf-8")) == chat.as_dict()
+        except (OSError, ValueError):
+            return False
 
     def exists(self, chat_id: str) -> bool:
         """True when the chat has been stored."""
