@@ -77,6 +77,10 @@ ROUTE_KEYS = frozenset({"model", "image", "image_id", "session", "session_id", "
 RESULT_MAX_AGE_S = 3600.0  # results older than this are left over from an interrupted answer
 WSI_ROUTES = (("/infer/wsi/{model}", "POST"), ("/infer/wsi_v2/{model}", "POST"))
 _INSTALLED_FOR: dict[str, bool] = {}  # upload folders this process has installed the routes for
+#: For ``benchmarks/server_load.py`` only: ``1`` runs each ``/infer`` request on the event loop, as MONAI Label
+#: 0.8.5's route does (one request holds every other until it ends), so the benchmark can show the difference.
+#: Never set it on a server people use.
+BLOCKING_INFER_ENV = "VILA_M3_BENCH_BLOCKING_INFER"
 
 
 @dataclass(frozen=True)
@@ -272,6 +276,10 @@ def infer_router(folders: InferFolders, audit: AuditTrail) -> APIRouter:
     router = APIRouter(prefix="/infer", tags=["Infer"], responses={404: {"description": "Not found"}})
     handler = InferRequestHandler(folders)
     user_role = RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)
+    blocking = os.environ.get(BLOCKING_INFER_ENV) == "1"
+    if blocking:
+        logger.warning("%s=1: /infer runs on the event loop and blocks the server (for the load benchmark only)",
+                       BLOCKING_INFER_ENV)
 
     @router.post("/{model}", summary=f"{RBAC_USER}Run Inference for supported model")
     async def api_run_inference(
@@ -287,6 +295,8 @@ def infer_router(folders: InferFolders, audit: AuditTrail) -> APIRouter:
         event = audit.event(infer_route_name(model), user, model=model, chat_id=chat_id_of(params),
                             study_id=image or session_id)
         with audited(event):
+            if blocking:  # the benchmark's comparison: MONAI Label's own way, on the event loop
+                return handler(model, image, session_id, params, file, label, output, user, event)
             return await run_in_threadpool(handler, model, image, session_id, params, file, label, output, user,
                                            event)
 

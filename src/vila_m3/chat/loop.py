@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from vila_m3.chat.locks import ChatLocks, TurnCancelledWaiting
 from vila_m3.chat.params import DEFAULT_CONTEXT_TOKENS, GenerationParams, parse_turn_params
 from vila_m3.chat.store import Chat, ChatStore, ChatUser
 from vila_m3.chat.study import Study, StudyError, open_study
@@ -37,6 +38,7 @@ from vila_m3.security.paths import scrub_paths
 from vila_m3.vlm.errors import PromptTooLongError
 from vila_m3.vlm.generation import DEFAULT_MIN_NEW_TOKENS
 from vila_m3.vlm.prompting import special_token_texts
+from vila_m3.work_queue import JobCancelled, JobControl, WorkQueues
 
 logger = logging.getLogger(__name__)
 
@@ -161,11 +163,19 @@ class ChatLoop:
         store: where chats live.
         max_rounds: expert rounds per turn (feedback → answer); further triggers are reported, not run.
         max_triggers: distinct triggers run from one answer.
+        locks: the per-chat locks (a chat's turns run one at a time, in arrival order); shared by every loop
+            of a server (the chat service's), else the loop's own.
+        queues, vlm_device: the server's work queues and the queue the VLM's generations wait in
+            (``cuda:0``, ``cpu``, ``remote``); without queues a generation runs at once.
     """
 
     def __init__(self, vlm: ChatVLM, experts: ExpertService, registry: ExpertRegistry, store: ChatStore,
-                 max_rounds: int = DEFAULT_MAX_ROUNDS, max_triggers: int = 8, vlm_name: str | None = None):
+                 max_rounds: int = DEFAULT_MAX_ROUNDS, max_triggers: int = 8, vlm_name: str | None = None,
+                 locks: ChatLocks | None = None, queues: WorkQueues | None = None, vlm_device: str = "cpu"):
         self.vlm = vlm
+        self.locks = locks or ChatLocks()
+        self.queues = queues
+        self.vlm_device = vlm_device
         self.experts = experts
         self.registry = registry
         self.store = store
@@ -211,16 +221,42 @@ class ChatLoop:
         return study, axis, index
 
     def run_turn(self, request: TurnRequest, on_event: EventSink | None = None,
-                 cancel: threading.Event | None = None) -> TurnResult:
+                 cancel: threading.Event | None = None, control: JobControl | None = None) -> TurnResult:
         """Run one turn. The request is checked in full before anything is stored; during the turn the
         chat is saved after every message, and if a step fails (the VLM is down, an error of ours) the
-        stored chat goes back to what it was before the turn, so its next turn starts clean."""
+        stored chat goes back to what it was before the turn, so its next turn starts clean.
+
+        The turn waits for the chat's earlier turns (arrival order), and its model work waits in the work
+        queue: ``queued`` events (``position``, ``ahead``) say so. Cancelled before its first answer
+        started (waiting for the chat or the queue), a turn leaves the chat as it was and answers
+        ``cancelled``; ``control.waited_s`` sums its time in the queue (s)."""
         emit = on_event or (lambda name, data: None)
         self.check_request(request)
-        with self.store.lock(request.chat_id):
-            return self._run_locked(request, emit, cancel or threading.Event())
+        cancel = cancel or (control.cancel if control is not None else None) or threading.Event()
+        control = control or JobControl()
+        control.cancel = cancel
+        if control.on_queued is None:
+            control.on_queued = lambda position, ahead: emit("queued", {"position": position, "ahead": ahead})
+        try:
+            with self.locks.hold(request.chat_id, cancel):
+                return self._run_locked(request, emit, cancel, control)
+        except TurnCancelledWaiting:
+            return self._not_started(request, request.axis, request.slice_index)
 
-    def _run_locked(self, request: TurnRequest, emit: EventSink, cancel: threading.Event) -> TurnResult:
+    def _not_started(self, request: TurnRequest, axis: str, index: int | None) -> TurnResult:
+        """The answer of a turn cancelled before the model saw it: the chat as it is, nothing added."""
+        chat = self.store.load(request.chat_id, request.user, write=True)
+        return TurnResult(chat, "", len(chat.messages), [], None, {}, {}, [], dict(self.vlm_info), axis,
+                          -1 if index is None else index, cancelled=True)
+
+    def _job(self, device: str, work: Callable[[], Any], control: JobControl) -> Any:
+        """``work()`` as a job of ``device``'s work queue (at once without queues)."""
+        if self.queues is None:
+            return work()
+        return self.queues.run(device, work, control)
+
+    def _run_locked(self, request: TurnRequest, emit: EventSink, cancel: threading.Event,
+                    control: JobControl) -> TurnResult:
         timings: list[dict[str, Any]] = []
         clock = time.perf_counter()
 
@@ -231,8 +267,13 @@ class ChatLoop:
         study, axis, index = self.open_study(request)
         step("load", clock)
         before, existed = copy.deepcopy(chat), self.store.exists(request.chat_id)
+        self.store.begin_turn(chat)  # recorded as running until its last save: a crash marks it interrupted
         try:
-            return self._turn(chat, study, axis, index, request, emit, cancel, timings, step, clock)
+            return self._turn(chat, study, axis, index, request, emit, control, timings, step, clock)
+        except JobCancelled:  # still waiting for its first answer: the turn leaves nothing
+            self.store.restore(before, existed, {name for message in chat.messages for name in message.images}
+                               - {name for message in before.messages for name in message.images})
+            return self._not_started(request, axis, index)
         except BaseException:
             seen = {name for message in before.messages for name in message.images}
             written = {name for message in chat.messages for name in message.images} - seen
@@ -244,7 +285,7 @@ class ChatLoop:
             raise
 
     def _turn(self, chat: Chat, study: Study, axis: str, index: int, request: TurnRequest, emit: EventSink,
-              cancel: threading.Event, timings: list[dict[str, Any]], step: Callable[[str, float], None],
+              control: JobControl, timings: list[dict[str, Any]], step: Callable[[str, float], None],
               clock: float) -> TurnResult:
         """The turn's steps after loading: the user message, answers, expert rounds, the labelmap."""
         began = time.perf_counter()
@@ -264,7 +305,13 @@ class ChatLoop:
         answer, cancelled = "", False
         for round_number in range(self.max_rounds + 1):
             began = time.perf_counter()
-            answer, cancelled = self._generate(chat, request, emit, cancel, round_number)
+            try:
+                answer, cancelled = self._generate(chat, request, emit, control, round_number)
+            except JobCancelled:
+                if round_number == 0:
+                    raise
+                answer, cancelled = "", True  # cancelled while its next answer waited: the turn ends here
+                break
             step(f"generate {round_number + 1}", began)
             logger.debug("chat turn: answer %d %s%s", round_number + 1, fingerprint(answer),
                          " (cancelled)" if cancelled else "")
@@ -285,13 +332,21 @@ class ChatLoop:
             question = None if scan.segmented_only else request.question
             for trigger in scan.triggers:
                 began = time.perf_counter()
-                message, call, produced = self._run_expert(chat, study, trigger, axis, index, question, emit)
+                try:
+                    message, call, produced = self._run_expert(chat, study, trigger, axis, index, question, emit,
+                                                               control)
+                except JobCancelled:
+                    cancelled = True
+                    chat.messages.append(Message("expert", "", expert=trigger.name, argument=trigger.argument,
+                                                 error="cancelled before it ran", to_model=False))
+                    self.store.save(chat)
+                    break
                 step(f"expert {trigger.name}", began)
                 chat.messages.append(message)
                 calls.append(call)
                 segmentation = produced or segmentation
                 self.store.save(chat)
-            if scan.segmented_only:
+            if scan.segmented_only or cancelled:
                 break
 
         label_names, label_colors = {}, {}
@@ -299,7 +354,8 @@ class ChatLoop:
             label_names = segmentation.ids_by_name
             chat.labels = self._store_labels(chat, segmentation.labels)
             label_colors = self._display_colors(calls, segmentation.label_names)
-        self.store.save(chat)
+        self.store.finish_turn(chat)  # the whole turn, and no longer running, in one save
+        timings.append({"step": "queue wait", "seconds": round(control.waited_s, 4)})
         timings.append({"step": "total", "seconds": round(time.perf_counter() - clock, 4)})
         labels = segmentation.labels if segmentation is not None else None
         return TurnResult(chat, answer, first_message, calls, labels, label_names, label_colors, timings,
@@ -318,22 +374,24 @@ class ChatLoop:
                         "These are different MRI modalities.\n")
         else:
             preamble = f"<image>This is a {study.modality} image.\n"
-        card = self.registry.model_card() if not any(m.role == "user" for m in chat.messages) else ""
+        card = self.registry.model_card() if not any(m.role == "user" and not m.interrupted
+                                                     for m in chat.messages) else ""
         return Message("user", card + preamble + question, images=names, question=question)
 
-    def _generate(self, chat: Chat, request: TurnRequest, emit: EventSink, cancel: threading.Event,
+    def _generate(self, chat: Chat, request: TurnRequest, emit: EventSink, control: JobControl,
                   round_number: int) -> tuple[str, bool]:
-        """The model's answer to the chat so far; drops the oldest exchanges if the context is full."""
-        messages = list(chat.messages)
+        """The model's answer to the chat so far; drops the oldest exchanges if the context is full.
+        Each try is one job of the VLM's work queue (JobCancelled when cancelled while it waits)."""
+        messages = [message for message in chat.messages if not message.interrupted]  # the model never sees those
         while True:
             turns, image_names = vlm_conversation(messages)
             images = [self.store.image(chat.chat_id, name) for name in image_names]
             try:
-                result = self.vlm.generate(
+                result = self._job(self.vlm_device, lambda turns=turns, images=images: self.vlm.generate(
                     turns, images, max_new_tokens=request.max_new_tokens, temperature=request.temperature,
                     top_p=request.top_p, stream=lambda piece: emit("token", {"text": piece, "round": round_number}),
-                    cancel=cancel,
-                )
+                    cancel=control.cancel,
+                ), control)
             except PromptTooLongError:
                 shorter = self._drop_oldest_exchange(messages)
                 if shorter is None:
@@ -353,13 +411,17 @@ class ChatLoop:
         return kept
 
     def _run_expert(self, chat: Chat, study: Study, trigger: Trigger, axis: str, index: int,
-                    question: str | None, emit: EventSink) -> tuple[Message, ExpertCall, SegmentationResult | None]:
-        """Run one trigger on the whole study; failures become an expert message, never an exception."""
+                    question: str | None, emit: EventSink,
+                    control: JobControl | None = None) -> tuple[Message, ExpertCall, SegmentationResult | None]:
+        """Run one trigger on the whole study; failures become an expert message, never an exception
+        (but JobCancelled: the turn was cancelled while the expert waited in the work queue)."""
         emit("expert_started", {"expert": trigger.name, "argument": trigger.argument})
         began = time.perf_counter()
         spec = self.registry.get(trigger.name)
         try:
-            message, call, produced = self._expert_result(chat, study, spec, trigger, axis, index, question)
+            message, call, produced = self._expert_result(chat, study, spec, trigger, axis, index, question, control)
+        except JobCancelled:
+            raise
         except Exception as err:  # an expert failing must not end the turn; the model and user are told
             logger.warning("expert %s(%s) failed: %s", trigger.name, trigger.argument, err, exc_info=True)
             reason = scrub_paths(str(err))  # the chat and the client see file names, never server paths
@@ -371,12 +433,13 @@ class ChatLoop:
         return message, call, produced
 
     def _expert_result(self, chat: Chat, study: Study, spec: ExpertSpec, trigger: Trigger, axis: str,
-                       index: int, question: str | None) -> tuple[Message, ExpertCall, SegmentationResult | None]:
+                       index: int, question: str | None,
+                       control: JobControl | None = None) -> tuple[Message, ExpertCall, SegmentationResult | None]:
         number = sum(1 for message in chat.messages if message.role == "expert") + 1
         if spec.runner == "cxr":
             if study.modality != "CXR":
                 raise StudyError(f"{spec.name} runs on chest X-rays; this study is {study.modality}")
-            run = self.experts.classify_cxr(study.primary_path)
+            run = self.experts.classify_cxr(study.primary_path, control=control)
             text = run.result.feedback_text(question)
             message = Message("expert", text, expert=spec.name, argument=trigger.argument)
             call = ExpertCall(spec.name, trigger.argument, 0.0, run.cached, stand_in=_stand_in_note(run.result))
@@ -385,11 +448,11 @@ class ChatLoop:
         if spec.runner == "brats":
             if not study.is_brats:
                 raise StudyError(f"{spec.name} needs the four MRI sequences (T1c, T1, T2, FLAIR); this study has one image")
-            run = self.experts.segment_brain(study.paths)
+            run = self.experts.segment_brain(study.paths, control=control)
         elif spec.runner == "vista3d":
             if study.modality != "CT":
                 raise StudyError(f"{spec.name} segments CT volumes; this study is {study.modality}")
-            run = self.experts.segment_ct(study.primary_path, argument=trigger.argument)
+            run = self.experts.segment_ct(study.primary_path, argument=trigger.argument, control=control)
         else:
             raise StudyError(f"{spec.name} is not run by this product")
         result = run.result

@@ -3,6 +3,10 @@ a configurable idle time, and results are cached by (volume, expert, argument).
 
 Volumes are identified by a content key (path, size and modification time of their files), so a
 repeated request on an unchanged study is served from the cache without reading it again.
+
+With the server's work queues (``queues``), an uncached run is one job of the experts' device queue
+(``runner.run`` only: the volume read and the cache lookup come before, the caller's labelmap writing
+after); a cached result never waits in the queue.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 from vila_m3.experts.registry import ExpertRegistry, ExpertSpec
 from vila_m3.imaging import Volume, read_volume
 from vila_m3.models.manifest import ModelManifest
+from vila_m3.work_queue import JobControl, WorkQueues, normalize_device
 
 DEFAULT_IDLE_RELEASE_S = 600.0
 DEFAULT_CACHE_ENTRIES = 16
@@ -74,6 +79,7 @@ class ExpertService:
         registry: the experts; ``ExpertRegistry.from_config()`` by default.
         idle_release_s: a runner unused this long frees its weights (GPU memory); 0 = never.
         device: torch device for the runners (None: CUDA when available, else CPU).
+        queues: the server's work queues; uncached runs wait in the queue of the runners' device.
     """
 
     def __init__(
@@ -84,12 +90,14 @@ class ExpertService:
         idle_release_s: float = DEFAULT_IDLE_RELEASE_S,
         cache_entries: int = DEFAULT_CACHE_ENTRIES,
         device: str | None = None,
+        queues: WorkQueues | None = None,
     ):
         self.models_dir = Path(models_dir)
         self.registry = registry or ExpertRegistry.from_config()
         self.manifest = manifest or ModelManifest.load()
         self.idle_release_s = idle_release_s
         self.device = device
+        self.queues = queues
         self.volumes = LruCache(cache_entries)
         self.results = LruCache(cache_entries * 4)
         self._runners: dict[str, Any] = {}
@@ -173,22 +181,44 @@ class ExpertService:
 
     # --- running -------------------------------------------------------------------------------
 
-    def run(self, name: str, cache_key: tuple, call: Callable[[Any], Any]) -> ExpertRun:
-        """Run expert ``name`` through ``call(runner)`` unless ``cache_key`` has a result already."""
+    @property
+    def queue_device(self) -> str:
+        """The work queue the runners' jobs wait in: ``device``, else ``cuda:0`` when CUDA is available, else ``cpu``."""
+        if self.device is not None:
+            return normalize_device(self.device)
+        import torch
+
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+    def run(self, name: str, cache_key: tuple, call: Callable[[Any], Any],
+            control: JobControl | None = None) -> ExpertRun:
+        """Run expert ``name`` through ``call(runner)`` unless ``cache_key`` has a result already; the run is a
+        job of the device's work queue (QueueFull, JobCancelled as :meth:`WorkQueue.run`). Timings in seconds:
+        ``queue`` (waiting for the device), ``wait`` (for the runner), ``run``."""
         start = time.perf_counter()
         cached = self.results.get((name, *cache_key))
         if cached is not None:
             return ExpertRun(cached, True, {"cache_lookup": time.perf_counter() - start})
-        runner, lock = self._runner(name)
-        with lock:  # one inference per runner at a time: the weights and GPU memory are shared
-            began = time.perf_counter()
-            result = call(runner)
-            self._last_used[name] = time.monotonic()
+        control = control or JobControl()
+        waited_before = control.waited_s
+        times: dict[str, float] = {}
+
+        def job() -> Any:
+            runner, lock = self._runner(name)
+            queued = time.perf_counter()
+            with lock:  # one inference per runner at a time: the weights and GPU memory are shared
+                began = time.perf_counter()
+                result = call(runner)
+                self._last_used[name] = time.monotonic()
+            times.update(wait=began - queued, run=time.perf_counter() - began)
+            return result
+
+        result = job() if self.queues is None else self.queues.run(self.queue_device, job, control)
         self.results.put((name, *cache_key), result)
-        return ExpertRun(result, False, {"wait": began - start, "run": time.perf_counter() - began})
+        return ExpertRun(result, False, {"queue": control.waited_s - waited_before, **times})
 
     def segment_ct(self, path: str | Path, argument: str | None = None, label_ids: list[int] | None = None,
-                   expert: str = "VISTA3D") -> ExpertRun:
+                   expert: str = "VISTA3D", control: JobControl | None = None) -> ExpertRun:
         """VISTA3D on the CT at ``path`` for a group (``argument``) or explicit ``label_ids``."""
         spec = self.registry.get(expert)
         if label_ids:
@@ -198,16 +228,17 @@ class ExpertService:
             resolved_ids, group = list(resolved.label_ids), resolved.group
         key, volume = self.load_volume(path)
         return self.run(expert, (key, group, tuple(resolved_ids)),
-                        lambda runner: runner.run(volume, resolved_ids, group))
+                        lambda runner: runner.run(volume, resolved_ids, group), control)
 
-    def segment_brain(self, paths: Mapping[str, str | Path], expert: str = "BRATS") -> ExpertRun:
+    def segment_brain(self, paths: Mapping[str, str | Path], expert: str = "BRATS",
+                      control: JobControl | None = None) -> ExpertRun:
         """BRATS on four MRI sequences given as {sequence name: path}."""
         loaded = {name: self.load_volume(path) for name, path in paths.items()}
         key = tuple(sorted((name.lower(), volume_key) for name, (volume_key, _) in loaded.items()))
         sequences = {name: volume for name, (_, volume) in loaded.items()}
-        return self.run(expert, key, lambda runner: runner.run(sequences))
+        return self.run(expert, key, lambda runner: runner.run(sequences), control)
 
-    def classify_cxr(self, path: str | Path, expert: str = "CXR") -> ExpertRun:
+    def classify_cxr(self, path: str | Path, expert: str = "CXR", control: JobControl | None = None) -> ExpertRun:
         """The chest X-ray ensemble on the image at ``path``."""
         key, volume = self.load_volume(path)
-        return self.run(expert, (key,), lambda runner: runner.run(volume))
+        return self.run(expert, (key,), lambda runner: runner.run(volume), control)
