@@ -14,6 +14,9 @@ A thin shell over the ``vila_m3`` package. App settings (``--conf KEY VALUE``):
   ``/model``, ``/proxy``) in MB (default 1024); ``max_request_kb``: of every other route in KB (default 1024).
   Both are enforced while the body streams in (413); ``sessions_max_gb``: all sessions together (default 20;
   a new session past it is refused with 507). Uploads and results wait in ``<app>/tmp/`` (emptied at start).
+- ``audit_log``: the audit trail, one JSON line per chat turn and per expert infer, failures included (default
+  ``<app>/logs/audit.jsonl``; ids hashed, no prompt text: lib/audit_hooks.py); ``audit_log_max_mb``: size at
+  which it rotates (default 10 MB, 5 old files kept; 0 = never).
 
 Train task ``vila_m3`` (local chat VLM only): ``POST /train/vila_m3`` fine-tunes the served checkpoint on
 the datastore's export; versions live in ``<models_dir>/finetuned/<vlm>/`` (``GET /vila_m3/versions/``,
@@ -34,6 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from fastapi import HTTPException
+from lib.audit_hooks import AuditTrail, open_audit_log
 from lib.auth import install_auth
 from lib.chat import ChatInferTask, ChatTurns, chat_router
 from lib.datagen import datagen_router
@@ -78,7 +82,8 @@ class VilaM3App(MONAILabelApp):
         from monailabel.app import app as server  # the running FastAPI app
 
         install_auth(server, conf)  # verified tokens and roles on every route (lib/auth.py)
-        install_request_routes(server, app_dir, conf)  # our /infer and /session, body limits (lib/infer_route.py)
+        self.audit = AuditTrail(open_audit_log(app_dir, conf))  # one line per turn and infer (lib/audit_hooks.py)
+        install_request_routes(server, app_dir, conf, self.audit)  # our /infer, /session, body limits
         replace_routes(server, datastore_router(), prefix=settings.MONAI_LABEL_API_STR)  # no paths in its list
         replace_routes(server, ohif_router(), prefix=settings.MONAI_LABEL_API_STR)  # paths kept inside OHIF's folder
         self.models_dir = resolve_models_dir(conf.get("models_dir"))
@@ -166,12 +171,15 @@ class VilaM3App(MONAILabelApp):
             vlm = open_vlm(self.conf, self.models_dir, self.vlm_id)
             version = None if remote else self.vlm_versions.current()
             name = None if remote else f"{self.vlm_id} ({f'fine-tuned {version}' if version else 'local checkpoint'})"
-            return ChatLoop(vlm, self.experts, registry, ChatStore(chats_dir), max_rounds=max_rounds, vlm_name=name)
+            loop = ChatLoop(vlm, self.experts, registry, ChatStore(chats_dir), max_rounds=max_rounds, vlm_name=name)
+            if not remote:  # the turn's answer and its audit line say which weights answered
+                loop.vlm_info["version"] = version or "base"
+            return loop
 
         turns = ChatTurns(make_loop, self.study_files, model_version=None if remote else self.vlm_versions.current)
         from monailabel.app import app as server  # the running FastAPI app
 
-        server.include_router(chat_router(turns, self._image_path))
+        server.include_router(chat_router(turns, self._image_path, self.audit))
         return ChatInferTask(turns, description)
 
     def _image_path(self, image: str, session_id: str) -> str:

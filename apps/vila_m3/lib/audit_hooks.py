@@ -99,8 +99,10 @@ def chat_id_of(params: str | None) -> str | None:
 
 
 def _queue_wait(answer: Mapping[str, Any]) -> float | None:
-    """Seconds the work waited for the model queue, as the answer reports it; None where it does not."""
-    value = answer.get("queue_wait_s")
+    """Seconds the work waited for the model queue, as the answer reports it (a turn's ``queue wait`` step, an
+    expert's ``latencies.queue``); None where it does not (a cached expert result never queues)."""
+    latencies = answer.get("latencies")
+    value = answer.get("queue_wait_s", latencies.get("queue") if isinstance(latencies, dict) else None)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     waits = [step.get("seconds") for step in answer.get("timings") or () if isinstance(step, dict)

@@ -32,6 +32,7 @@ from monailabel.config import settings
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
+from lib.audit_hooks import AuditEvent, AuditTrail, audited, chat_id_of
 from lib.datastore import StudyFiles
 from lib.form_params import parse_params
 from lib.infer_route import ROUTE_KEYS
@@ -234,23 +235,27 @@ def _link_or_copy(source: os.PathLike[str] | str, target: str) -> None:
         shutil.copyfile(source, target)
 
 
-def chat_router(turns: ChatTurns, resolve_image: Callable[[str, str], str]) -> APIRouter:
-    """The extra routes; ``resolve_image(image_id, session_id)`` gives the file path of the request's image."""
+def chat_router(turns: ChatTurns, resolve_image: Callable[[str, str], str], audit: AuditTrail) -> APIRouter:
+    """The extra routes; ``resolve_image(image_id, session_id)`` gives the file path of the request's image;
+    each stream is one line of the audit log, a refusal before it starts too (lib/audit_hooks.py)."""
     router = APIRouter(prefix=ROUTE_PREFIX, tags=["VILA-M3 chat"])
     user_role = RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)
 
     @router.post("/stream", summary="Run a chat turn and stream it as server-sent events")
     async def stream(http_request: Request, image: str = "", session_id: str = "", params: str = Form("{}"),
                      user: User = Depends(user_role)) -> StreamingResponse:
-        request = parse_params(params, owned=ROUTE_KEYS)  # a UTF-8 JSON object, checked as /infer checks it
-        request["image"] = resolve_image(image, session_id)
-        request["image_id"] = image or session_id
-        request["user"] = {"username": user.username, "roles": list(user.roles)}  # never the client's own "user"
-        # every check is an HTTP 4xx before the stream starts: params first (cheap), then against the served
-        # VLM, the study and the slice (loading the model and reading the volume, off the event loop)
-        turns.turn_request(request)
-        await run_in_threadpool(turns.check, request)
-        return StreamingResponse(_events(turns, request, http_request), media_type="text/event-stream",
+        event = audit.event(f"{ROUTE_PREFIX}/stream", user, model="vila_m3", chat_id=chat_id_of(params),
+                            study_id=image or session_id)
+        with audited(event, status=None):  # a refusal here is the line; else the stream's end writes it
+            request = parse_params(params, owned=ROUTE_KEYS)  # a UTF-8 JSON object, checked as /infer checks it
+            request["image"] = resolve_image(image, session_id)
+            request["image_id"] = image or session_id
+            request["user"] = {"username": user.username, "roles": list(user.roles)}  # never the client's "user"
+            # every check is an HTTP 4xx before the stream starts: params first (cheap), then against the served
+            # VLM, the study and the slice (loading the model and reading the volume, off the event loop)
+            turns.turn_request(request)
+            await run_in_threadpool(turns.check, request)
+        return StreamingResponse(_events(turns, request, http_request, event), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @router.post("/{chat_id}/cancel", summary="Stop the chat's running turn")
@@ -278,30 +283,39 @@ def _sse(event: str, data: Any) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
 
 
-async def _events(turns: ChatTurns, request: dict[str, Any], http_request: Request) -> AsyncIterator[bytes]:
-    """Run the turn in a worker thread and relay its events; a closed connection cancels the turn."""
+async def _events(turns: ChatTurns, request: dict[str, Any], http_request: Request,
+                  audit: AuditEvent) -> AsyncIterator[bytes]:
+    """Run the turn in a worker thread and relay its events; a closed connection cancels the turn. The audit
+    line is written when the turn ends, with the status of its ``error`` event (200 without one)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
+    status = 200
 
     def on_event(name: str, data: dict[str, Any]) -> None:
         loop.call_soon_threadsafe(queue.put_nowait, (name, data))
 
     def work() -> None:
+        nonlocal status
         try:
             result = turns.run(request, on_event=on_event)
             if result.labels is not None:
                 on_event("labelmap", {"url": f"{ROUTE_PREFIX}/{result.chat.chat_id}/labels"})
-            on_event("final", result.as_dict())
+            answer = result.as_dict()
+            audit.note_answer(answer)
+            on_event("final", answer)
         except HTTPException as err:
+            status = err.status_code
             on_event("error", {"status": err.status_code, "detail": err.detail})
         except Exception:  # the stream must end with an event the client can show, without our internals
             fault = server_fault(500, "the chat turn failed")
+            status = fault.status_code
             on_event("error", {"status": fault.status_code, "detail": fault.detail})
         finally:
             loop.call_soon_threadsafe(queue.put_nowait, done)
 
     worker = loop.run_in_executor(None, work)
+    worker.add_done_callback(lambda _: audit.finish(status))  # when the turn has ended, even if the stream has not
     chat_id = request.get("chat_id")
     try:
         while True:
