@@ -126,6 +126,10 @@ def slicer_core(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> SlicerCore:
     scene = slicer.vtkMRMLScene()
     monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
     monkeypatch.setattr(slicer, "app", types.SimpleNamespace(layoutManager=lambda: None), raising=False)
+    segmentations = slicer.vtkSlicerSegmentationsModuleLogic()
+    segmentations.SetMRMLScene(scene)
+    monkeypatch.setattr(slicer, "modules", types.SimpleNamespace(  # for slicer.util's segment helpers
+        segmentations=types.SimpleNamespace(logic=lambda: segmentations)), raising=False)
     for view, (normal, x, y) in VIEWS.items():  # the slice views and their composite nodes, as Slicer names them
         node = slicer.vtkMRMLSliceNode()
         node.SetName(view)
