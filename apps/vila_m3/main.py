@@ -51,6 +51,7 @@ from lib.datastore import (
 from lib.infer_route import install_request_routes
 from lib.infers import BratsInferTask, CxrInferTask, Vista3DInferTask
 from lib.ohif_route import ohif_router
+from lib.pacs_datastore import open_pacs_datastore
 from lib.server_hooks import replace_routes
 from lib.train import VilaM3TrainTask, train_router, versions_router
 from lib.uploads import upload_dir
@@ -191,9 +192,9 @@ class VilaM3App(MONAILabelApp):
     # --- containment: clients name studies by datastore id or session id (lib/datastore.py) ---------
 
     def init_datastore(self) -> Datastore:
-        """The studies folder as a ``ContainedDatastore``; a DICOMweb URL keeps MONAI Label's own datastore."""
+        """The studies folder as a ``ContainedDatastore``; a DICOMweb URL as a ``PacsDatastore`` (lib/pacs_datastore.py)."""
         if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()
+            return open_pacs_datastore(self.studies)
         return ContainedDatastore(
             self.studies,
             extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,

@@ -1,0 +1,146 @@
+"""The app on a hospital's PACS: a real Orthanc (Debian's ``orthanc`` + ``orthanc-dicomweb``) started on
+127.0.0.1 by tests/pacs_harness.py with the sample DICOM studies, and a real MONAI Label server whose
+studies are Orthanc's DICOMweb URL. Experts run stand-in weights; the VLM is the scripted
+OpenAI-compatible test double. Without Orthanc these tests are skipped, the reason naming the packages."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from fake_openai_server import FakeOpenAIServer, sse
+from pacs_harness import RunningOrthanc, load_samples, missing_reason, start_orthanc
+from requests_toolbelt.multipart.decoder import MultipartDecoder
+from server_harness import RunningServer, start_monailabel
+
+from vila_m3.imaging import read_labelmap, read_volume
+from vila_m3.models.stand_ins import stage_stand_ins
+
+pytestmark = [pytest.mark.server, pytest.mark.pacs]
+
+MRI_SERIES = ("brain_mri_t1c", "brain_mri_t1", "brain_mri_t2", "brain_mri_flair")
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory, sample_data: Path) -> Iterator[RunningOrthanc]:
+    """Orthanc on a free port of 127.0.0.1 holding the CT, the chest X-ray and the four MRI series."""
+    reason = missing_reason()
+    if reason:
+        pytest.skip(f"no PACS to test against: {reason}")
+    pacs = start_orthanc(tmp_path_factory.mktemp("orthanc"))
+    try:
+        load_samples(pacs, sample_data)
+        yield pacs
+    finally:
+        pacs.stop()
+
+
+@pytest.fixture(scope="module")
+def fake_vlm() -> Iterator[FakeOpenAIServer]:
+    with FakeOpenAIServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def pacs_server(tmp_path_factory: pytest.TempPathFactory, orthanc: RunningOrthanc,
+                fake_vlm: FakeOpenAIServer) -> Iterator[RunningServer]:
+    """MONAI Label with this app on Orthanc's DICOMweb, VISTA3D and CXR stand-ins and the scripted VLM."""
+    root = tmp_path_factory.mktemp("pacs-server")
+    stage_stand_ins(root / "models", ("vista3d", "cxr"))
+    conf = {"models": "vila_m3,vista3d,cxr", "vlm_url": fake_vlm.url, "vlm_model": "fake-vila-m3",
+            "chats_dir": str(root / "chats"), "models_dir": str(root / "models")}
+    server = start_monailabel(root, orthanc.dicomweb_url, conf=conf)  # type: ignore[arg-type]
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def multipart(response: requests.Response) -> tuple[dict, bytes | None]:
+    """(params JSON, labelmap bytes) of MONAI Label's multipart answer; (json, None) for JSON-only answers."""
+    assert response.status_code == 200, response.text[:1000]
+    if response.headers["content-type"].startswith("application/json"):
+        return response.json(), None
+    fields = {}
+    for part in MultipartDecoder.from_response(response).parts:
+        name = part.headers[b"Content-Disposition"].decode().split('name="')[1].split('"')[0]
+        fields[name] = part.content
+    return json.loads(fields["params"]), fields.get("image")
+
+
+def infer(server: RunningServer, task: str, image: str, params: dict) -> requests.Response:
+    return requests.post(f"{server.url}/infer/{task}", params={"image": image, "output": "all"},
+                         data={"params": json.dumps(params)}, timeout=300)
+
+
+def test_the_harness_loads_every_sample_series_into_orthanc(orthanc):
+    assert set(orthanc.series) == {"ct_abdomen", "cxr_chest", *MRI_SERIES}
+    assert set(orthanc.series_uids()) == set(orthanc.series.values())
+    ct = orthanc.series["ct_abdomen"]
+    instances = requests.get(f"{orthanc.dicomweb_url}/series", params={"SeriesInstanceUID": ct,
+                             "includefield": "00201209"}, timeout=30).json()
+    assert instances[0]["00201209"]["Value"] == [64]  # Number of Series Related Instances
+    t2 = requests.get(f"{orthanc.dicomweb_url}/studies/{_study_of(orthanc, 'brain_mri_t2')}/series",
+                      timeout=30).json()
+    assert len(t2) == 4  # the four sequences are one study
+
+
+def _study_of(orthanc: RunningOrthanc, name: str) -> str:
+    found = requests.get(f"{orthanc.dicomweb_url}/series", params={"SeriesInstanceUID": orthanc.series[name]},
+                         timeout=30).json()
+    return found[0]["0020000D"]["Value"][0]
+
+
+def test_the_datastore_lists_the_pacs_image_series_by_uid(pacs_server, orthanc):
+    listing = pacs_server.get("/datastore/", params={"output": "all"}).json()
+    assert set(listing["objects"]) == set(orthanc.series.values())
+    assert "/" not in json.dumps(listing["objects"]).replace("\\/", "")  # no server paths
+
+
+def test_vista3d_on_the_ct_series_from_dicomweb_answers_in_its_geometry(pacs_server, orthanc, sample_data, tmp_path):
+    answer, data = multipart(infer(pacs_server, "vista3d", orthanc.series["ct_abdomen"], {"group": "hepatic tumor"}))
+    assert answer["label_names"] == {"liver": 1, "hepatic tumor": 26} and answer["stand_in"] is True
+    path = tmp_path / "labels.nii.gz"
+    path.write_bytes(data)
+    labels = read_labelmap(path)
+    ct = read_volume(sample_data / "studies" / "ct_abdomen.nii.gz")  # the sample CT is oblique
+    assert labels.geometry.allclose(ct.geometry, atol=1e-3)
+    assert labels.array.shape == ct.array.shape
+
+
+def test_a_chat_turn_calls_vista3d_on_the_ct_series_from_dicomweb(pacs_server, orthanc, fake_vlm, sample_data,
+                                                                  tmp_path):
+    fake_vlm.script(sse(["This looks like a CT image. ", "Let me trigger <VISTA3D(hepatic tumor)>."]),
+                    sse(["Yes, ", "the liver shows a lesion."]))
+    series = orthanc.series["ct_abdomen"]
+    response = requests.post(f"{pacs_server.url}/infer/vila_m3", params={"image": series, "output": "all"},
+                             data={"params": json.dumps({"prompt": "Is there a liver tumor?", "chat_id": "pacs-1",
+                                                         "slice_index": 30})}, timeout=300)
+    answer, data = multipart(response)
+    assert answer["answer"] == "Yes, the liver shows a lesion."
+    assert answer["experts"][0]["expert"] == "VISTA3D" and answer["experts"][0]["argument"] == "hepatic tumor"
+    assert answer["label_names"] == {"liver": 1, "hepatic tumor": 26}
+    assert answer["slice"] == {"axis": "axial", "index": 30}
+    path = tmp_path / "labels.nii.gz"
+    path.write_bytes(data)
+    labels = read_labelmap(path)
+    ct = read_volume(sample_data / "studies" / "ct_abdomen.nii.gz")
+    assert labels.geometry.allclose(ct.geometry, atol=1e-3)
+    # the slice the VLM saw is the one on screen: the same pixels as the folder study's slice 30
+    image_parts = [p for p in fake_vlm.posts[-2].body["messages"][0]["content"] if p["type"] == "image_url"]
+    assert len(image_parts) == 1
+
+
+def test_cxr_on_the_chest_xray_from_dicomweb(pacs_server, orthanc):
+    answer, data = multipart(infer(pacs_server, "cxr", orthanc.series["cxr_chest"], {}))
+    assert data is None and len(answer["probabilities"]) == 18
+
+
+def test_an_id_that_is_not_a_pacs_image_series_is_a_422_without_paths(pacs_server):
+    for image in ("1.2.3.4.5", "../../etc/passwd"):
+        response = infer(pacs_server, "vista3d", image, {"group": "liver"})
+        assert response.status_code == 422, response.text
+        assert "/etc" not in response.text and ".cache" not in response.text
