@@ -69,6 +69,7 @@ from lib.uploads import (
     unique_path,
     upload_dir,
 )
+from vila_m3.chat.store import ChatStorageError
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,14 @@ _INSTALLED_FOR: dict[str, bool] = {}  # upload folders this process has installe
 #: 0.8.5's route does (one request holds every other until it ends), so the benchmark can show the difference.
 #: Never set it on a server people use.
 BLOCKING_INFER_ENV = "VILA_M3_BENCH_BLOCKING_INFER"
+STORAGE_STATUS = {"read_only": 503, "full": 507}  # a chats folder that cannot take a turn (vila_m3.chat.store)
+
+
+def storage_refused(err: ChatStorageError) -> HTTPException:
+    """HTTP 503 (read-only chats folder) or 507 (full disk) with the store's message, which names the problem
+    and no server path; reads (GET of chats, /info/, the datastore) keep working."""
+    logger.warning("a chat turn was not saved: %s", err)
+    return HTTPException(STORAGE_STATUS.get(err.problem, 503), str(err))
 
 
 @dataclass(frozen=True)
@@ -212,6 +221,8 @@ class InferRequestHandler:
             raise
         except MONAILabelException as err:
             raise HTTPException(BAD_INPUT, f"{request['model']}: {err.msg}") from None
+        except ChatStorageError as err:
+            raise storage_refused(err) from None
         except Exception:
             error_id = uuid.uuid4().hex[:12]
             logger.exception("infer %s failed (error id %s)", request["model"], error_id)
