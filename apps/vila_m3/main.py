@@ -10,6 +10,10 @@ A thin shell over the ``vila_m3`` package. App settings (``--conf KEY VALUE``):
 - ``chats_dir``: where chats are kept (default ``<app>/chats``); ``chat_max_rounds``: expert rounds per turn (3);
 - ``datagen_dir``: where ``POST /vila_m3/datagen/?name=...`` writes exports (default ``<app>/datagen``);
 - ``expert_idle_release_s``: seconds after which an unused expert frees its weights (default 600; 0 = never).
+- ``queue_concurrency``: model jobs (VLM answers, uncached expert runs) at a time per device: ``1`` (the
+  default for each GPU and the CPU; ``remote``, a VLM on a serving engine, defaults to 4), a number for every
+  device, or ``cuda:0=2,cpu=1,remote=8``; ``queue_max``: jobs that may wait per device (default 16): past it a
+  request is 503 with ``Retry-After`` (src/vila_m3/work_queue.py).
 - ``max_upload_mb``: largest request body of the upload routes (``/infer``, ``/session``, ``/datastore``,
   ``/model``, ``/proxy``) in MB (default 1024); ``max_request_kb``: of every other route in KB (default 1024).
   Both are enforced while the body streams in (413); ``sessions_max_gb``: all sessions together (default 20;
@@ -62,7 +66,8 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel.interfaces.tasks.train import TrainTask
 
 import vila_m3
-from vila_m3.chat.loop import DEFAULT_MAX_ROUNDS, ChatLoop
+from vila_m3.chat.loop import DEFAULT_MAX_ROUNDS
+from vila_m3.chat.service import ChatService, ServedVLM, VlmProvider
 from vila_m3.chat.store import ChatStore
 from vila_m3.chat.vlm_backend import open_vlm, remote_settings
 from vila_m3.configs import load_config
@@ -72,6 +77,7 @@ from vila_m3.models.manifest import ModelManifest, resolve_models_dir
 from vila_m3.security.paths import is_valid_id
 from vila_m3.tasks import TaskStatus, format_statuses, select_tasks, task_catalogue, task_statuses
 from vila_m3.training.versions import ModelVersions
+from vila_m3.work_queue import WorkQueues
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +101,7 @@ class VilaM3App(MONAILabelApp):
         )
         logger.info("VILA-M3 infer tasks (models dir %s):\n%s", self.models_dir, format_statuses(self.task_statuses))
         self.vlm_versions = ModelVersions(self.models_dir, self.vlm_id)
+        self.work_queues = WorkQueues.from_conf(conf)  # model work, one queue per device (vila_m3.work_queue)
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -103,6 +110,21 @@ class VilaM3App(MONAILabelApp):
             description="VILA-M3 medical vision-language chat that calls expert models on the whole volume",
             version=vila_m3.__version__,
         )
+        self._recover_chats()
+
+    def _recover_chats(self) -> None:
+        """Start-up check of the chats folder (vila_m3.chat.store): one line when it is read-only or full (the
+        server still serves reads; turns get 503 / 507), else the sweep of what a crash left there."""
+        store = ChatStore(self._chats_dir())
+        problem = store.writable()
+        if problem is not None:
+            logger.warning("chats folder %s: %s", self._chats_dir(), problem)
+            return
+        done = store.recover()
+        if done.interrupted or done.removed or done.problems:
+            logger.info("chats: %d turn(s) left by a crash marked interrupted, %d leftover file(s) removed, "
+                        "%d chat(s) not checked (%s) in %.2f s", len(done.interrupted), done.removed,
+                        len(done.problems), "; ".join(done.problems[:5]) or "-", done.seconds)
 
     def init_infers(self) -> dict[str, InferTask]:
         """The infer tasks whose weights are staged (or, for the chat, whose remote VLM is set)."""
@@ -116,6 +138,7 @@ class VilaM3App(MONAILabelApp):
             self.models_dir,
             registry=registry,
             idle_release_s=float(self.conf.get("expert_idle_release_s", DEFAULT_IDLE_RELEASE_S)),
+            queues=self.work_queues,
         )
         self._add_datagen_route()
         infers: dict[str, InferTask] = {}
@@ -168,16 +191,20 @@ class VilaM3App(MONAILabelApp):
 
         remote = remote_settings(self.conf) is not None
 
-        def make_loop() -> ChatLoop:
+        def open_served_vlm() -> ServedVLM:
             vlm = open_vlm(self.conf, self.models_dir, self.vlm_id)
-            version = None if remote else self.vlm_versions.current()
-            name = None if remote else f"{self.vlm_id} ({f'fine-tuned {version}' if version else 'local checkpoint'})"
-            loop = ChatLoop(vlm, self.experts, registry, ChatStore(chats_dir), max_rounds=max_rounds, vlm_name=name)
-            if not remote:  # the turn's answer and its audit line say which weights answered
-                loop.vlm_info["version"] = version or "base"
-            return loop
+            if remote:
+                return ServedVLM(vlm)
+            version = self.vlm_versions.current()
+            name = f"{self.vlm_id} ({f'fine-tuned {version}' if version else 'local checkpoint'})"
+            # the turn's answer and its audit line say which weights answered
+            return ServedVLM(vlm, name, {"version": version or "base"})
 
-        turns = ChatTurns(make_loop, self.study_files, model_version=None if remote else self.vlm_versions.current)
+        # one chat service for the server's life: chats, their locks and running turns; the VLM swapped under it
+        provider = VlmProvider(open_served_vlm, version=None if remote else self.vlm_versions.current)
+        service = ChatService(ChatStore(chats_dir), provider, self.experts, registry, queues=self.work_queues,
+                              max_rounds=max_rounds)
+        turns = ChatTurns(service, self.study_files)
         from monailabel.app import app as server  # the running FastAPI app
 
         server.include_router(chat_router(turns, self._image_path, self.audit))

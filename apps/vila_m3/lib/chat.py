@@ -2,8 +2,11 @@
 
 - ``POST /vila_m3/chat/stream?image=ID|session_id=ID`` (form ``params`` as for the infer task): the
   turn as server-sent events: ``token``, ``expert_started``, ``expert_finished``, ``labelmap`` (its
-  URL), then ``final`` with the same JSON as the infer task, or ``error``;
-- ``POST /vila_m3/chat/{chat_id}/cancel``: stop the chat's running turn (closing the stream does too);
+  URL), then ``final`` with the same JSON as the infer task, or ``error``; ``queued`` (``position``: 1 = next,
+  ``ahead``: jobs before it, running ones included) while its model work waits in the work queue, again
+  whenever its place changes. A full work queue is 503 with ``Retry-After`` before the stream starts;
+- ``POST /vila_m3/chat/{chat_id}/cancel``: stop the chat's running turn, or take a waiting one out of the queue
+  at once (``cancelled: true``; closing the stream does the same);
 - ``GET /vila_m3/chat/{chat_id}``: the stored chat; ``GET /vila_m3/chat/{chat_id}/labels``: its last labelmap.
 
 With login on, a chat belongs to the user who started it: to anyone else (but reviewers and admins,
@@ -23,6 +26,7 @@ import tempfile
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Request
@@ -35,56 +39,41 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from lib.audit_hooks import AuditEvent, AuditTrail, audited, chat_id_of
 from lib.datastore import StudyFiles
 from lib.form_params import parse_params
-from lib.infer_route import ROUTE_KEYS
+from lib.infer_route import ROUTE_KEYS, storage_refused
 from lib.infers import BAD_INPUT, client_message
-from vila_m3.chat.loop import ChatLoop, TurnRequest, TurnResult
+from vila_m3.chat.loop import TurnRequest, TurnResult
 from vila_m3.chat.params import TurnParamsError, parse_turn_params
-from vila_m3.chat.store import Chat, ChatIdError, ChatNotFound, ChatUser
+from vila_m3.chat.service import ChatService
+from vila_m3.chat.store import Chat, ChatIdError, ChatNotFound, ChatStorageError, ChatUser
 from vila_m3.chat.study import StudyError
 from vila_m3.imaging import VolumeReadError
 from vila_m3.imaging.sequences import SEQUENCE_ORDER, sibling_sequences
 from vila_m3.vlm.errors import VlmError
+from vila_m3.work_queue import QueueFull
 
 logger = logging.getLogger(__name__)
 ROUTE_PREFIX = "/vila_m3/chat"
+# The streams' turns, which may wait a while for their chat or the work queue: their own threads, so waiting
+# turns never use up the event loop's default executor (min(32, cores + 4) threads) that other work needs.
+_TURN_THREADS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="chat-stream")
 
 
 class ChatTurns:
-    """Turns a MONAI Label request into a chat turn; shared by the infer task and the stream route.
+    """Turns a MONAI Label request into a chat turn of the :class:`ChatService` (which owns the chats, their
+    locks, the running turns and the VLM); shared by the infer task and the stream route. Maps the service's
+    errors to HTTP: 404 another user's chat, 422 bad input, 503 (with ``Retry-After``) a full work queue or a
+    VLM that cannot answer."""
 
-    ``loop_factory`` builds the ChatLoop on first use (loading a checkpoint takes a while).
-    ``model_version`` (optional) says which checkpoint should be served; when its value changes (a
-    train task registered a new version, an admin switched back), the next turn builds a new loop.
-    """
-
-    def __init__(self, loop_factory: Callable[[], ChatLoop], files: StudyFiles,
-                 model_version: Callable[[], object] | None = None):
-        self._loop_factory = loop_factory
-        self._model_version = model_version or (lambda: None)
-        self._loop_built_for: object = None
-        self._loop: ChatLoop | None = None
-        self._loop_lock = threading.Lock()
+    def __init__(self, service: ChatService, files: StudyFiles):
+        self.service = service
         self.files = files  # what clients name (datastore and session ids), and the paths a turn may trust
-        self.running: dict[str, threading.Event] = {}
-        self.running_users: dict[str, ChatUser | None] = {}  # who started each running turn
-
-    @property
-    def loop(self) -> ChatLoop:
-        with self._loop_lock:
-            wanted = self._model_version()
-            if self._loop is None or wanted != self._loop_built_for:
-                self._loop = None  # free the old model before loading the new one
-                self._loop = self._loop_factory()
-                self._loop_built_for = wanted
-            return self._loop
 
     def turn_request(self, request: dict[str, Any]) -> TurnRequest:
         """The turn of ``request``, every parameter checked (TurnParams) before anything is read or stored;
         HTTP 422 names each problem. The bounds are the served VLM's once it is loaded (context, tokenizer)."""
-        loop = self._loop
-        limits = {} if loop is None else {"context_length": loop.context_length, "special_tokens": loop.special_tokens}
         try:
-            params = parse_turn_params({key: value for key, value in request.items() if value is not None}, **limits)
+            params = parse_turn_params({key: value for key, value in request.items() if value is not None},
+                                       **self.service.limits())
         except TurnParamsError as err:
             raise HTTPException(BAD_INPUT, str(err)) from None
         image = request.get("image") or ""
@@ -96,15 +85,20 @@ class ChatTurns:
         )
 
     def check(self, request: dict[str, Any]) -> None:
-        """Everything a turn checks before its first word: params against the served VLM, the study and
-        the slice (the volume is read once and cached for the turn). HTTP 422 on a problem."""
+        """Everything a turn checks before its first word: the chat's owner, params against the served VLM,
+        the study and the slice (the volume is read once and cached for the turn), and a place in the work
+        queue. HTTP 404/422, or 503 with ``Retry-After`` when the queue is full."""
         turn = self.turn_request(request)
-        self.open_chat(turn.chat_id, turn.user, write=True)  # another user's chat: 404 before the stream starts
         try:
-            self.loop.check_request(turn)
-            self.loop.open_study(turn)
+            self.service.check(turn)
+        except ChatNotFound as err:  # another user's chat: 404 before the stream starts
+            raise HTTPException(404, str(err)) from None
         except (TurnParamsError, StudyError, ChatIdError, VolumeReadError, FileNotFoundError) as err:
             raise self._refused(err, request, turn) from None
+        try:
+            self.service.admit()
+        except QueueFull as err:
+            raise busy(err) from None
 
     def _refused(self, err: Exception, request: dict[str, Any], turn: TurnRequest) -> HTTPException:
         """HTTP 422 for a turn's bad input, its files named by the client's ids (never by server paths)."""
@@ -128,48 +122,48 @@ class ChatTurns:
             return {name: self.files.trusted(str(path)) for name, path in siblings.items()}
         return {"image": image}
 
-    def run(self, request: dict[str, Any], on_event=None) -> TurnResult:
+    def run(self, request: dict[str, Any], on_event=None, cancel: threading.Event | None = None) -> TurnResult:
+        """Run the request's turn (after the chat's earlier ones); ``cancel`` set stops it, at once while it waits."""
         turn = self.turn_request(request)
-        cancel = threading.Event()
-        self.running[turn.chat_id] = cancel
-        self.running_users[turn.chat_id] = turn.user
         try:
-            return self.loop.run_turn(turn, on_event=on_event, cancel=cancel)
+            return self.service.run(turn, on_event=on_event, cancel=cancel)
         except ChatNotFound as err:
             raise HTTPException(404, str(err)) from None
         except (TurnParamsError, StudyError, ChatIdError, VolumeReadError, FileNotFoundError) as err:
             raise self._refused(err, request, turn) from None
+        except QueueFull as err:
+            raise busy(err) from None
+        except ChatStorageError as err:  # a read-only (503) or full (507) chats folder
+            raise storage_refused(err) from None
         except VlmError:
             raise server_fault(503, "the VLM could not answer") from None
-        finally:
-            if self.running.get(turn.chat_id) is cancel:  # a later turn of the same chat may have replaced it
-                del self.running[turn.chat_id]
-                self.running_users.pop(turn.chat_id, None)
 
     def open_chat(self, chat_id: str, user: ChatUser | None, write: bool = False) -> Chat:
-        """The chat ``user`` may open (a new one is empty); HTTP 404 for another user's, 422 for a bad id."""
+        """The chat ``user`` may open (a new one is empty); HTTP 404 for another user's, 422 for a bad id.
+        Never loads a model."""
         try:
-            return self.loop.store.load(chat_id, user, write)
+            return self.service.open(chat_id, user, write)
         except ChatNotFound as err:
             raise HTTPException(404, str(err)) from None
         except ChatIdError as err:
             raise HTTPException(BAD_INPUT, str(err)) from None
 
     def cancel(self, chat_id: str, user: ChatUser | None) -> bool:
-        """Stop the chat's running turn; False when none runs (or it is another user's first turn)."""
-        self.open_chat(chat_id, user, write=True)
-        event = self.running.get(chat_id)
-        starter = self.running_users.get(chat_id)
-        if event is None or (user is not None and (starter is None or starter.name != user.name)):
-            return False
-        event.set()
-        return True
+        """Stop the chat's turns that ``user`` started, running or waiting; False when none (or another user's)."""
+        self.open_chat(chat_id, user, write=True)  # 404 / 422 as for a turn
+        return self.service.cancel(chat_id, user)
 
     def labels_file(self, chat_id: str, user: ChatUser | None = None) -> str | None:
-        chat = self.open_chat(chat_id, user)
-        if not chat.labels:
-            return None
-        return str(self.loop.store.folder(chat_id) / chat.labels)
+        self.open_chat(chat_id, user)
+        path = self.service.labels_path(chat_id, user)
+        return None if path is None else str(path)
+
+
+def busy(err: QueueFull) -> HTTPException:
+    """HTTP 503 with ``Retry-After`` (seconds) for a full work queue."""
+    logger.info("refused a request: %s", err)
+    return HTTPException(503, f"the server is busy ({err.waiting} requests wait for the {err.device} queue); "
+                              f"try again in {err.retry_after_s} s", headers={"Retry-After": str(err.retry_after_s)})
 
 
 def chat_user(user: Any) -> ChatUser | None:
@@ -215,7 +209,7 @@ class ChatInferTask(InferTask):
         if result.labels is None:
             return None, answer
         # this turn's own labelmap (a later turn of the chat may already have replaced chat.json's)
-        label_file = self.turns.loop.store.folder(result.chat.chat_id) / result.chat.labels
+        label_file = self.turns.service.store.folder(result.chat.chat_id) / result.chat.labels
         handle, copy = tempfile.mkstemp(suffix=".nii.gz", prefix="vila_m3-")  # MONAI Label deletes what it sends
         os.close(handle)
         _link_or_copy(label_file, copy)
@@ -295,10 +289,12 @@ async def _events(turns: ChatTurns, request: dict[str, Any], http_request: Reque
     def on_event(name: str, data: dict[str, Any]) -> None:
         loop.call_soon_threadsafe(queue.put_nowait, (name, data))
 
+    cancel = threading.Event()  # this stream's turn only (another turn of the chat may be waiting)
+
     def work() -> None:
         nonlocal status
         try:
-            result = turns.run(request, on_event=on_event)
+            result = turns.run(request, on_event=on_event, cancel=cancel)
             if result.labels is not None:
                 on_event("labelmap", {"url": f"{ROUTE_PREFIX}/{result.chat.chat_id}/labels"})
             answer = result.as_dict()
@@ -314,9 +310,8 @@ async def _events(turns: ChatTurns, request: dict[str, Any], http_request: Reque
         finally:
             loop.call_soon_threadsafe(queue.put_nowait, done)
 
-    worker = loop.run_in_executor(None, work)
+    worker = loop.run_in_executor(_TURN_THREADS, work)
     worker.add_done_callback(lambda _: audit.finish(status))  # when the turn has ended, even if the stream has not
-    chat_id = request.get("chat_id")
     try:
         while True:
             try:
@@ -330,9 +325,7 @@ async def _events(turns: ChatTurns, request: dict[str, Any], http_request: Reque
                 break
             yield _sse(*item)
     except asyncio.CancelledError:
-        event = turns.running.get(chat_id)
-        if event is not None:
-            event.set()
+        cancel.set()  # a closed stream stops its turn, or takes it out of the queue at once
         raise
     finally:
         await asyncio.shield(worker)

@@ -23,6 +23,7 @@ from vila_m3.experts.service import ExpertRun, ExpertService
 from vila_m3.imaging import VolumeReadError, write_labelmap
 from vila_m3.imaging.sequences import SEQUENCE_ALIASES, SEQUENCE_ORDER, sibling_sequences
 from vila_m3.security.paths import scrub_paths
+from vila_m3.work_queue import QueueFull
 
 logger = logging.getLogger(__name__)
 BAD_INPUT = 422
@@ -76,6 +77,11 @@ class ExpertInferTask(InferTask):
         except input_errors() as err:
             logger.info("%s refused its input: %s", self.spec.name, err)
             raise HTTPException(status_code=BAD_INPUT, detail=f"{self.spec.name}: {client_message(err, named)}") from None
+        except QueueFull as err:  # the device's work queue is full: 503 with Retry-After (a cached result never waits)
+            logger.info("%s refused: %s", self.spec.name, err)
+            raise HTTPException(503, f"{self.spec.name}: the server is busy ({err.waiting} jobs wait for "
+                                     f"{err.device}); try again in {err.retry_after_s} s",
+                                headers={"Retry-After": str(err.retry_after_s)}) from None
         label_file, answer = self.answer(outcome)
         answer["latencies"] = {**outcome.timings, "total": round(time.perf_counter() - start, 4)}
         answer["cached"] = outcome.cached
