@@ -163,6 +163,23 @@ def test_chat_state_streams_tokens_and_expert_lines_then_shows_the_servers_recor
     assert state.messages == shown
 
 
+def test_chat_state_shows_where_a_queued_turn_waits_and_ignores_unknown_events():
+    state = ChatState()
+    state.start_turn("Is it there?", chat_id="c1")
+    state.on_event("queued", {"position": 2, "ahead": 3})
+    assert state.waiting == "waiting for the server: 3 ahead" and "3 ahead" in state.to_html()
+    state.on_event("queued", {"position": 1, "ahead": 1})
+    assert "1 ahead" in state.to_html() and "3 ahead" not in state.to_html()
+    state.on_event("some_future_event", {"anything": True})  # a newer server's event changes nothing shown
+    assert [m.role for m in state.messages] == ["user"] and state.busy
+    state.on_event("token", {"text": "Yes", "round": 0})
+    assert state.waiting == "" and "ahead" not in state.to_html()
+    state.on_event("queued", {"position": 1, "ahead": 0})
+    assert state.waiting == "waiting for the server: next"
+    state.on_event("final", {"chat_id": "c1", "answer": "", "turn": [], "cancelled": True})
+    assert not state.busy and state.waiting == ""
+
+
 def test_chat_state_html_escapes_text_and_styles_each_role_differently():
     state = ChatState()
     state.start_turn("<script>alert(1)</script>")

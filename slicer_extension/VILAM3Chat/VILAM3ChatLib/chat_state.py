@@ -1,7 +1,8 @@
 """What the chat panel shows: the transcript, the answer as it streams, expert status lines.
 
-The state follows the server's events during a turn (``token``, ``expert_started``,
-``expert_finished``, ``final``) and, when the turn ends, replaces what it showed live with the
+The state follows the server's events during a turn (``queued`` while it waits for the server's
+work queue, ``token``, ``expert_started``, ``expert_finished``, ``final``; others are ignored) and, when
+the turn ends, replaces what it showed live with the
 server's own record of the turn. :meth:`ChatState.to_html` renders it for a Qt text browser; every
 text is escaped, and each role has its own style.
 """
@@ -13,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ROLE_STYLES", "ChatState", "DisplayMessage", "expert_title"]
+__all__ = ["ROLE_STYLES", "ChatState", "DisplayMessage", "expert_title", "waiting_text"]
 
 #: inline CSS per role (Qt rich text understands these properties)
 ROLE_STYLES: dict[str, str] = {
@@ -49,6 +50,17 @@ def expert_title(expert: str | None, argument: str | None) -> str:
     return f"{expert or 'expert'}({argument or ''})"
 
 
+def waiting_text(data: Mapping[str, Any]) -> str:
+    """The status line of a ``queued`` event: ``waiting for the server: 2 ahead``."""
+    try:
+        ahead = int(data.get("ahead", data.get("position", 1)))
+    except (TypeError, ValueError):
+        return "waiting for the server…"
+    if ahead <= 0:
+        return "waiting for the server: next"
+    return f"waiting for the server: {ahead} ahead"
+
+
 def _seconds(value: Any) -> str:
     try:
         return f"{float(value):.1f} s"
@@ -74,6 +86,7 @@ class ChatState:
         self.streaming = ""
         self.round: int | None = None
         self.busy = False
+        self.waiting = ""  # the turn waits in the server's work queue: its status line, else ""
         self.chat_id: str | None = None
         self._turn_start = 0
         self._turn_finished = False
@@ -86,11 +99,15 @@ class ChatState:
         self.chat_id = chat_id or self.chat_id
         self._turn_start = len(self.messages)
         self.messages.append(DisplayMessage("user", question, live=True))
-        self.streaming, self.round, self.busy = "", None, True
+        self.streaming, self.round, self.busy, self.waiting = "", None, True, ""
         self._turn_finished = False
 
     def on_event(self, name: str, data: Mapping[str, Any]) -> None:
         """Follow one server event of the running turn."""
+        if name == "queued":
+            self.waiting = waiting_text(data)
+            return
+        self.waiting = ""
         if name == "token":
             piece_round = data.get("round", 0)
             if self.round is not None and piece_round != self.round:
@@ -122,7 +139,7 @@ class ChatState:
         self._turn_finished = True
         asked = [shown for shown in self.messages[self._turn_start:] if shown.role == "user"]
         self.messages = self.messages[: self._turn_start]
-        self.streaming, self.round, self.busy = "", None, False
+        self.streaming, self.round, self.busy, self.waiting = "", None, False, ""
         self.chat_id = answer.get("chat_id") or self.chat_id
         turn = answer.get("turn") or []
         if turn:
@@ -146,7 +163,7 @@ class ChatState:
             self.messages.append(DisplayMessage("assistant", self.streaming + " …(incomplete)", live=False))
         for shown in self.messages:
             shown.live = False
-        self.streaming, self.round, self.busy = "", None, False
+        self.streaming, self.round, self.busy, self.waiting = "", None, False, ""
         self._turn_finished = True
         self.messages.append(DisplayMessage("error", message))
 
@@ -204,7 +221,8 @@ class ChatState:
         """The transcript as simple HTML: one block per message, text escaped, newlines kept."""
         blocks = [_block(message.role, message.title, message.text) for message in self.messages]
         if self.busy:
-            blocks.append(_block("assistant", "", self.streaming + " ▍" if self.streaming else "…"))
+            shown = self.streaming + " ▍" if self.streaming else (f"… ({self.waiting})" if self.waiting else "…")
+            blocks.append(_block("assistant", "", shown))
         return "<html><body>" + "".join(blocks) + "</body></html>"
 
 

@@ -544,8 +544,9 @@ class VilaM3Client:
                abort: threading.Event | None = None) -> TurnAnswer:
         """Run one chat turn as server-sent events (``POST /vila_m3/chat/stream``).
 
-        ``on_event(name, data)`` is called for each event as it arrives (``token``,
-        ``expert_started``, ``expert_finished``, ``labelmap``, ``final``), on this thread. The
+        ``on_event(name, data)`` is called for each event as it arrives (``queued`` with ``position``
+        and ``ahead`` while the turn waits for the server's work queue, ``token``, ``expert_started``,
+        ``expert_finished``, ``labelmap``, ``final``; any other event name too), on this thread. The
         labelmap, if any, is downloaded after the ``final`` event. Setting ``abort`` stops reading
         (within about a second, the server's keep-alive period); the server then cancels the turn.
 
