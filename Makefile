@@ -25,7 +25,12 @@ export PYTHONUTF8 := 1
 CONSTRAINTS := $(abspath requirements/constraints.txt)
 STAMP := $(VENV)/.installed
 
-.PHONY: run demo test samples lint venv clean-venv
+# The test PACS (make pacs): Orthanc with its DICOMweb plugin, from Debian's packages
+PACS_PACKAGES := orthanc orthanc-dicomweb
+PACS_PORT ?= 8042
+PACS_DIR ?= .pacs
+
+.PHONY: run demo test samples lint venv clean-venv pacs pacs-deps
 
 # With no real weights in MODELS_DIR, the first run builds the demo model (cached; DEMO=no skips it).
 run: $(STAMP) samples
@@ -43,6 +48,23 @@ test: $(STAMP)
 
 samples: $(STAMP)
 	@$(BIN)/vila-m3 samples --out $(SAMPLES)
+
+# Orthanc and its DICOMweb plugin: installed with apt-get where missing and we are root; otherwise says what
+# to install (the PACS tests are then reported as skipped, naming the packages).
+pacs-deps:
+	@if command -v Orthanc >/dev/null 2>&1 || test -x /usr/sbin/Orthanc; then \
+		if ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so /usr/lib/orthanc/libOrthancDicomWeb.so* >/dev/null 2>&1; then exit 0; fi; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing $(PACS_PACKAGES) (Debian packages)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(PACS_PACKAGES) >/dev/null; \
+	else \
+		echo "note: Orthanc is missing: install Debian's packages $(PACS_PACKAGES) (sudo apt-get install -y $(PACS_PACKAGES)); the PACS tests are skipped without them"; \
+	fi
+
+# An Orthanc on 127.0.0.1:$(PACS_PORT) holding the sample studies (storage in $(PACS_DIR)/); Ctrl-C stops it.
+# Then, in another terminal: make run STUDIES=http://127.0.0.1:$(PACS_PORT)/dicom-web
+pacs: $(STAMP) samples pacs-deps
+	@$(BIN)/python tests/pacs_harness.py --samples $(SAMPLES) --workdir $(PACS_DIR) --port $(PACS_PORT)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

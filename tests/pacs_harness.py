@@ -197,6 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {reason}", file=sys.stderr)
         return 1
     orthanc = start_orthanc(args.workdir.resolve(), args.port)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop Orthanc on SIGTERM too, not only Ctrl-C
     try:
         series = load_samples(orthanc, args.samples.resolve())
         for name, uid in series.items():
