@@ -33,6 +33,7 @@ import numpy as np
 import pytest
 from fake_openai_server import FakeOpenAIServer, sse
 from server_harness import RunningServer, start_monailabel
+from slicer_core_fixture import slicer_core  # noqa: F401
 
 from vila_m3.imaging import read_labelmap, read_volume, write_labelmap
 from vila_m3.imaging.slices import slice_index_at
@@ -460,6 +461,74 @@ def test_the_panel_sends_an_unknown_volume_after_consent_and_shows_the_answer(cl
     widget.jobs.poll()
     assert "cannot reach the server at http://127.0.0.1:1" in widget.ui.statusLabel.text
     assert widget.ui.statusLabel.style and widget.ui.sendButton.enabled
+
+
+def assert_segments_match(core, node, volume, labels, label_names: dict) -> None:
+    """Every label value of the server's labelmap is the segment of its name, voxel for voxel."""
+    segmentation = node.GetSegmentation()
+    assert np.linalg.det(np.array(labels.geometry.direction)) > 0  # Slicer keeps a right-handed grid as is
+    for name, value in label_names.items():
+        expected = labels.array == value
+        segment_id = segmentation.GetSegmentIdBySegmentName(name)
+        if not expected.any():
+            assert not segment_id, f"'{name}' is not in the labelmap"
+            continue
+        mask = core.slicer.util.arrayFromSegmentBinaryLabelmap(node, segment_id, volume)
+        assert np.array_equal(mask.astype(bool), expected), name
+
+
+def test_a_turn_from_the_logic_on_a_real_scene_gives_the_servers_labelmap_voxel_for_voxel(
+        client, fake_vlm, sample_data, slicer_core, tmp_path):  # noqa: F811
+    """The Logic on a real MRML scene (slicer-core): the volume under a 90° parent transform, the Red
+    view on one of its axial slices → the server's slice → a turn with VISTA3D → the labelmap as a new
+    segmentation under the same transform, voxel for voxel; then, as after a restart with the saved
+    scene, a new Logic restores the chat's transcript and last segmentation from the server."""
+    ct_path = sample_data / "studies" / "ct_abdomen.nii.gz"
+    ct = read_volume(ct_path)
+    volume = slicer_core.load_volume(ct_path, "ct_abdomen")
+    logic = slicer_core.logic
+    assert "ct_abdomen" in logic.serverImages(client)
+    study = logic.rememberImage(volume, client.server_url, "ct_abdomen")
+    to_parent = np.eye(4)
+    to_parent[:3, :3] = [[1, 0, 0], [0, 0, -1], [0, 1, 0]]  # 90° about R: the image's S axis points posterior
+    volume.SetAndObserveTransformNodeID(slicer_core.add_transform(to_parent).GetID())
+    marker = (120, 130, 37)
+    local = np.diag([-1.0, -1.0, 1.0]) @ ct.geometry.index_to_physical(marker)
+    view = np.eye(4)
+    view[:3, 0], view[:3, 1], view[:3, 2] = (-1, 0, 0), (0, 0, 1), (0, 1, 0)  # a coronal view in the world
+    view[:3, 3] = to_parent[:3, :3] @ local
+    slicer_core.set_view("Red", view, volume)
+
+    position = logic.slicePosition(volume, "Red")
+    assert (position.axis, position.index) == ("axial", slice_index_at(ct, "axial", tuple(ct.geometry.index_to_physical(marker))))
+    assert not position.oblique
+    chat_id = logic.chatId(volume)
+    trigger_then_answer(fake_vlm)
+    events: list[str] = []
+    module = slicer_core.module
+    answer = logic.runTurn(module.Job(module.BackgroundJobs(), "turn"), client, {"image": study}, {},
+                           turn_params("Is there a liver tumor?", chat_id, position.axis, position.index),
+                           onEvent=lambda name, data: events.append(name), onSession=lambda *args: None,
+                           onSessionsExpired=lambda: None)
+    assert answer.slice == {"axis": "axial", "index": position.index} and "expert_started" in events
+    labels = read_labelmap(answer.labelmap_path)
+    assert labels.geometry.allclose(ct.geometry, atol=1e-4) and set(np.unique(labels.array)) > {0}
+    before = slicer_core.node_ids()
+    node = logic.loadLabelmap(answer, volume, chat_id)
+    assert len(set(slicer_core.node_ids()) - set(before)) == 2, "the segmentation and its display node only"
+    assert node.GetParentTransformNode() is volume.GetParentTransformNode()
+    assert_segments_match(slicer_core, node, volume, labels, answer.label_names)
+
+    restarted = module.VILAM3ChatLogic(slicer_core.scene, tempDir=str(tmp_path / "after-restart"))
+    volume.RemoveAttribute("VILAM3Chat.ImageId")
+    assert restarted.storedChatId(volume) == chat_id
+    chat, labels_path = restarted.fetchChat(client, chat_id)
+    state, restored = restarted.restoreChat(chat, labels_path, volume, client.server_url)
+    html = state.to_html()
+    assert "Is there a liver tumor?" in html and "Yes, the liver shows a lesion." in html
+    assert restarted.knownStudy(volume, client.server_url).image_id == "ct_abdomen"
+    assert restored is not None and restored.GetID() != node.GetID() and not os.path.exists(labels_path)
+    assert_segments_match(slicer_core, restored, volume, labels, answer.label_names)
 
 
 def test_a_server_that_dies_mid_stream_gives_a_server_error_not_a_hang(client, server, fake_vlm):

@@ -197,8 +197,41 @@ class VILAM3ChatWidget(ScriptedLoadableModuleWidget):
         qt.QSettings().setValue(USERNAME_SETTING, self.ui.usernameLineEdit.text.strip())
 
     def onVolumeChanged(self, node=None):
+        self.restoreStoredChat()
         self.render()
         self.updateButtons()
+
+    def restoreStoredChat(self):
+        """A volume whose chat was saved with the scene (Slicer restarted since): fetch the chat and its
+        last segmentation from the server, once per session."""
+        try:
+            primary = self.selectedVolumes()
+            primary = primary.get("t1c") or primary["image"]
+            chatId = self.logic.storedChatId(primary)
+            if not chatId or chatId in self.states or self.jobs.running("restore"):
+                return
+            client = self.currentClient()
+        except ValueError:
+            return
+        self.states[chatId] = ChatState()  # tried once
+
+        def restored(result):
+            chat, labelsPath = result
+            try:
+                state, node = self.logic.restoreChat(chat, labelsPath, primary, client.server_url)
+            except Exception as err:
+                self.showError(err)
+                return
+            self.states[chatId] = state
+            message = f"Chat {chatId} restored from the server."
+            if node is not None:
+                self.ui.segmentationSelector.setCurrentNode(node)
+                message += f" Its last segmentation is '{node.GetName()}'."
+            self.setStatus(message)
+            self.render()
+
+        self.jobs.start("restore", lambda job: self.logic.fetchChat(client, chatId), restored,
+                        lambda err: self.setStatus(f"Chat {chatId} was not restored: {err}", error=True))
 
     # --- display ----------------------------------------------------------------------------------
 
@@ -336,7 +369,9 @@ class VILAM3ChatWidget(ScriptedLoadableModuleWidget):
 
     def onStreamEvent(self, chatId: str, name: str, data: dict):
         self.stateFor(chatId).on_event(name, data)
-        if name == "expert_started":
+        if name == "queued":  # the server's work queue holds other annotators' requests first
+            self.setStatus(f"VILA-M3 is {self.stateFor(chatId).waiting}…")
+        elif name == "expert_started":
             self.setStatus(f"Running {data.get('expert')}({data.get('argument') or ''}) on the whole volume…")
         elif name == "token" and data.get("round", 0) > 0:
             self.setStatus("VILA-M3 is answering with the expert's result…")
@@ -533,14 +568,59 @@ class VILAM3ChatLogic(ScriptedLoadableModuleLogic):
             self.sessions.pop(node.GetID(), None)
 
     def chatId(self, volumeNode) -> str:
-        """The chat of a volume (one per volume until "New chat")."""
+        """The chat of a volume (one per volume until "New chat"); kept on the node, so a saved scene
+        opened after a restart continues it."""
         if volumeNode.GetID() not in self.chatIds:
-            self.chatIds[volumeNode.GetID()] = new_chat_id()
+            self.chatIds[volumeNode.GetID()] = volumeNode.GetAttribute(ATTR_CHAT_ID) or new_chat_id()
+            volumeNode.SetAttribute(ATTR_CHAT_ID, self.chatIds[volumeNode.GetID()])
         return self.chatIds[volumeNode.GetID()]
 
     def newChat(self, volumeNode) -> str:
         self.chatIds[volumeNode.GetID()] = new_chat_id()
+        volumeNode.SetAttribute(ATTR_CHAT_ID, self.chatIds[volumeNode.GetID()])
         return self.chatIds[volumeNode.GetID()]
+
+    def storedChatId(self, volumeNode) -> str | None:
+        """The chat a volume had before this session (a scene saved with it), if any."""
+        return volumeNode.GetAttribute(ATTR_CHAT_ID) or None
+
+    @staticmethod
+    def fetchChat(client: VilaM3Client, chatId: str) -> tuple:
+        """(worker) A stored chat and its last labelmap (a temporary file, or None when it has none)."""
+        chat = client.get_chat(chatId)
+        try:
+            labelsPath = client.get_labels(chatId) if chat.get("labels") else None
+        except RequestRejected:
+            labelsPath = None
+        return chat, labelsPath
+
+    def restoreChat(self, chat: dict, labelsPath: str | None, volumeNode, serverUrl: str) -> tuple:
+        """Put a stored chat back into the panel: its transcript (a ChatState), the link between the
+        volume and the chat's datastore image, and its last segmentation as a new segmentation node
+        (segments named by the node's stored label values where the scene kept them). Returns
+        ``(state, segmentationNode or None)``; the labelmap file is deleted."""
+        chatId = str(chat.get("chat_id") or "")
+        state = ChatState()
+        state.load_transcript(chat.get("messages") or [], chatId)
+        self.chatIds[volumeNode.GetID()] = chatId
+        volumeNode.SetAttribute(ATTR_CHAT_ID, chatId)
+        study = chat.get("study") or {}
+        imageId = study.get("image") if isinstance(study, dict) else None
+        if isinstance(imageId, str) and imageId and not volumeNode.GetAttribute(ATTR_IMAGE_ID):
+            self.rememberImage(volumeNode, serverUrl, imageId)
+        node = None
+        try:
+            if labelsPath:
+                names = {}
+                for each in self.scene.GetNodesByClass("vtkMRMLSegmentationNode"):
+                    if each.GetAttribute(ATTR_CHAT_ID) == chatId:
+                        names = decode_label_values(each.GetAttribute(ATTR_LABEL_VALUES)) or names
+                expert = next((str(message.get("expert")) for message in reversed(chat.get("messages") or [])
+                               if message.get("role") == "expert" and message.get("expert")), "labels")
+                node = self.importLabelmap(labelsPath, names, None, volumeNode, chatId, expert)
+        finally:
+            self.removeFiles([labelsPath] if labelsPath else [])
+        return state, node
 
     # --- the scene --------------------------------------------------------------------------------
 
