@@ -126,3 +126,11 @@ def test_segments_that_share_a_name_are_refused_with_their_name(slicer_core: Sli
     with pytest.raises(ValueError, match="share a name.*liver"):
         slicer_core.logic.exportCorrection(node, volume)
     assert slicer_core.node_ids() == before
+
+
+def test_the_self_test_fails_without_a_server_and_says_how_to_start_one(slicer_core: SlicerCore,  # noqa: F811
+                                                                        monkeypatch: pytest.MonkeyPatch):
+    """Slicer counts a test that returns as passed: with no server it must raise, not skip or return."""
+    monkeypatch.setenv("VILAM3_TEST_SERVER", "http://127.0.0.1:1")
+    with pytest.raises(AssertionError, match=r"No VILA-M3 server answers at http://127\.0\.0\.1:1 .*`make run`"):
+        slicer_core.module.VILAM3ChatTest().test_ask_about_the_sample_ct()
