@@ -9,6 +9,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 from fake_openai_server import FakeOpenAIServer, sse
@@ -144,3 +145,47 @@ def test_an_id_that_is_not_a_pacs_image_series_is_a_422_without_paths(pacs_serve
         response = infer(pacs_server, "vista3d", image, {"group": "liver"})
         assert response.status_code == 422, response.text
         assert "/etc" not in response.text and ".cache" not in response.text
+
+
+def test_output_dicom_seg_is_a_seg_of_the_series_equal_to_the_labelmap(pacs_server, orthanc, sample_data, tmp_path):
+    import highdicom as hd
+    import pydicom
+
+    series = orthanc.series["ct_abdomen"]
+    params = {"label_prompt": [1, 3, 26]}
+    answer, data = multipart(infer(pacs_server, "vista3d", series, params))
+    (tmp_path / "labels.nii.gz").write_bytes(data)
+    labels = read_labelmap(tmp_path / "labels.nii.gz").array
+    response = requests.post(f"{pacs_server.url}/infer/vista3d", params={"image": series, "output": "dicom_seg"},
+                             data={"params": json.dumps(params)}, timeout=300)
+    assert response.status_code == 200, response.text[:500]
+    assert response.headers["content-type"].startswith("application/dicom")
+    (tmp_path / "seg.dcm").write_bytes(response.content)
+    seg = hd.seg.segread(tmp_path / "seg.dcm")
+
+    sources = {ds.SOPInstanceUID: ds for ds in (pydicom.dcmread(p, stop_before_pixels=True)
+                                                for p in (sample_data / "dicom" / "ct_abdomen").glob("*.dcm"))}
+    by_slice = [uid for uid, _ in sorted(sources.items(), key=lambda item: int(item[1].InstanceNumber))]
+    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=by_slice, combine_segments=True)
+    names = {int(d.SegmentNumber): d.SegmentLabel for d in seg.SegmentSequence}
+    expected = np.zeros_like(labels)
+    for number, name in names.items():
+        expected[labels == answer["label_names"][name]] = number
+    np.testing.assert_array_equal(pixels, expected)  # voxel for voxel
+    assert set(names.values()) <= {"liver", "spleen", "hepatic tumor"} and names
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series
+    assert seg.FrameOfReferenceUID == next(iter(sources.values())).FrameOfReferenceUID
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        source = sources[frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID]
+        np.testing.assert_allclose([float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient],
+                                   [float(v) for v in source.ImagePositionPatient], atol=1e-4)
+    segment = seg.SegmentSequence[0]
+    assert segment.SegmentedPropertyTypeCodeSequence[0].CodingSchemeDesignator == "SCT"
+    assert segment.SegmentAlgorithmName == "VISTA3D"
+    assert "stand-in" in segment.SegmentationAlgorithmIdentificationSequence[0].AlgorithmVersion
+
+
+def test_output_dicom_seg_of_a_classification_is_a_422(pacs_server, orthanc):
+    response = requests.post(f"{pacs_server.url}/infer/cxr", params={"image": orthanc.series["cxr_chest"],
+                             "output": "dicom_seg"}, data={"params": "{}"}, timeout=300)
+    assert response.status_code == 422 and "labelmap" in response.text

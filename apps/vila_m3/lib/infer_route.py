@@ -166,7 +166,7 @@ class InferRequestHandler:
                                                "ask with output=json or output=all")
             return self.file_response(files, result_file)
         if output == ResultType.dicom_seg:
-            return self.dicom_seg(files, instance, request, result_file)
+            return self.dicom_seg(files, instance, request, result_file, answer)
         if result_file is None:
             return answer
         with open(result_file, "rb") as handle:
@@ -261,24 +261,17 @@ class InferRequestHandler:
         return FileResponse(path, media_type=media_type or get_mime_type(str(path)), filename=path.name,
                             background=background)
 
-    def dicom_seg(self, files: RequestFiles, instance: Any, request: dict[str, Any],
-                  result_file: Path | None) -> FileResponse:
-        """The result as DICOM SEG (a DICOMweb datastore only, as in MONAI Label)."""
-        from monailabel.datastore.dicom import DICOMWebDatastore
-        from monailabel.datastore.utils.convert import nifti_to_dicom_seg
+    def dicom_seg(self, files: RequestFiles, instance: Any, request: dict[str, Any], result_file: Path | None,
+                  answer: dict[str, Any] | None = None) -> FileResponse:
+        """The result as a DICOM Segmentation of the request's DICOM study (lib/dicom_seg_out.py): a PACS series
+        or a DICOM session; 422 for any other study or a result without a labelmap."""
+        from lib.dicom_seg_out import source_series, write_seg
 
-        if not isinstance(instance.datastore(), DICOMWebDatastore):
-            raise HTTPException(BAD_INPUT, "output=dicom_seg needs a DICOMweb datastore; this server has a folder")
-        if request.get("label_info") is None:
-            raise HTTPException(BAD_INPUT, "output=dicom_seg needs params.label_info")
-        if result_file is None:
-            raise HTTPException(BAD_INPUT, "this result has no image to turn into DICOM SEG")
-        series = str(request["image"])
-        for suffix in (".nii.gz", ".nii", ".nrrd"):
-            series = series.removesuffix(suffix)
-        seg = nifti_to_dicom_seg(series, str(result_file), request.get("label_info"), use_itk=True)
+        series = source_series(instance.datastore(), str(request.get("image_id") or ""), str(request.get("image") or ""))
+        task = getattr(instance, "_infers", {}).get(request.get("model"))
+        seg = write_seg(self.folders.results, task, answer, result_file, series)
         files.add(seg)
-        return self.file_response(files, Path(seg), media_type="application/dicom")
+        return self.file_response(files, seg, media_type="application/dicom")
 
 
 def infer_router(folders: InferFolders, audit: AuditTrail) -> APIRouter:

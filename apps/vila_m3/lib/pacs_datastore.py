@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from cachetools import TTLCache, cached
@@ -91,6 +92,13 @@ class PacsDatastore(DICOMWebDatastore):
                 os.unlink(uri)
             return cached_copy
         return uri if uri and os.path.realpath(uri).startswith(self.cache_root + os.sep) else ""
+
+    def series_folder(self, image_id: str) -> Path | None:
+        """The folder of the series' downloaded DICOM instances in the cache (downloaded if needed), or None."""
+        if not self.get_image_uri(image_id):
+            return None
+        folder = Path(os.path.realpath(os.path.join(self._datastore.image_path(), image_id)))
+        return folder if folder.is_dir() and folder.is_relative_to(self.cache_root) else None
 
     def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
         if not (is_valid_id(label_id) and is_valid_id(label_tag)) or (image_id and not is_valid_id(image_id)):
