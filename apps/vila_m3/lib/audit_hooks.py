@@ -56,8 +56,8 @@ def audit_settings(app_dir: str | Path, conf: Mapping[str, str]) -> tuple[Path, 
         megabytes = float(text)
     except ValueError:
         raise ValueError(f"--conf audit_log_max_mb must be a number of MB (0 = never rotate), got {text!r}") from None
-    if not megabytes >= 0:
-        raise ValueError(f"--conf audit_log_max_mb must be 0 or more, got {text!r}")
+    if not 0 <= megabytes <= 1024 * 1024:
+        raise ValueError(f"--conf audit_log_max_mb must be 0 (never rotate) to 1048576 MB, got {text!r}")
     return path, int(megabytes * 1024 * 1024)
 
 
