@@ -4,9 +4,11 @@ a configurable idle time, and results are cached by (volume, expert, argument).
 Volumes are identified by a content key (path, size and modification time of their files), so a
 repeated request on an unchanged study is served from the cache without reading it again.
 
-With the server's work queues (``queues``), an uncached run is one job of the experts' device queue
-(``runner.run`` only: the volume read and the cache lookup come before, the caller's labelmap writing
-after); a cached result never waits in the queue.
+With the server's work queues (``queues``), an uncached run is one job of the experts' device queue; a
+cached result never waits in the queue. The job is the network's work only where the runner splits its run
+into ``prepare`` / ``infer`` / ``finish`` (VISTA3D: preprocessing and inversion to the input grid happen
+outside the job); otherwise it is the runner's whole ``run``. The volume read and the cache lookup come
+before, the caller's labelmap writing after.
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ class ExpertService:
         self.results = LruCache(cache_entries * 4)
         self._runners: dict[str, Any] = {}
         self._last_used: dict[str, float] = {}
+        self._in_use: dict[str, int] = {}  # requests between their first and last step, per expert
         self._locks: dict[str, threading.Lock] = {}
         self._registry_lock = threading.Lock()
         self._reaper: threading.Thread | None = None
@@ -163,7 +166,7 @@ class ExpertService:
             for name, runner in self._runners.items():
                 lock = self._locks[name]
                 idle = now - self._last_used.get(name, now)
-                if idle >= self.idle_release_s and lock.acquire(blocking=False):
+                if idle >= self.idle_release_s and not self._in_use.get(name) and lock.acquire(blocking=False):
                     try:
                         if getattr(runner, "loaded", True):
                             runner.release()
@@ -191,10 +194,12 @@ class ExpertService:
         return "cuda:0" if torch.cuda.is_available() else "cpu"
 
     def run(self, name: str, cache_key: tuple, call: Callable[[Any], Any],
-            control: JobControl | None = None) -> ExpertRun:
+            control: JobControl | None = None, args: tuple | None = None) -> ExpertRun:
         """Run expert ``name`` through ``call(runner)`` unless ``cache_key`` has a result already; the run is a
-        job of the device's work queue (QueueFull, JobCancelled as :meth:`WorkQueue.run`). Timings in seconds:
-        ``queue`` (waiting for the device), ``wait`` (for the runner), ``run``."""
+        job of the device's work queue (QueueFull, JobCancelled as :meth:`WorkQueue.run`). With ``args`` (those
+        of ``runner.run``) and a runner that has ``prepare``/``infer``/``finish``, only ``infer`` is the job.
+        Timings in seconds: ``queue`` (waiting for the device), ``wait`` (for the runner), ``run`` (the job),
+        ``prepare`` and ``finish`` where staged."""
         start = time.perf_counter()
         cached = self.results.get((name, *cache_key))
         if cached is not None:
@@ -202,20 +207,52 @@ class ExpertService:
         control = control or JobControl()
         waited_before = control.waited_s
         times: dict[str, float] = {}
+        staged = args is not None and self._staged(name)
+        if staged and self.queues is not None:
+            self.queues.queue(self.queue_device).admit()  # a full queue refuses before the preparation
+        with self._registry_lock:
+            self._in_use[name] = self._in_use.get(name, 0) + 1  # not idle while any step of it runs
+        try:
+            result = self._run_steps(name, call, control, args if staged else None, times)
+        finally:
+            with self._registry_lock:
+                self._in_use[name] -= 1
+                self._last_used[name] = time.monotonic()  # the runner's idle time starts when the request is done
+        self.results.put((name, *cache_key), result)
+        return ExpertRun(result, False, {"queue": control.waited_s - waited_before, **times})
+
+    def _run_steps(self, name: str, call: Callable[[Any], Any], control: JobControl, args: tuple | None,
+                   times: dict[str, float]) -> Any:
+        """``call(runner)`` as the job; or, with ``args``, ``prepare`` / ``infer`` (the job) / ``finish``."""
+        staged = args is not None
+        prepared: Any = None
+        if staged:
+            runner, _ = self._runner(name)
+            began = time.perf_counter()
+            prepared = runner.prepare(*args)
+            times["prepare"] = time.perf_counter() - began
 
         def job() -> Any:
             runner, lock = self._runner(name)
             queued = time.perf_counter()
             with lock:  # one inference per runner at a time: the weights and GPU memory are shared
                 began = time.perf_counter()
-                result = call(runner)
+                result = runner.infer(prepared) if staged else call(runner)
                 self._last_used[name] = time.monotonic()
             times.update(wait=began - queued, run=time.perf_counter() - began)
             return result
 
         result = job() if self.queues is None else self.queues.run(self.queue_device, job, control)
-        self.results.put((name, *cache_key), result)
-        return ExpertRun(result, False, {"queue": control.waited_s - waited_before, **times})
+        if staged:
+            began = time.perf_counter()
+            result = self._runner(name)[0].finish(prepared, result)
+            times["finish"] = time.perf_counter() - began
+        return result
+
+    def _staged(self, name: str) -> bool:
+        """Whether expert ``name``'s runner splits its run into ``prepare``, ``infer`` and ``finish``."""
+        runner, _ = self._runner(name)
+        return all(callable(getattr(runner, step, None)) for step in ("prepare", "infer", "finish"))
 
     def segment_ct(self, path: str | Path, argument: str | None = None, label_ids: list[int] | None = None,
                    expert: str = "VISTA3D", control: JobControl | None = None) -> ExpertRun:
@@ -228,7 +265,8 @@ class ExpertService:
             resolved_ids, group = list(resolved.label_ids), resolved.group
         key, volume = self.load_volume(path)
         return self.run(expert, (key, group, tuple(resolved_ids)),
-                        lambda runner: runner.run(volume, resolved_ids, group), control)
+                        lambda runner: runner.run(volume, resolved_ids, group), control,
+                        args=(volume, resolved_ids, group))
 
     def segment_brain(self, paths: Mapping[str, str | Path], expert: str = "BRATS",
                       control: JobControl | None = None) -> ExpertRun:
