@@ -62,11 +62,14 @@ class JobControl:
             ``position`` is 1 for the next job to start, ``ahead`` counts the jobs waiting before it plus those
             running. Called on the waiting thread.
         waited_s: seconds spent waiting, summed over this control's jobs.
+        admitted: set once a job of this control has started: its later jobs (a turn's next answer, its
+            experts) wait however long the line is, never refused half way through a request.
     """
 
     cancel: threading.Event | None = None
     on_queued: Callable[[int, int], None] | None = None
     waited_s: float = 0.0
+    admitted: bool = False
 
 
 @dataclass(eq=False)
@@ -131,12 +134,14 @@ class WorkQueue:
     def run(self, work: Callable[[], T], control: JobControl | None = None) -> T:
         """Run ``work()`` as a job of this queue once its turn comes; its result or exception is returned or raised.
 
-        Raises :class:`QueueFull` when it would have to wait and the line is full, :class:`JobCancelled` when
-        ``control.cancel`` is set before it starts (it is out of the line at once).
+        Raises :class:`QueueFull` when it would have to wait and the line is full (not for a control already
+        admitted), :class:`JobCancelled` when ``control.cancel`` is set before it starts (it is out of the line
+        at once).
         """
         control = control or JobControl()
         began = time.monotonic()
         self._enter(control)
+        control.admitted = True
         waited = time.monotonic() - began
         control.waited_s += waited
         started = time.monotonic()
@@ -159,7 +164,7 @@ class WorkQueue:
             if not self._must_wait():
                 self._running += 1
                 return
-            if len(self._waiting) >= self.max_waiting:
+            if len(self._waiting) >= self.max_waiting and not control.admitted:
                 raise QueueFull(self.device, len(self._waiting), self._retry_after_locked())
             me = _Waiting(control)
             self._waiting.append(me)
