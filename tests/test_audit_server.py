@@ -139,6 +139,8 @@ def test_a_vista3d_infer(site):
     line = new_line(site, before)
     assert line["route"] == "/infer/vista3d" and line["chat"] is None and line["study"] == hashed("ct_abdomen")
     assert (line["model"], line["stand_in"]) == ("VISTA3D", True)
+    queued = response.json()["latencies"].get("queue")  # an uncached run waits in the work queue, a cached one not
+    assert line["queue_wait_s"] == (None if queued is None else round(queued, 4))
     assert line["experts"] == [{"name": "VISTA3D", "argument": "hepatic tumor"}]
     assert (line["outcome"], line["status"]) == ("ok", 200)
 
