@@ -117,8 +117,8 @@ def rows(matrix) -> np.ndarray:
 
 @pytest.fixture
 def slicer_core(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> SlicerCore:
-    pytest.importorskip("slicer_core", reason="the Slicer scene tests need the slicer-core package "
-                        "(pip install 'slicer-core==5.11.*', part of the project's test extra)")
+    pytest.importorskip("slicer_core", reason="the Slicer scene tests need the slicer-core package, which is "
+                        "missing or does not load here (pip install 'slicer-core==5.11.*'; part of the test extra)")
     slicer = importlib.import_module("slicer")
     for name, module in _stand_ins().items():
         monkeypatch.setitem(sys.modules, name, module)

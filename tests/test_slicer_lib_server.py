@@ -531,6 +531,29 @@ def test_a_turn_from_the_logic_on_a_real_scene_gives_the_servers_labelmap_voxel_
     assert_segments_match(slicer_core, restored, volume, labels, answer.label_names)
 
 
+def test_brats_sequences_the_server_does_not_have_go_up_as_sessions_and_are_sent_as_session_ids(
+        client, fake_vlm, sample_data, slicer_core, tmp_path):  # noqa: F811
+    """The Logic's turn with four local MRI sequences: each goes up as a session, the turn names them by
+    session id only (the server refuses paths), and the chat is stored on the four sequences."""
+    logic, module = slicer_core.logic, slicer_core.module
+    uploads = {}
+    for key in ("t1c", "t1", "t2", "flair"):
+        shutil.copyfile(sample_data / "studies" / f"brain_mri_{key}.nii.gz", tmp_path / f"{key}.nii.gz")
+        uploads[key] = str(tmp_path / f"{key}.nii.gz")
+    sessions: dict[str, str] = {}
+    fake_vlm.script(sse(["An MRI of the brain."]))
+    answer = logic.runTurn(module.Job(module.BackgroundJobs(), "turn"), client, {}, uploads,
+                           turn_params("What is this?", "brats-sessions", "axial", 40),
+                           onEvent=lambda name, data: None, onSession=sessions.__setitem__,
+                           onSessionsExpired=lambda: None)
+    assert answer.answer == "An MRI of the brain." and answer.modality == "MRI"
+    assert sorted(sessions) == ["flair", "t1", "t1c", "t2"] and len(set(sessions.values())) == 4
+    assert not any(Path(path).exists() for path in uploads.values()), "the exported files are deleted once sent"
+    study = client.get_chat("brats-sessions")["study"]
+    assert study["image"] == sessions["t1c"], study  # the chat is on the T1c session
+    assert study["images"] == {key: f"{key}.nii.gz" for key in ("t1c", "t1", "t2", "flair")}, "file names, no paths"
+
+
 def test_a_server_that_dies_mid_stream_gives_a_server_error_not_a_hang(client, server, fake_vlm):
     """Last in this module: it kills the server (a later test would start a new one)."""
     fake_vlm.script(sse([f"slow{i} " for i in range(100)], event_delay_s=0.3))
