@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import sys
 import types
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE_DIR = REPO / "slicer_extension" / "VILAM3Chat"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "VILAM3Chat.ui"
 #: Slicer's slice views: name → (normal, in-plane x, in-plane y) in RAS, as Slicer's presets
 VIEWS = {
     "Red": ((0, 0, 1), (-1, 0, 0), (0, 1, 0)),  # axial
@@ -29,12 +31,44 @@ VIEWS = {
 }
 
 
+class StandInWidget:
+    """A Qt widget of the .ui file as the panel uses it: text, enabled, a current node, HTML, a style sheet."""
+
+    def __init__(self) -> None:
+        self.text, self.enabled, self.node, self.html, self.style = "", True, None, "", ""
+        self.echoMode = 0
+
+    def connect(self, signal: str, slot) -> None:
+        pass
+
+    def currentNode(self):
+        return self.node
+
+    def setCurrentNode(self, node) -> None:
+        self.node = node
+
+    def setHtml(self, html: str) -> None:
+        self.html = html
+
+    def setStyleSheet(self, style: str) -> None:
+        self.style = style
+
+    def verticalScrollBar(self):
+        return types.SimpleNamespace(maximum=0, setValue=lambda value: None)
+
+
 def _stand_ins() -> dict[str, types.ModuleType]:
-    """qt, ctk and slicer.ScriptedLoadableModule as far as importing the module and its Logic need."""
+    """qt, ctk and slicer.ScriptedLoadableModule as far as the module, its Logic and Widget need."""
 
     class Base:
         def __init__(self, *args, **kwargs) -> None:
+            self.layout = types.SimpleNamespace(addWidget=lambda widget: None)
+
+        def setup(self) -> None:
             pass
+
+        def resourcePath(self, path: str) -> str:
+            return str(MODULE_DIR / "Resources" / path)
 
     scripted = types.ModuleType("slicer.ScriptedLoadableModule")
     scripted.ScriptedLoadableModule = scripted.ScriptedLoadableModuleWidget = Base
@@ -43,6 +77,9 @@ def _stand_ins() -> dict[str, types.ModuleType]:
     qt = types.ModuleType("qt")
     qt.QSettings = lambda: types.SimpleNamespace(value=lambda key, default="": settings.get(key, default),
                                                  setValue=settings.__setitem__)
+    qt.QLineEdit = types.SimpleNamespace(Password=2)
+    qt.QTimer = lambda: types.SimpleNamespace(setInterval=lambda ms: None, connect=lambda signal, slot: None,
+                                              start=lambda: None, stop=lambda: None)
     return {"qt": qt, "ctk": types.ModuleType("ctk"), "slicer.ScriptedLoadableModule": scripted}
 
 
@@ -146,6 +183,13 @@ def slicer_core(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> SlicerCore:
         scene.AddNode(composite)
     volumes = slicer.vtkSlicerVolumesLogic()
     volumes.SetMRMLScene(scene)
+    widgets = {element.get("name"): StandInWidget() for element in ET.parse(UI_FILE).getroot().iter("widget")}
+    for name, stand_in in {  # slicer.util's helpers that need Qt or the application
+            "loadUI": lambda path: types.SimpleNamespace(setMRMLScene=lambda scene: None),
+            "childWidgetVariables": lambda widget: types.SimpleNamespace(**widgets),
+            "tempDirectory": lambda name: str(tmp_path / name),
+            "confirmYesNoDisplay": lambda text, **kwargs: False}.items():
+        monkeypatch.setattr(slicer.util, name, stand_in)
     monkeypatch.syspath_prepend(str(MODULE_DIR))
     for name in [name for name in sys.modules if name == "VILAM3Chat" or name.startswith("VILAM3ChatLib")]:
         monkeypatch.delitem(sys.modules, name)

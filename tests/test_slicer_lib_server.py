@@ -3,7 +3,10 @@
 The VLM is the server's real remote backend talking to a scripted OpenAI-compatible double (random
 weights never write triggers); VISTA3D runs stand-in weights through the real runner. Covered: a
 whole turn with an expert through ``ask`` and through ``stream``, a session upload of the NRRD
-sample, saving a final label, cancelling, server errors, and a server that dies mid-stream.
+sample, saving a final label, cancelling, server errors, and a server that dies mid-stream. The
+panel's Widget and Logic run on a real MRML scene (slicer-core, ``tests/slicer_core_fixture.py``):
+a whole turn from the Widget and from the Logic, segmentations checked voxel by voxel, a chat
+restored after a restart, BRATS sequences sent as sessions.
 
 Login: MONAI Label checks tokens against a Keycloak realm (it fetches the realm's public key and
 token endpoint), and the installed MONAI Label (0.8.5) decodes tokens with PyJWT without naming
@@ -14,7 +17,6 @@ client's token handling is therefore tested against a small local HTTP server th
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
@@ -22,8 +24,6 @@ import signal
 import sys
 import threading
 import time
-import types
-import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -40,7 +40,6 @@ from vila_m3.imaging.slices import slice_index_at
 from vila_m3.models.stand_ins import stage_stand_ins
 
 REPO = Path(__file__).resolve().parents[1]
-UI_FILE = REPO / "slicer_extension" / "VILAM3Chat" / "Resources" / "UI" / "VILAM3Chat.ui"
 sys.path.insert(0, str(REPO / "slicer_extension" / "VILAM3Chat"))
 
 from VILAM3ChatLib.chat_state import ChatState  # noqa: E402
@@ -245,158 +244,18 @@ def test_server_refusals_are_one_line_with_the_servers_reason(client, fake_vlm):
 # --- the panel's flow, with Slicer's modules stood in ----------------------------------------------------
 
 
-class FakeWidget:
-    """A Qt widget as the panel uses it: text, enabled, a current node, HTML, a style sheet."""
-
-    def __init__(self) -> None:
-        self.text, self.enabled, self.node, self.html, self.style = "", True, None, "", ""
-        self.slots: dict[str, object] = {}
-
-    def connect(self, signal: str, slot) -> None:
-        self.slots[signal] = slot
-
-    def currentNode(self):
-        return self.node
-
-    def setCurrentNode(self, node) -> None:
-        self.node = node
-
-    def setHtml(self, html: str) -> None:
-        self.html = html
-
-    def setStyleSheet(self, style: str) -> None:
-        self.style = style
-
-    def verticalScrollBar(self):
-        return types.SimpleNamespace(maximum=0, setValue=lambda value: None)
-
-
-class FakeMatrix:
-    def __init__(self, rows=None) -> None:
-        self.rows = [list(map(float, row)) for row in (rows if rows is not None else np.eye(4))]
-
-    def GetElement(self, row: int, column: int) -> float:
-        return self.rows[row][column]
-
-    def DeepCopy(self, other: FakeMatrix) -> None:
-        self.rows = [list(row) for row in other.rows]
-
-
-class FakeVolumeNode:
-    """A scalar volume node read from a file: name, ID, attributes, IJK-to-RAS and dimensions."""
-
-    def __init__(self, path: Path, name: str) -> None:
-        geometry = read_volume(path).geometry
-        self.path, self.name, self.attributes = path, name, {}
-        self.ijk_to_ras = FakeMatrix(np.diag([-1.0, -1.0, 1.0, 1.0]) @ geometry.affine_lps)
-        self.dimensions = geometry.shape
-
-    def GetName(self) -> str:
-        return self.name
-
-    def GetID(self) -> str:
-        return "vtkMRMLScalarVolumeNode1"
-
-    def GetAttribute(self, name: str):
-        return self.attributes.get(name)
-
-    def SetAttribute(self, name: str, value: str) -> None:
-        self.attributes[name] = value
-
-    def GetImageData(self):
-        return types.SimpleNamespace(GetDimensions=lambda: self.dimensions)
-
-    def GetIJKToRASMatrix(self, matrix: FakeMatrix) -> None:
-        matrix.DeepCopy(self.ijk_to_ras)
-
-    def GetParentTransformNode(self):
-        return None
-
-
-def fake_slicer_modules(tmp_path: Path, slice_to_ras: FakeMatrix, volume: FakeVolumeNode) -> dict[str, types.ModuleType]:
-    """slicer, slicer.ScriptedLoadableModule, qt and vtk: just what the panel's code paths here call."""
-    widgets = {element.get("name"): FakeWidget() for element in ET.parse(UI_FILE).getroot().iter("widget")}
-
-    class WidgetBase:
-        def __init__(self, *args) -> None:
-            self.layout = types.SimpleNamespace(addWidget=lambda widget: None)
-
-        def setup(self) -> None:
-            pass
-
-        def resourcePath(self, path: str) -> str:
-            return str(UI_FILE.parents[1] / path)
-
-    class Base:
-        def __init__(self, *args) -> None:
-            pass
-
-    class StorageNode:
-        def SetFileName(self, name: str) -> None:
-            self.name = name
-
-        def UseCompressionOn(self) -> None:
-            pass
-
-        def WriteData(self, node: FakeVolumeNode) -> bool:
-            shutil.copyfile(node.path, self.name)
-            return True
-
-    scripted = types.ModuleType("slicer.ScriptedLoadableModule")
-    scripted.ScriptedLoadableModuleWidget = WidgetBase
-    scripted.ScriptedLoadableModule = scripted.ScriptedLoadableModuleLogic = Base
-    scripted.ScriptedLoadableModuleTest = Base
-    red = types.SimpleNamespace(
-        mrmlSliceNode=lambda: types.SimpleNamespace(GetSliceToRAS=lambda: slice_to_ras),
-        sliceLogic=lambda: types.SimpleNamespace(GetSliceCompositeNode=lambda: types.SimpleNamespace(
-            GetBackgroundVolumeID=lambda: volume.GetID())))
-    slicer = types.ModuleType("slicer")
-    slicer.ScriptedLoadableModule = scripted
-    slicer.app = types.SimpleNamespace(layoutManager=lambda: types.SimpleNamespace(
-        sliceWidget=lambda name: red if name == "Red" else None))
-    scene_nodes = {volume.GetID(): volume, "vtkMRMLSliceNodeRed": red.mrmlSliceNode(),
-                   "vtkMRMLSliceCompositeNodeRed": red.sliceLogic().GetSliceCompositeNode()}
-    slicer.mrmlScene = types.SimpleNamespace(GetNodeByID=scene_nodes.get)
-    slicer.util = types.SimpleNamespace(
-        loadUI=lambda path: types.SimpleNamespace(setMRMLScene=lambda scene: None),
-        childWidgetVariables=lambda widget: types.SimpleNamespace(**widgets),
-        tempDirectory=lambda name: str(tmp_path / name),
-        confirmYesNoDisplay=lambda text, **kwargs: False)
-    slicer.vtkMRMLVolumeArchetypeStorageNode = StorageNode
-    (tmp_path / "VILAM3Chat").mkdir()
-
-    settings: dict[str, str] = {}
-    qt = types.ModuleType("qt")
-    qt.QSettings = lambda: types.SimpleNamespace(value=lambda key, default="": settings.get(key, default),
-                                                 setValue=settings.__setitem__)
-    qt.QLineEdit = types.SimpleNamespace(Password=2)
-    qt.QTimer = lambda: types.SimpleNamespace(setInterval=lambda ms: None, connect=lambda signal, slot: None,
-                                              start=lambda: None, stop=lambda: None)
-    vtk = types.ModuleType("vtk")
-    vtk.vtkMatrix4x4 = FakeMatrix
-    return {"slicer": slicer, "slicer.ScriptedLoadableModule": scripted, "qt": qt, "vtk": vtk}
-
-
 def test_the_panel_sends_an_unknown_volume_after_consent_and_shows_the_answer(client, fake_vlm, sample_data,
-                                                                             tmp_path, monkeypatch):
-    """The widget's own code (Send → consent → upload → stream → answer), with the scene stood in."""
+                                                                             slicer_core, tmp_path):  # noqa: F811
+    """The widget's own code (Send → consent → upload → stream → answer → segmentation) on a real scene,
+    with only Qt and the application stood in (tests/slicer_core_fixture.py)."""
     nrrd = sample_data / "nrrd" / "ct_abdomen.nrrd"
-    volume = FakeVolumeNode(nrrd, "ct_abdomen")
+    volume = slicer_core.load_volume(nrrd, "ct_abdomen")
     ct = read_volume(nrrd)
     marker = (128, 128, 37)  # the Red view is centred on this voxel, axial
-    centre = ct.geometry.index_to_physical(marker) * np.array([-1.0, -1.0, 1.0])
     view = np.diag([-1.0, 1.0, 1.0, 1.0])
-    view[:3, 3] = centre
-    for name, stub in fake_slicer_modules(tmp_path, FakeMatrix(view), volume).items():
-        monkeypatch.setitem(sys.modules, name, stub)
-    monkeypatch.syspath_prepend(str(UI_FILE.parents[2]))
-    monkeypatch.delitem(sys.modules, "VILAM3Chat", raising=False)
-    module = importlib.import_module("VILAM3Chat")
-    loaded: list = []
-    monkeypatch.setattr(module.VILAM3ChatLogic, "loadLabelmap", lambda self, answer, node, chat_id: loaded.append(
-        (read_labelmap(answer.labelmap_path), node, chat_id)) or types.SimpleNamespace(
-        GetName=lambda: f"VILA-M3 {chat_id} VISTA3D",
-        GetSegmentation=lambda: types.SimpleNamespace(GetNumberOfSegments=lambda: 2)))
+    view[:3, 3] = ct.geometry.index_to_physical(marker) * np.array([-1.0, -1.0, 1.0])
+    slicer_core.set_view("Red", view, volume)
+    module = slicer_core.module
 
     widget = module.VILAM3ChatWidget()
     questions: list[str] = []
@@ -421,8 +280,12 @@ def test_the_panel_sends_an_unknown_volume_after_consent_and_shows_the_answer(cl
     assert answer.slice == {"axis": "axial", "index": slice_index_at(ct, "axial", tuple(ct.geometry.index_to_physical(marker)))}
     assert widget.ui.statusLabel.text.startswith("Answered. Segmentation 'VILA-M3 ")
     assert widget.ui.statusLabel.style == ""
-    labels, node, chat_id = loaded[0]
-    assert node is volume and chat_id == answer.chat_id and labels.geometry.allclose(ct.geometry, atol=1e-4)
+    segmentation = widget.ui.segmentationSelector.currentNode()
+    assert segmentation is not None and segmentation.GetName() == f"VILA-M3 {answer.chat_id} VISTA3D"
+    assert widget.ui.statusLabel.text.startswith(f"Answered. Segmentation '{segmentation.GetName()}' added (")
+    assert module.VILAM3ChatLogic.referenceVolume(segmentation) is volume
+    assert set(module.VILAM3ChatLogic.segmentNames(segmentation)) <= set(answer.label_names)
+    assert slicer_core.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
     assert not Path(answer.labelmap_path).exists(), "the downloaded labelmap is deleted once loaded"
     assert widget.logic.sessions[volume.GetID()][0] == client.server_url
     assert "A lesion in the liver." in widget.ui.transcriptBrowser.html and "VISTA3D(hepatic tumor)" in widget.ui.transcriptBrowser.html
