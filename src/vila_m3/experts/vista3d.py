@@ -23,9 +23,11 @@ the configured overlap (0.3) is used for class prompts too, where the bundle's i
 
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +37,20 @@ from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInfererAdapt
 from monai.transforms import Compose, Invertd
 
-from vila_m3.experts.bundle import BundleRunner, image_from_arrays, ras_affine
+from vila_m3.experts.bundle import (
+    BundleRunner,
+    image_from_arrays,
+    last_resample,
+    pending_resample,
+    ras_affine,
+    resample_input_dtype,
+)
 from vila_m3.experts.registry import ExpertSpec
 from vila_m3.experts.result import ExpertInputError, ExpertRunError, SegmentationResult
 from vila_m3.imaging import Volume, labelmap_like
+from vila_m3.imaging.resample import axis_aligned, nearest_to_grid_zyx
 
-__all__ = ["EXPERT_NAME", "UNSUPPORTED_LABEL_IDS", "Vista3DRunner"]
+__all__ = ["EXPERT_NAME", "UNSUPPORTED_LABEL_IDS", "PreparedCT", "Vista3DRunner"]
 
 EXPERT_NAME = "VISTA3D"
 
@@ -53,6 +63,26 @@ UNSUPPORTED_LABEL_IDS: frozenset[int] = frozenset({16, 18, 129, 130, 131})
 _CT_MODALITIES = frozenset({"CT"})
 #: Tolerance (mm, and direction cosines) for the inverted labelmap to count as on the input grid.
 _GEOMETRY_ATOL = 1e-3
+
+
+@dataclass
+class PreparedCT:
+    """A request after :meth:`Vista3DRunner.prepare`: what :meth:`~Vista3DRunner.infer` and
+    :meth:`~Vista3DRunner.finish` need.
+
+    Attributes:
+        volume: the input CT.
+        prompt: the class ids given to the network (subclasses expanded).
+        argument: the trigger argument, recorded in the result.
+        data: the bundle's preprocessed dictionary (``image`` on the model's grid, ``label_prompt``).
+        timings: seconds per step so far (``preprocess``; ``load`` and ``inference`` after ``infer``).
+    """
+
+    volume: Volume
+    prompt: list[int]
+    argument: str | None
+    data: dict
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 class Vista3DRunner(BundleRunner):
@@ -82,8 +112,8 @@ class Vista3DRunner(BundleRunner):
     ) -> None:
         super().__init__(bundle_dir, device, spec, trusted_sha256)
         self.resample_spacing = self._setting("resample_spacing")
-
-    # ---------------------------------------------------------------------------------- state
+        self._transforms: list | None = None
+        self._transforms_lock = threading.Lock()
 
     # ---------------------------------------------------------------------------------- input
 
@@ -135,7 +165,7 @@ class Vista3DRunner(BundleRunner):
     # ------------------------------------------------------------------------------------ run
 
     def run(self, volume: Volume, label_ids: Sequence[int], argument: str | None = None) -> SegmentationResult:
-        """Segment ``label_ids`` in a CT ``volume``.
+        """Segment ``label_ids`` in a CT ``volume``: :meth:`prepare`, :meth:`infer`, :meth:`finish` in turn.
 
         Args:
             volume: a 3D CT, array (z, y, x) in HU, any geometry.
@@ -151,103 +181,131 @@ class Vista3DRunner(BundleRunner):
             ExpertInputError: not a 3D CT, or an id VISTA3D cannot segment.
             ExpertRunError: the network failed (e.g. out of memory); BundleError: the bundle is broken.
         """
+        prepared = self.prepare(volume, label_ids, argument)
+        return self.finish(prepared, self.infer(prepared))
+
+    # The three steps of a run. Only :meth:`infer` uses the network (and the GPU): a work queue may
+    # hold just that step, while preparing the next request and finishing the last run beside it.
+
+    def prepare(self, volume: Volume, label_ids: Sequence[int], argument: str | None = None) -> PreparedCT:
+        """Check the input and run the bundle's preprocessing (no network; thread-safe).
+
+        Raises:
+            ExpertInputError: not a 3D CT, an id VISTA3D cannot segment, or no body in the volume.
+            ExpertRunError: the preprocessing failed.
+        """
         self.check_input(volume)
         prompt = self.prompt_ids(label_ids)
-        with self._run_lock:
-            return self._run(volume, prompt, argument)
-
-    def _run(self, volume: Volume, prompt: list[int], argument: str | None) -> SegmentationResult:
-        timings: dict[str, float] = {}
         start = time.perf_counter()
-        network = self._network.get()
-        timings["load"] = time.perf_counter() - start
-
-        step = time.perf_counter()
-        preprocessing = Compose(self.bundle.transforms("preprocessing"))
+        preprocessing = self._preprocessing()
+        dtype = resample_input_dtype(preprocessing.transforms, volume.array.dtype)
         data = {
-            "image": image_from_arrays([volume.array], volume.geometry),
+            "image": image_from_arrays([volume.array], volume.geometry, dtype=dtype),
             "label_prompt": list(prompt),
         }
         try:
             data = preprocessing(data)
         except Exception as err:
             raise ExpertRunError(f"VISTA3D preprocessing failed: {type(err).__name__}: {err}") from err
-        image = data["image"]
-        if min(image.shape[1:]) == 0:  # CropForegroundd found nothing above 0 HU
+        if min(data["image"].shape[1:]) == 0:  # CropForegroundd found nothing above 0 HU
             raise ExpertInputError("VISTA3D found no body in this volume (no voxel above 0 HU); is it a CT?")
-        timings["preprocess"] = time.perf_counter() - step
+        return PreparedCT(volume, prompt, argument, data, {"preprocess": time.perf_counter() - start})
 
-        step = time.perf_counter()
-        class_vector = torch.as_tensor(data["label_prompt"], device=self.device).reshape(-1, 1)
-        inferer = SlidingWindowInfererAdapt(
-            roi_size=self.roi_size, sw_batch_size=self.sw_batch_size, overlap=self.overlap, with_coord=True
-        )
-        try:
-            with torch.no_grad(), self._autocast(), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Using a non-tuple sequence")  # inside MONAI's windows
-                logits = inferer(
-                    image.unsqueeze(0).to(self.device),
-                    network,
-                    transpose=True,
-                    class_vector=class_vector,
-                    prompt_class=class_vector,
-                )
-        except torch.OutOfMemoryError as err:
-            raise ExpertRunError(
-                f"VISTA3D ran out of memory on {self.device} for a {tuple(image.shape[1:])} grid and "
-                f"{len(prompt)} classes; try fewer classes or free the GPU"
-            ) from err
-        except Exception as err:
-            raise ExpertRunError(f"VISTA3D inference failed: {type(err).__name__}: {err}") from err
-        timings["inference"] = time.perf_counter() - step
+    def infer(self, prepared: PreparedCT) -> torch.Tensor:
+        """The network's logits (classes, X', Y', Z') on the preprocessed grid; one run at a time.
 
+        Raises:
+            ExpertRunError: the network failed (e.g. out of memory).
+        """
+        with self._run_lock:
+            start = time.perf_counter()
+            network = self._network.get()
+            prepared.timings["load"] = time.perf_counter() - start
+            step = time.perf_counter()
+            image = prepared.data["image"]
+            class_vector = torch.as_tensor(prepared.data["label_prompt"], device=self.device).reshape(-1, 1)
+            inferer = SlidingWindowInfererAdapt(
+                roi_size=self.roi_size, sw_batch_size=self.sw_batch_size, overlap=self.overlap, with_coord=True
+            )
+            try:
+                with torch.no_grad(), self._autocast(), warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="Using a non-tuple sequence")  # inside MONAI's windows
+                    logits = inferer(
+                        image.unsqueeze(0).to(self.device),
+                        network,
+                        transpose=True,
+                        class_vector=class_vector,
+                        prompt_class=class_vector,
+                    )
+            except torch.OutOfMemoryError as err:
+                raise ExpertRunError(
+                    f"VISTA3D ran out of memory on {self.device} for a {tuple(image.shape[1:])} grid and "
+                    f"{len(prepared.prompt)} classes; try fewer classes or free the GPU"
+                ) from err
+            except Exception as err:
+                raise ExpertRunError(f"VISTA3D inference failed: {type(err).__name__}: {err}") from err
+            prepared.timings["inference"] = time.perf_counter() - step
+        return logits[0].float()
+
+    def finish(self, prepared: PreparedCT, logits: torch.Tensor) -> SegmentationResult:
+        """Logits → labels on the input grid (post-processing and inversion; no network; thread-safe).
+
+        Raises:
+            ExpertRunError: the post-processing failed, or the labels did not land on the input grid.
+        """
         step = time.perf_counter()
-        labels = self._postprocess(data, logits[0].float(), class_vector, preprocessing, volume)
+        labels = self._postprocess(prepared.data, logits, prepared.volume)
+        timings = dict(prepared.timings)
         timings["postprocess"] = time.perf_counter() - step
-        timings["total"] = time.perf_counter() - start
-
+        timings["total"] = sum(timings.values())
         names = dict(self.spec.labels)
-        label_names = {i: names.get(i, f"label {i}") for i in sorted(prompt)}
+        label_names = {i: names.get(i, f"label {i}") for i in sorted(prepared.prompt)}
         return SegmentationResult(
-            labels=labelmap_like(volume, labels),
+            labels=labelmap_like(prepared.volume, labels),
             label_names=label_names,
             expert=EXPERT_NAME,
-            argument=argument,
+            argument=prepared.argument,
             timings=timings,
             stand_in=self.stand_in,
             stand_in_note=self.bundle.info.stand_in,
             bundle_version=self.bundle.info.version,
         )
 
+    def _preprocessing(self) -> Compose:
+        """The bundle's preprocessing, instantiated once (MONAI keeps per-call state on the data)."""
+        with self._transforms_lock:
+            if self._transforms is None:
+                self._transforms = self.bundle.transforms("preprocessing")
+            return Compose(self._transforms)
+
     def _autocast(self):
         if self.device.type == "cuda":
             return torch.autocast("cuda")
         return torch.autocast("cpu", enabled=False)
 
-    def _postprocess(
-        self,
-        data: dict,
-        logits: torch.Tensor,
-        class_vector: torch.Tensor,
-        preprocessing: Compose,
-        volume: Volume,
-    ) -> np.ndarray:
-        """(B, X', Y', Z') logits on the preprocessed grid → (z, y, x) label ids on ``volume``'s grid."""
-        image = data["image"]
-        pred = MetaTensor(logits.to(image.device), meta=dict(image.meta))
-        post = Compose(
-            [
-                VistaPostTransformd(keys="pred"),
-                Invertd(
-                    keys="pred", transform=preprocessing, orig_keys="image", nearest_interp=True, to_tensor=True
-                ),
-            ]
-        )
-        try:
-            with torch.no_grad():
-                out = post({"image": image, "pred": pred, "label_prompt": class_vector})["pred"]
-        except Exception as err:
-            raise ExpertRunError(f"VISTA3D post-processing failed: {type(err).__name__}: {err}") from err
+    def _postprocess(self, data: dict, logits: torch.Tensor, volume: Volume) -> np.ndarray:
+        """(B, X', Y', Z') logits on the preprocessed grid → (z, y, x) label ids on ``volume``'s grid.
+
+        ``VistaPostTransformd`` on the model's grid, then back to the input grid. Fast path: MONAI's
+        ``Invertd`` undoes only the cheap steps after the resampling (orientation, crop) on the small
+        grid; the resampling is undone by :func:`~vila_m3.imaging.resample.nearest_to_grid_zyx` straight
+        into the labelmap's (z, y, x) array (MONAI's nearest-neighbour rule; see that module for ties).
+        When the preprocessing is not of that shape, ``Invertd`` undoes all of it, as the bundle does.
+        """
+        transforms = list(self._preprocessing().transforms)
+        resample_at = last_resample(transforms)
+        if resample_at is not None:
+            out = self._invert(data, logits, transforms[resample_at + 1:])
+            pending = pending_resample(out)
+            if pending is not None and tuple(pending.target_shape) == tuple(volume.geometry.shape) and np.allclose(
+                pending.target_affine, ras_affine(volume.geometry), atol=_GEOMETRY_ATOL
+            ):
+                xform = pending.index_map(np.asarray(out.affine, dtype=np.float64))
+                if axis_aligned(xform):
+                    labels = nearest_to_grid_zyx(_label_ids(out[0]), xform, volume.geometry.shape,
+                                                 padding=pending.padding, dtype=pending.dtype)
+                    return _label_array(labels)
+        out = self._invert(data, logits, transforms)
         affine = np.asarray(out.affine, dtype=float) if hasattr(out, "affine") else None
         spatial = tuple(out.shape[1:])
         if spatial != tuple(volume.geometry.shape) or (
@@ -256,5 +314,35 @@ class Vista3DRunner(BundleRunner):
             raise ExpertRunError(
                 f"VISTA3D output did not return to the input grid (got {spatial}, expected {volume.geometry.shape})"
             )
-        array = torch.nan_to_num(out[0].float(), nan=0.0).round().cpu().numpy()
-        return np.ascontiguousarray(array.transpose(2, 1, 0)).astype(np.uint16 if array.max() > 255 else np.uint8)
+        return _label_array(_label_ids(out[0]).permute(2, 1, 0))
+
+    def _invert(self, data: dict, logits: torch.Tensor, transforms: list) -> MetaTensor:
+        """``VistaPostTransformd`` and ``Invertd`` through ``transforms`` (the last ones applied, or all)."""
+        image = data["image"]
+        pred = MetaTensor(logits.to(image.device), meta=dict(image.meta))
+        post = Compose(
+            [
+                VistaPostTransformd(keys="pred"),
+                Invertd(keys="pred", transform=Compose(transforms), orig_keys="image", nearest_interp=True,
+                        to_tensor=True),
+            ]
+        )
+        try:
+            with torch.no_grad():
+                class_vector = torch.as_tensor(data["label_prompt"], device=self.device).reshape(-1, 1)
+                return post({"image": image, "pred": pred, "label_prompt": class_vector})["pred"]
+        except Exception as err:
+            raise ExpertRunError(f"VISTA3D post-processing failed: {type(err).__name__}: {err}") from err
+
+
+def _label_ids(values: torch.Tensor) -> torch.Tensor:
+    """Label ids as floats (NaN where the inversion left a voxel undefined) → uint8 (int32 above 255)
+    ids, NaN as background."""
+    ids = torch.nan_to_num(values.float(), nan=0.0).round()
+    return ids.to(torch.uint8 if ids.numel() == 0 or float(ids.max()) <= 255 else torch.int32)
+
+
+def _label_array(labels: torch.Tensor) -> np.ndarray:
+    """(z, y, x) label ids on any device → a C-contiguous uint8 / uint16 numpy array."""
+    array = np.ascontiguousarray(labels.cpu().numpy())
+    return array if array.dtype == np.uint8 else array.astype(np.uint16)
