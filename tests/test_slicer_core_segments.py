@@ -134,3 +134,24 @@ def test_the_self_test_fails_without_a_server_and_says_how_to_start_one(slicer_c
     monkeypatch.setenv("VILAM3_TEST_SERVER", "http://127.0.0.1:1")
     with pytest.raises(AssertionError, match=r"No VILA-M3 server answers at http://127\.0\.0\.1:1 .*`make run`"):
         slicer_core.module.VILAM3ChatTest().test_ask_about_the_sample_ct()
+
+
+@pytest.mark.parametrize("grid", ["left-handed", "left-handed permuted"])
+def test_a_correction_for_a_volume_uploaded_with_it_is_on_the_uploaded_copys_grid(slicer_core: SlicerCore,  # noqa: F811
+                                                                                  tmp_path: Path, grid: str):
+    """A volume the server does not have goes up as Slicer writes it (its right-handed grid): the label
+    must match that copy, not the local file it was loaded from."""
+    image_path, label_path, labels = write_image_and_label(tmp_path, grid)
+    volume = slicer_core.load_volume(image_path, "local")
+    node = slicer_core.logic.importLabelmap(str(label_path), NAMES, COLORS, volume, "chat-1")
+    for each in (node, volume):
+        each.RemoveAttribute("VILAM3Chat.ServerGrid")
+    uploaded = read_volume(slicer_core.logic.exportVolume(volume))
+    saved = read_labelmap(slicer_core.logic.exportCorrection(node, volume, onUploadedCopy=True))
+    cases._check_geometry(saved, uploaded)
+    assert not saved.geometry.allclose(read_volume(image_path).geometry), "Slicer's grid is not the file's here"
+    image = read_volume(image_path).geometry
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in saved.geometry.shape], indexing="ij"), -1).reshape(-1, 3)
+    original = np.rint(image.physical_to_index(saved.geometry.index_to_physical(ijk))).astype(int)
+    assert np.array_equal(saved.array[ijk[:, 2], ijk[:, 1], ijk[:, 0]], labels[original[:, 2], original[:, 1], original[:, 0]]), \
+        "every voxel keeps its label at its place in the patient"

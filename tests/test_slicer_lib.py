@@ -35,8 +35,16 @@ from VILAM3ChatLib.segments import (  # noqa: E402
     encode_label_values,
     load_terminology,
     segment_specs,
+    unnamed_segment_spec,
 )
-from VILAM3ChatLib.slice_mapping import grids_match, slice_position, view_axis  # noqa: E402
+from VILAM3ChatLib.slice_mapping import (  # noqa: E402
+    decode_grid,
+    encode_grid,
+    grid_axes_map,
+    grids_match,
+    slice_position,
+    view_axis,
+)
 from VILAM3ChatLib.sse import SSEParser  # noqa: E402
 from VILAM3ChatLib.worker import BackgroundJobs  # noqa: E402
 
@@ -663,3 +671,33 @@ def test_a_given_access_token_is_sent_as_bearer_and_a_refused_one_says_so():
         assert server.seen[-2:] == ["Bearer expired", "Bearer fresh"]
     finally:
         server.close()
+
+
+def test_grid_axes_map_reads_a_k_reversed_copy_back_on_the_original_grid():
+    original = [[-1.2, 0, 0, -20.0], [0, -0.8, 0, 15.0], [0, 0, -2.5, 33.0], [0, 0, 0, 1]]
+    reversed_k = [[-1.2, 0, 0, -20.0], [0, -0.8, 0, 15.0], [0, 0, 2.5, 33.0 - 9 * 2.5], [0, 0, 0, 1]]
+    assert grid_axes_map(original, (14, 12, 10), reversed_k, (14, 12, 10)) == ((0, 1, 2), (False, False, True))
+    assert grid_axes_map(original, (14, 12, 10), original, (14, 12, 10)) == ((0, 1, 2), (False, False, False))
+    permuted = [[0, -1.2, 0, -20.0], [-0.8, 0, 0, 15.0], [0, 0, -2.5, 33.0], [0, 0, 0, 1]]
+    assert grid_axes_map(original, (14, 12, 10), permuted, (12, 14, 10)) == ((1, 0, 2), (False, False, False))
+    half_voxel = [row[:] for row in reversed_k]
+    half_voxel[2][3] += 1.25
+    assert grid_axes_map(original, (14, 12, 10), half_voxel, (14, 12, 10)) is None  # other voxel centres
+    assert grid_axes_map(original, (14, 12, 11), reversed_k, (14, 12, 10)) is None  # other extent
+    scaled = [row[:] for row in reversed_k]
+    scaled[0][0] = -2.4
+    assert grid_axes_map(original, (14, 12, 10), scaled, (14, 12, 10)) is None  # other spacing
+
+
+def test_a_grid_survives_a_node_attribute_and_bad_text_is_no_grid():
+    matrix = [[-1.0, 0, 0, 1.5], [0, -1.0, 0, 2.5], [0, 0, 3.0, -4.0], [0, 0, 0, 1]]
+    assert decode_grid(encode_grid(matrix, (4, 5, 6))) == (matrix, [4, 5, 6])
+    for text in (None, "", "not json", '{"ijkToRas": [[1]], "dimensions": [1, 2, 3]}', '{"dimensions": []}'):
+        assert decode_grid(text) is None
+
+
+def test_a_label_value_without_a_name_gets_one_that_is_unique():
+    spec = unnamed_segment_spec(7, ["liver"])
+    assert (spec.name, spec.label_value, spec.terminology.standard) == ("label 7", 7, False)
+    assert unnamed_segment_spec(7, ["label 7", "label 7 (2)"]).name == "label 7 (3)"
+    assert spec.terminology.type.meaning == "label 7" and len(spec.color) == 3

@@ -463,7 +463,7 @@ class VILAM3ChatWidget(ScriptedLoadableModuleWidget):
                     self.setStatus("Not saved.")
                     return
                 uploads.append(self.logic.exportVolume(volume))
-            labelPath = self.logic.exportCorrection(segmentation, volume)
+            labelPath = self.logic.exportCorrection(segmentation, volume, onUploadedCopy=bool(uploads))
             segmentNames = self.logic.segmentNames(segmentation)
         except Exception as err:
             self.logic.removeFiles(uploads)
@@ -799,10 +799,11 @@ class VILAM3ChatLogic(ScriptedLoadableModuleLogic):
                 return None
         return None
 
-    def exportCorrection(self, segmentationNode, volumeNode) -> str:
+    def exportCorrection(self, segmentationNode, volumeNode, onUploadedCopy: bool = False) -> str:
         """The segmentation as a labelmap (NIfTI) on the grid the server stores the volume's image on
         (its datastore image's geometry, left-handed included), segments keeping the server's label
-        values; nothing is left in the scene."""
+        values; nothing is left in the scene. ``onUploadedCopy``: the image goes to the server now,
+        as :meth:`exportVolume` writes it (Slicer's grid of the volume), so the label is on that grid."""
         names = self.segmentNames(segmentationNode)
         if not names:
             raise ValueError(f"'{segmentationNode.GetName()}' has no segments to save.")
@@ -824,7 +825,8 @@ class VILAM3ChatLogic(ScriptedLoadableModuleLogic):
                 slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, colorNode)
             if not exported:
                 raise RuntimeError("Slicer could not export the segmentation to a labelmap")
-            out = self._onServerGrid(labelmapNode, self.serverGrid(segmentationNode, volumeNode))
+            grid = None if onUploadedCopy else self.serverGrid(segmentationNode, volumeNode)
+            out = self._onServerGrid(labelmapNode, grid)
             path = os.path.join(self.tempDir, f"correction-{time.strftime('%H%M%S')}.nii.gz")
             self._write(out, path)
         return path
