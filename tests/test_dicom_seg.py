@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from vila_m3.imaging.dicom_seg import SegAlgorithm, SegError, labelmap_to_seg, read_series, segment_codes
+from vila_m3.imaging.dicom_seg import (
+    SegAlgorithm,
+    SegError,
+    labelmap_to_seg,
+    read_series,
+    seg_to_labelmap,
+    segment_codes,
+)
 
 LABEL_NAMES = {"liver": 1, "spleen": 3, "right kidney": 5, "left kidney": 14, "bone": 21, "hepatic tumor": 26,
                "unlisted thing": 99}
@@ -86,3 +93,16 @@ def test_a_labelmap_off_the_series_slices_is_refused(sample_data):
     with pytest.raises(SegError, match="slices"):
         labelmap_to_seg(labels, (spacing, origin, direction), sources[:-1], LABEL_NAMES, {},
                         SegAlgorithm("VISTA3D", "1"))
+
+
+def test_a_seg_read_back_onto_the_image_grid_gives_the_expert_label_values(sample_data):
+    labels, geometry = _truth(sample_data)
+    sources = read_series(sample_data / "dicom" / "ct_abdomen")
+    seg = labelmap_to_seg(labels, geometry, sources, LABEL_NAMES, {}, SegAlgorithm("VISTA3D", "1"))
+    back, names = seg_to_labelmap(seg, geometry, labels.shape, list(reversed(sources)))
+    known = {name: value for name, value in LABEL_NAMES.items() if name != "unlisted thing"}
+    assert {name: names[name] for name in known} == known
+    expected = labels.copy()
+    expected[labels == 99] = names["unlisted thing"]
+    np.testing.assert_array_equal(back, expected)
+    assert names["unlisted thing"] not in known.values()

@@ -189,3 +189,60 @@ def test_output_dicom_seg_of_a_classification_is_a_422(pacs_server, orthanc):
     response = requests.post(f"{pacs_server.url}/infer/cxr", params={"image": orthanc.series["cxr_chest"],
                              "output": "dicom_seg"}, data={"params": "{}"}, timeout=300)
     assert response.status_code == 422 and "labelmap" in response.text
+
+
+CT_LABELS = {"liver": 1, "spleen": 3, "right kidney": 5, "left kidney": 14, "bone": 21, "hepatic tumor": 26}
+
+
+def _segs_in(orthanc: RunningOrthanc) -> list[dict]:
+    return requests.get(f"{orthanc.dicomweb_url}/series", params={"Modality": "SEG"}, timeout=30).json()
+
+
+def test_a_final_label_is_stored_in_orthanc_as_a_seg_with_named_coded_segments(pacs_server, orthanc, sample_data):
+    import highdicom as hd
+    import pydicom
+
+    series = orthanc.series["ct_abdomen"]
+    before = len(_segs_in(orthanc))
+    label = sample_data / "ground_truth" / "ct_abdomen.nii.gz"
+    response = requests.put(f"{pacs_server.url}/datastore/label", params={"image": series, "tag": "final"},
+                            data={"params": json.dumps({"segments": list(CT_LABELS), "chat_id": "pacs-1"})},
+                            files={"label": ("ct_abdomen.nii.gz", label.read_bytes())}, timeout=120)
+    assert response.status_code == 200, response.text
+    segs = _segs_in(orthanc)
+    assert len(segs) == before + 1
+    new = segs[-1]
+    study, seg_uid = new["0020000D"]["Value"][0], new["0020000E"]["Value"][0]
+    instances = requests.get(f"{orthanc.dicomweb_url}/studies/{study}/series/{seg_uid}/instances", timeout=30).json()
+    sop = instances[0]["00080018"]["Value"][0]
+    raw = requests.get(f"{orthanc.dicomweb_url}/studies/{study}/series/{seg_uid}/instances/{sop}",
+                       headers={"Accept": 'multipart/related; type="application/dicom"'}, timeout=60)
+    assert raw.status_code == 200
+    body = MultipartDecoder.from_response(raw).parts[0].content
+    seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(__import__("io").BytesIO(body)))
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series
+    segments = {d.SegmentLabel: d for d in seg.SegmentSequence}
+    assert set(segments) == set(CT_LABELS)
+    liver = segments["liver"].SegmentedPropertyTypeCodeSequence[0]
+    assert (liver.CodingSchemeDesignator, liver.CodeValue) == ("SCT", "10200004")
+    assert all(d.SegmentedPropertyCategoryCodeSequence[0].CodingSchemeDesignator == "SCT" for d in segments.values())
+
+
+def test_datagen_reads_the_final_label_back_from_the_pacs_and_writes_conversations(pacs_server, orthanc, sample_data):
+    if not _segs_in(orthanc):
+        test_a_final_label_is_stored_in_orthanc_as_a_seg_with_named_coded_segments(pacs_server, orthanc, sample_data)
+    response = requests.post(f"{pacs_server.url}/vila_m3/datagen/", params={"name": "from-pacs", "seed": 0},
+                             timeout=600)
+    assert response.status_code == 200, response.text[:1000]
+    result = response.json()
+    assert result["out_dir"] == "from-pacs"
+    assert result["privacy"]["passed"] is True, result["privacy"]  # no header identifier of the PACS series
+    export = pacs_server.log_path.parent / "app" / "datagen" / "from-pacs"
+    manifest = json.loads((export / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["source"] == orthanc.url  # the PACS's host, no path
+    records = [record for part in ("train", "val") for record in
+               json.loads((export / f"{part}.json").read_text(encoding="utf-8"))]
+    triggers = [turn["value"] for record in records for turn in record["conversations"]]
+    assert any("<VISTA3D(hepatic tumor)>" in text for text in triggers)  # the label read back with VISTA3D's ids
+    text = (export / "train.json").read_text(encoding="utf-8")
+    assert "PHANTOM-CT-ABD" not in text and orthanc.series["ct_abdomen"] not in text

@@ -11,7 +11,9 @@ from fastapi import APIRouter, Depends, HTTPException
 from fastapi.concurrency import run_in_threadpool
 from monailabel.config import settings
 from monailabel.endpoints.user.auth import RBAC, User
+from monailabel.interfaces.utils.app import app_instance
 
+from lib.datastore_source import app_source
 from vila_m3.data import ExportError, export_from_app
 from vila_m3.security.paths import scrub_paths
 
@@ -29,7 +31,11 @@ def datagen_router(studies: str, chats_dir: Path, exports_dir: Path) -> APIRoute
         if not _NAME.fullmatch(name):
             raise HTTPException(422, "name: 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit")
         try:
-            return await run_in_threadpool(export_from_app, studies, str(chats_dir), str(exports_dir / name), seed)
+            def run() -> dict[str, Any]:  # a PACS is read through MONAI Label's datastore (lib/datastore_source.py)
+                source = app_source(app_instance().datastore(), studies)
+                return export_from_app(source, str(chats_dir), str(exports_dir / name), seed)
+
+            return await run_in_threadpool(run)
         except ExportError as err:
             raise HTTPException(409, scrub_paths(str(err), {str(exports_dir / name): name})) from None
 

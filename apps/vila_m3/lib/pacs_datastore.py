@@ -18,17 +18,24 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from cachetools import TTLCache, cached
 from dicomweb_client import DICOMwebClient
 from dicomweb_client.session_utils import create_session_from_user_pass
+from fastapi import HTTPException
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
+from monailabel.datastore.local import LocalDatastore
+from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
 
-from vila_m3.security.paths import is_valid_id
+import vila_m3
+from vila_m3.imaging import read_labelmap, read_volume, write_labelmap
+from vila_m3.imaging.dicom_seg import SegAlgorithm, SegError, labelmap_to_seg, read_series, seg_to_labelmap
+from vila_m3.security.paths import is_valid_id, is_within, scrub_paths
 
 logger = logging.getLogger(__name__)
 
@@ -122,10 +129,154 @@ class PacsDatastore(DICOMWebDatastore):
             (entry.get("image") or {}).get("info", {}).pop("path", None)
         return listing
 
+    # --- final labels: DICOM Segmentations in the PACS ------------------------------------------------
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any],
+                   label_id: str = "") -> str:
+        """A final label is stored in the PACS (STOW-RS) as a DICOM Segmentation of the image's series, with
+        named, coded segments (``vila_m3.imaging.dicom_seg``), and kept in the cache; other tags stay in the
+        cache only. Label names: ``label_names`` ({name: value}) of the params, else the expert label names
+        among ``segments``, else ``label <value>``."""
+        if not is_valid_id(image_id) or image_id not in self.list_images():
+            _drop(label_filename)
+            raise HTTPException(404, f"image '{image_id[:80]}' is not an image series of the PACS")
+        if not is_valid_id(label_tag):
+            _drop(label_filename)
+            raise HTTPException(422, "tag: use a plain label tag such as 'final'")
+        if label_tag != DefaultLabelTag.FINAL:
+            return LocalDatastore.save_label(self, image_id, label_filename, label_tag, label_info)
+        series = self.series_folder(image_id)
+        if series is None:
+            _drop(label_filename)
+            raise HTTPException(422, f"image '{image_id}' could not be read from the PACS")
+        try:
+            labels = read_labelmap(label_filename)
+            names = final_label_names(labels.array, label_info)
+            geometry = labels.geometry
+            colors = {name: _display_color(name) for name in names}
+            algorithm = SegAlgorithm("VILA-M3 annotation", f"vila-m3 {vila_m3.__version__}")
+            seg = labelmap_to_seg(labels.array, (geometry.spacing, geometry.origin, geometry.direction),
+                                  read_series(series), names, colors, algorithm, series_number=901)
+        except (SegError, OSError, ValueError) as err:
+            _drop(label_filename)
+            raise HTTPException(422, f"final label: {scrub_paths(str(err))}") from None
+        seg.SeriesDescription = "VILA-M3 final label"
+        self._client.store_instances([seg])
+        logger.info("final label of series %s stored in the PACS as SEG series %s", image_id, seg.SeriesInstanceUID)
+        info = {**label_info, "SeriesInstanceUID": str(seg.SeriesInstanceUID), "label_names": names}
+        return LocalDatastore.save_label(self, image_id, label_filename, label_tag, info)
+
+    def _final_segs(self) -> dict[str, str]:
+        """Image series -> the newest SEG series in the PACS that references it (image series of this datastore)."""
+        images = set(self.list_images())
+        newest: dict[str, tuple[str, str]] = {}
+        for item in self._client.search_for_series(search_filters={"Modality": "SEG"}):
+            study, seg_uid = _value(item, "0020000D"), _value(item, "0020000E")
+            try:
+                meta = Dataset.from_json(self._client.retrieve_series_metadata(study, seg_uid)[0])
+                referenced = str(meta.ReferencedSeriesSequence[0].SeriesInstanceUID)
+            except Exception:  # not a SEG of a series (or unreadable): not a final label
+                logger.info("PACS SEG series %s skipped: it references no series", seg_uid[:64])
+                continue
+            stamp = f"{meta.get('SeriesDate', '')}{meta.get('SeriesTime', '')}"
+            if referenced in images and (referenced not in newest or stamp >= newest[referenced][0]):
+                newest[referenced] = (stamp, seg_uid)
+        return {image: seg_uid for image, (_, seg_uid) in newest.items()}
+
+    def final_label_file(self, image_id: str, seg_uid: str) -> str:
+        """The final label of ``image_id`` read from PACS SEG series ``seg_uid`` as a NIfTI labelmap on the
+        image's grid (expert label values for known names), cached in ``labels/final/``; "" if unreadable."""
+        folder = Path(self._datastore.label_path(DefaultLabelTag.FINAL))
+        target = folder / f"{image_id}.nii.gz"
+        marker = folder / f".{image_id}.seg"
+        if target.is_file() and marker.is_file() and marker.read_text(encoding="utf-8") == seg_uid:
+            return str(target)
+        image = self.get_image_uri(image_id)
+        series = self.series_folder(image_id)
+        if not image or series is None:
+            return ""
+        try:
+            study = str(self.series_info(seg_uid).StudyInstanceUID)
+            seg = self._client.retrieve_series(study, seg_uid)[0]
+            volume = read_volume(image)
+            geometry = volume.geometry
+            labels, names = seg_to_labelmap(seg, (geometry.spacing, geometry.origin, geometry.direction),
+                                            volume.array.shape, read_series(series))
+        except Exception as err:
+            logger.warning("final label SEG %s of series %s unreadable: %s", seg_uid, image_id, str(err)[:200])
+            return ""
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = folder / f".{image_id}.partial.nii.gz"
+        write_labelmap(labels, geometry, partial)
+        try:
+            LocalDatastore.save_label(self, image_id, str(partial), DefaultLabelTag.FINAL,
+                                      {"SeriesInstanceUID": seg_uid, "label_names": names})
+        finally:
+            partial.unlink(missing_ok=True)
+        marker.write_text(seg_uid, encoding="utf-8")
+        return str(target) if target.is_file() else ""
+
+    def datalist(self, full_path: bool = True) -> list[dict[str, Any]]:
+        """Training pairs of the PACS: each image series with a SEG referencing it (the newest), both as NIfTI
+        files in the cache."""
+        pairs = []
+        for image_id, seg_uid in sorted(self._final_segs().items()):
+            label = self.final_label_file(image_id, seg_uid)
+            image = self.get_image_uri(image_id)
+            if label and image:
+                pairs.append({"image": image, "label": label})
+        return pairs
+
+    def get_labeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
+        return sorted(self._final_segs())
+
     def series_info(self, series_uid: str) -> Dataset:
         """The PACS's QIDO-RS attributes of series ``series_uid``."""
         found = self._client.search_for_series(search_filters={"SeriesInstanceUID": series_uid})
         return Dataset.from_json(found[0])
+
+
+def _drop(filename: str) -> None:
+    """Remove a refused upload's temporary file (MONAI Label's route removes it only after a success)."""
+    with contextlib.suppress(OSError):
+        if filename and is_within(filename, [tempfile.gettempdir()]) and os.path.isfile(filename):
+            os.unlink(filename)
+
+
+def _display_color(name: str) -> tuple[int, int, int]:
+    """The Slicer display colour (RGB 0-255) an expert gives ``name``, or grey."""
+    from vila_m3.experts.registry import ExpertRegistry
+
+    key = " ".join(name.lower().split())
+    for spec in ExpertRegistry.from_config().configured:
+        for value, label in spec.labels.items():
+            if " ".join(str(label).lower().split()) == key:
+                return tuple(int(c) for c in spec.label_color(int(value)))  # type: ignore[return-value]
+    return (128, 128, 128)
+
+
+def final_label_names(labels: Any, label_info: dict[str, Any]) -> dict[str, int]:
+    """{name: value} of a final label's values: the params' ``label_names``, else the expert label names among
+    its ``segments`` (the Slicer panel sends the segment names), else ``label <value>``."""
+    import numpy as np
+
+    from vila_m3.imaging.dicom_seg import expert_label_values
+
+    present = sorted(int(v) for v in np.unique(labels) if int(v) != 0)
+    given = label_info.get("label_names")
+    names: dict[str, int] = {}
+    if isinstance(given, dict):
+        names = {str(k): int(v) for k, v in given.items() if isinstance(v, int) and v in present}
+    known = expert_label_values()
+    segments = label_info.get("segments") if isinstance(label_info.get("segments"), list) else []
+    for segment in segments:
+        value = known.get(" ".join(str(segment).lower().split()))
+        if value in present and value not in names.values():
+            names[str(segment)] = value
+    for value in present:
+        if value not in names.values():
+            names[f"label {value}"] = value
+    return names
 
 
 def open_pacs_datastore(url: str) -> PacsDatastore:

@@ -36,6 +36,7 @@ from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.tasks.train import TrainTask
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from lib.datastore_source import app_source
 from vila_m3.chat.params import describe_validation_error
 from vila_m3.data import export_from_app
 from vila_m3.data.privacy import PRIVACY_CHECK, export_privacy_problem
@@ -161,7 +162,8 @@ class VilaM3TrainTask(TrainTask):
         else:
             data = run / "data"
             print(f"{version}: exporting conversations from {self.studies}", flush=True)
-            export = export_from_app(self.studies, str(self.chats_dir), str(data), int(request.get("seed", 0)))
+            source = app_source(datastore, self.studies)  # a PACS through MONAI Label's datastore
+            export = export_from_app(source, str(self.chats_dir), str(data), int(request.get("seed", 0)))
             if not export.get("privacy", {}).get("passed"):
                 count = len(export.get("privacy", {}).get("findings", []))
                 raise RuntimeError(f"{version}: training refused: the fresh export failed {PRIVACY_CHECK} "

@@ -57,7 +57,15 @@ from vila_m3.data.privacy import (
 )
 from vila_m3.data.questions import QuestionPools
 from vila_m3.data.records import ImageWriter, Record
-from vila_m3.data.sources import IMAGE_SUFFIXES, DatastoreImage, Skip, SourceError, open_datastore, split_name
+from vila_m3.data.sources import (
+    IMAGE_SUFFIXES,
+    DatastoreImage,
+    DatastoreSource,
+    Skip,
+    SourceError,
+    open_datastore,
+    split_name,
+)
 from vila_m3.data.summary import draw_summary, format_summary, summarize
 from vila_m3.experts.registry import ExpertRegistry
 from vila_m3.imaging.sequences import SEQUENCE_ORDER, sequence_of
@@ -106,7 +114,7 @@ class ExportResult:
 
 
 def export_dataset(
-    datastore: str | os.PathLike[str],
+    datastore: str | os.PathLike[str] | DatastoreSource,
     out_dir: str | os.PathLike[str],
     chats_dir: str | os.PathLike[str] | None = None,
     seed: int | None = None,
@@ -120,7 +128,8 @@ def export_dataset(
     """Export expert-training conversations (see the module docstring).
 
     Args:
-        datastore: a MONAI Label studies folder, or a server URL (``http://host:port``).
+        datastore: a MONAI Label studies folder, a server URL (``http://host:port``), or a ``DatastoreSource``
+            (the app passes MONAI Label's datastore of a PACS this way).
         out_dir: the dataset folder to write.
         chats_dir: the server's chats folder (``<app>/chats`` or ``--conf chats_dir``), or None.
         seed: question, slice and split draws (default: the config's).
@@ -155,7 +164,8 @@ def export_dataset(
     try:
         with tempfile.TemporaryDirectory(prefix="vila-m3-datagen-") as cache:
             try:
-                source = open_datastore(datastore, cache, tag=config.label_tag, token=token)
+                source = (open_datastore(datastore, cache, tag=config.label_tag, token=token)
+                          if isinstance(datastore, str | os.PathLike) else datastore)
             except SourceError as err:
                 raise ExportError(str(err)) from None
             images = ImageWriter(staging, config.id_length)
@@ -190,7 +200,7 @@ def export_dataset(
     return ExportResult(out, manifest, summary, skips, findings)
 
 
-def export_from_app(datastore_path_or_url: str, chats_dir: str | None, out_dir: str, seed: int = 0) -> dict[str, Any]:
+def export_from_app(datastore_path_or_url: str | DatastoreSource, chats_dir: str | None, out_dir: str, seed: int = 0) -> dict[str, Any]:
     """The export as a server task for admins: no progress bars, a JSON-able result.
 
     Returns:
@@ -282,7 +292,9 @@ class _Engine:
         if suffix in IMAGE_SUFFIXES and suffix not in DICOM_SUFFIXES:
             return
         try:
-            self.identifiers |= dicom_identifiers(find_dicom_files(self.source.image_path(image)))
+            # a source whose images are converted copies (a PACS) names the DICOM files they came from
+            headers = getattr(self.source, "dicom_path", self.source.image_path)
+            self.identifiers |= dicom_identifiers(find_dicom_files(headers(image)))
         except OSError:  # unreadable or not downloadable: the generic patterns still apply
             return
 

@@ -175,3 +175,57 @@ def labelmap_to_seg(labels: np.ndarray, geometry: tuple[Sequence[float], Sequenc
     )
     seg.SeriesDescription = description_text[:64]
     return seg
+
+
+def expert_label_values() -> dict[str, int]:
+    """Label name (lower case) -> label value of every segmentation expert's configured labels (VISTA3D's
+    classes, BRATS's regions): how a segment's name is turned back into the value the experts use."""
+    from vila_m3.experts.registry import ExpertRegistry
+
+    values: dict[str, int] = {}
+    for spec in ExpertRegistry.from_config().configured:
+        for value, name in spec.labels.items():
+            values.setdefault(" ".join(str(name).lower().split()), int(value))
+    return values
+
+
+def seg_to_labelmap(seg: Dataset, geometry: tuple[Sequence[float], Sequence[float], Sequence[float]],
+                    shape: Sequence[int], sources: Sequence[Dataset],
+                    values: Mapping[str, int] | None = None) -> tuple[np.ndarray, dict[str, int]]:
+    """The labelmap (``[z, y, x]``, ``shape``) of a DICOM Segmentation of ``sources`` on the image grid
+    ``geometry`` (spacing, origin, direction as in :func:`labelmap_to_seg`), and its label names.
+
+    A segment whose label is a known expert label (``values``, default :func:`expert_label_values`) gets that
+    value; any other keeps its segment number (past the known values it would collide with, it is moved up).
+    """
+    import highdicom as hd
+
+    spacing, origin, direction = (np.asarray(v, dtype=float) for v in geometry)
+    axes = direction.reshape(3, 3)
+    n_slices = int(shape[0])
+    placed = {}
+    for ds in sources:
+        placed[_slice_index(ds, origin, axes, spacing)] = ds.SOPInstanceUID
+    if sorted(placed) != list(range(n_slices)):
+        raise SegError("the segmentation's source series does not match the image")
+    reader = seg if isinstance(seg, hd.seg.Segmentation) else hd.seg.Segmentation.from_dataset(seg)
+    values = expert_label_values() if values is None else values
+    numbers = {int(d.SegmentNumber): str(d.SegmentLabel) for d in reader.SegmentSequence}
+    mapping: dict[int, int] = {}
+    used = set()
+    for number, name in sorted(numbers.items()):
+        value = values.get(" ".join(name.lower().split()))
+        if value is None or value in used:
+            value = number
+            while value in used or value in values.values():
+                value += 1
+        mapping[number] = value
+        used.add(value)
+    pixels = reader.get_pixels_by_source_instance(
+        source_sop_instance_uids=[placed[k] for k in range(n_slices)], combine_segments=True, relabel=False,
+        skip_overlap_checks=True,
+    )
+    labels = np.zeros(tuple(int(n) for n in shape), dtype=np.uint16)
+    for number, value in mapping.items():
+        labels[pixels == number] = value
+    return labels, {numbers[number]: value for number, value in mapping.items()}
