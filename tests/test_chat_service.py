@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from chat_doubles import ScriptedVLM
+from vlm_fixtures import chat_llama3, tiny_llama3  # noqa: F401 - fixtures
 
 from vila_m3.chat.loop import TurnRequest
 from vila_m3.chat.service import ChatService, ServedVLM, VlmProvider
@@ -208,3 +209,13 @@ def test_only_the_starter_cancels_a_turn(tmp_path, sample_data, experts, registr
     models.hold.set()
     thread.join(10)
     assert out["result"].cancelled is True
+
+
+def test_the_vlm_waits_in_the_queue_of_its_device(chat_llama3):  # noqa: F811
+    from vila_m3.chat.service import vlm_device
+    from vila_m3.vlm.remote import RemoteVLM
+
+    device = chat_llama3.model.device
+    assert vlm_device(chat_llama3) == ("cpu" if device.type == "cpu" else f"cuda:{device.index or 0}")
+    remote = RemoteVLM.from_config({"base_url": "http://127.0.0.1:9/v1", "model": "served-elsewhere"})
+    assert vlm_device(remote) == "remote"  # a serving engine schedules its own GPUs
