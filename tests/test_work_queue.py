@@ -139,6 +139,24 @@ def test_past_queue_max_new_jobs_are_refused_with_a_retry_estimate():
     assert queue.run(lambda: "free") == "free"  # an idle queue runs at once
 
 
+def test_a_request_already_admitted_is_not_refused_half_way():
+    queue, log, lock = WorkQueue("cpu", concurrency=1, max_waiting=1), [], threading.Lock()
+    turn = JobControl()
+    assert queue.run(lambda: "first answer", turn) == "first answer" and turn.admitted
+    gates = [Gate(f"job{n}", log, lock) for n in range(2)]
+    for gate in gates:
+        submit(queue, gate)
+    wait_until(lambda: queue.stats().waiting == 1)
+    with pytest.raises(QueueFull):
+        queue.run(lambda: "a new request", JobControl())
+    thread, out = submit(queue, lambda: "its expert", turn)  # the same request's next job waits in line
+    wait_until(lambda: queue.stats().waiting == 2)
+    for gate in gates:
+        gate.release.set()
+    thread.join(5)
+    assert out == {"result": "its expert"}
+
+
 def test_positions_are_reported_when_waiting_and_again_when_they_change():
     queue, log, lock = WorkQueue("cpu", max_waiting=10), [], threading.Lock()
     gates = [Gate(f"job{n}", log, lock) for n in range(4)]
@@ -190,3 +208,40 @@ def test_devices_queue_independently():
     assert busy.started.wait(5)
     assert queues.run("cpu", lambda: "cpu-job") == "cpu-job"  # the GPU's job holds up nothing on the CPU
     busy.release.set()
+
+
+# --- the experts through the queue (stand-in VISTA3D through the real runner) -------------------------
+
+
+@pytest.fixture(scope="module")
+def vista3d_models(tmp_path_factory: pytest.TempPathFactory):
+    from vila_m3.models.stand_ins import stage_stand_ins
+
+    root = tmp_path_factory.mktemp("queue-models")
+    stage_stand_ins(root, ("vista3d",))
+    return root
+
+
+def test_an_uncached_expert_waits_in_its_devices_queue_and_a_cached_one_never_does(vista3d_models, sample_data):
+    from vila_m3.experts.service import ExpertService
+
+    queues = WorkQueues({"cpu": 1}, max_waiting=0)  # nothing may wait: a busy CPU refuses new jobs
+    experts = ExpertService(vista3d_models, queues=queues, device="cpu", idle_release_s=0)
+    ct = sample_data / "studies" / "ct_abdomen.nii.gz"
+    control = JobControl()
+    first = experts.segment_ct(ct, argument="hepatic tumor", control=control)
+    assert first.cached is False and queues.queue("cpu").stats().done == 1
+    assert {"queue", "prepare", "run", "finish"} <= set(first.timings)  # only the network's step is the job
+    assert first.result.ids_by_name == {"liver": 1, "hepatic tumor": 26}
+
+    log, lock = [], threading.Lock()
+    busy = Gate("busy", log, lock)
+    threading.Thread(target=queues.run, args=("cpu", busy), daemon=True).start()
+    assert busy.started.wait(5)
+    again = experts.segment_ct(ct, argument="hepatic tumor")  # cached: served while the CPU queue is busy
+    assert again.cached is True and again.result is first.result
+    with pytest.raises(QueueFull):
+        experts.segment_ct(ct, argument="organs")  # uncached: it would have to wait, and none may
+    busy.release.set()
+    wait_until(lambda: queues.queue("cpu").stats().running == 0)
+    experts.close()
