@@ -277,15 +277,16 @@ def test_bad_requests_name_the_problem_and_change_nothing(tmp_path, sample_data,
 
 def test_a_cached_expert_result_is_encoded_once_and_copied_into_later_chats(tmp_path, sample_data, service,
                                                                            registry, monkeypatch):
-    import vila_m3.chat.loop as loop_module
+    import vila_m3.imaging.io as io_module  # save_labelmap encodes through write_labelmap
 
     writes = []
-    real_write = loop_module.write_labelmap
-    monkeypatch.setattr(loop_module, "write_labelmap", lambda *a, **k: writes.append(a[2]) or real_write(*a, **k))
+    real_write = io_module.write_labelmap
+    monkeypatch.setattr(io_module, "write_labelmap", lambda *a, **k: writes.append(a[2]) or real_write(*a, **k))
     loop, _ = make_loop(tmp_path, service, registry, [TRIGGER, "Yes.", TRIGGER, "Yes."])
     first = loop.run_turn(ct_request(sample_data, chat_id="first"))
+    encoded = len(writes)  # 0 when an earlier test of this module already encoded the shared cached result
     second = loop.run_turn(ct_request(sample_data, chat_id="second"))
-    assert second.experts[0].cached and len(writes) == 1
+    assert second.experts[0].cached and encoded <= 1 and len(writes) == encoded
     first_file = loop.store.folder("first") / first.chat.labels
     second_file = loop.store.folder("second") / second.chat.labels
     assert second_file.read_bytes() == first_file.read_bytes()

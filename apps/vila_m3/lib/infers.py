@@ -20,7 +20,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from lib.datastore import StudyFiles
 from vila_m3.experts.registry import ExpertSpec, UnknownArgument
 from vila_m3.experts.service import ExpertRun, ExpertService
-from vila_m3.imaging import VolumeReadError, write_labelmap
+from vila_m3.imaging import VolumeReadError, save_labelmap
 from vila_m3.imaging.sequences import SEQUENCE_ALIASES, SEQUENCE_ORDER, sibling_sequences
 from vila_m3.security.paths import scrub_paths
 from vila_m3.work_queue import QueueFull
@@ -97,7 +97,7 @@ class ExpertInferTask(InferTask):
         result = outcome.result
         handle, path = tempfile.mkstemp(suffix=".nii.gz", prefix=f"{self.spec.name.lower()}-")
         os.close(handle)
-        write_labelmap(result.labels.array, result.labels.geometry, path)
+        save_labelmap(result.labels, path)  # encoded once per result; a cached repeat writes the same bytes
         return path, {"label_names": result.ids_by_name, "argument": result.argument}
 
 

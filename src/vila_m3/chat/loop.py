@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
-import shutil
 import threading
 import time
-import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +28,7 @@ from vila_m3.experts.registry import ExpertRegistry, ExpertSpec
 from vila_m3.experts.result import SegmentationResult
 from vila_m3.experts.service import ExpertService
 from vila_m3.experts.triggers import Trigger, find_triggers
-from vila_m3.imaging import Volume, write_labelmap
+from vila_m3.imaging import Volume, save_labelmap
 from vila_m3.imaging.overlay import render_overlay
 from vila_m3.logtext import fingerprint
 from vila_m3.security.paths import scrub_paths
@@ -181,8 +178,6 @@ class ChatLoop:
         self.store = store
         self.max_rounds = max_rounds
         self.max_triggers = max_triggers
-        # id(labelmap) -> (weak reference to it, the file first written for it)
-        self._label_files: dict[int, tuple[weakref.ref, Path]] = {}
         describe = getattr(vlm, "describe", None)
         self.vlm_info = {
             "name": vlm_name or (describe() if callable(describe) else type(vlm).__name__),
@@ -472,23 +467,12 @@ class ChatLoop:
     def _store_labels(self, chat: Chat, labels: Volume) -> str:
         """Keep the turn's labelmap in the chat folder (the data engine and corrections use it).
 
-        Encoding a large labelmap takes a while (~0.25 s for 512x512x200), so an expert result seen
-        before (the same cached object) is copied from the file written for it the first time.
+        The labelmap is encoded once per expert result (:func:`~vila_m3.imaging.save_labelmap` keeps the
+        NIfTI bytes on it): a cached result shown again, or the file MONAI Label sends, reuses them.
         """
         number = sum(1 for message in chat.messages if message.role == "user")
         target = self.store.folder(chat.chat_id) / f"turn{number:03d}_labels.nii.gz"
-        reference, written = self._label_files.get(id(labels), (None, None))
-        if reference is not None and reference() is labels and written.is_file():
-            partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            try:  # copied aside and renamed, as write_labelmap does: never a partial labelmap
-                shutil.copyfile(written, partial)
-                os.replace(partial, target)
-            finally:
-                partial.unlink(missing_ok=True)
-        else:
-            write_labelmap(labels.array, labels.geometry, target)
-            self._label_files = {key: entry for key, entry in self._label_files.items() if entry[0]() is not None}
-            self._label_files[id(labels)] = (weakref.ref(labels), target)
+        save_labelmap(labels, target)
         return target.name
 
     def _display_colors(self, calls: list[ExpertCall], names: Mapping[int, str]) -> dict[str, list[int]]:

@@ -15,6 +15,7 @@ from vila_m3.imaging.io import (
     list_dicom_series,
     read_labelmap,
     read_volume,
+    save_labelmap,
     write_labelmap,
 )
 from vila_m3.imaging.overlay import assign_colors, overlay_labels, present_labels, render_overlay
@@ -56,6 +57,7 @@ __all__ = [
     "render_label_slice",
     "render_overlay",
     "render_slice",
+    "save_labelmap",
     "slice_index_at",
     "slice_index_count",
     "to_rgb",

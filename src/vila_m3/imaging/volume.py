@@ -211,6 +211,11 @@ class Volume:
         self._derived[name] = (array, value)
         return value
 
+    def remembered(self, name: str) -> Any | None:
+        """The value :meth:`derived` remembered under ``name`` for the current array, None if none."""
+        entry = self._derived.get(name)
+        return entry[1] if entry is not None and entry[0] is self.array else None
+
     def to_sitk(self) -> sitk.Image:
         """A SimpleITK image with this array (copied) and geometry."""
         return self.geometry.to_sitk(sitk.GetImageFromArray(self.array))
