@@ -291,6 +291,21 @@ def test_the_panel_sends_an_unknown_volume_after_consent_and_shows_the_answer(cl
     assert "A lesion in the liver." in widget.ui.transcriptBrowser.html and "VISTA3D(hepatic tumor)" in widget.ui.transcriptBrowser.html
     assert list((tmp_path / "VILAM3Chat").glob("upload-*")) == [], "the exported volume is deleted once sent"
 
+    widget.onServerUrlEdited()  # the address is a setting: the restarted panel starts with it
+    widget.ui.transcriptBrowser.html = ""
+    restarted = module.VILAM3ChatWidget()  # Slicer restarted, the scene saved with the volume reopened
+    restarted.setup()  # picks the Red view's volume and asks the server for its stored chat
+    while restarted.jobs.running("restore") and time.monotonic() < deadline:
+        restarted.jobs.poll()
+        time.sleep(0.02)
+    restarted.jobs.poll()
+    assert restarted.ui.statusLabel.text.startswith(f"Chat {answer.chat_id} restored from the server. Its last "
+                                                    "segmentation is 'VILA-M3 "), restarted.ui.statusLabel.text
+    assert "A lesion in the liver." in restarted.ui.transcriptBrowser.html
+    assert slicer_core.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 2
+    assert restarted.logic.knownStudy(volume, client.server_url) is None, "a session is not a datastore image"
+    widget.ui.serverUrlLineEdit.text = client.server_url
+
     widget.ui.questionLineEdit.text = "Again?"
     fake_vlm.script(sse(["Still there."]))
     widget.onSend()  # the volume is now known (session): no more questions
@@ -385,8 +400,8 @@ def test_a_turn_from_the_logic_on_a_real_scene_gives_the_servers_labelmap_voxel_
     restarted = module.VILAM3ChatLogic(slicer_core.scene, tempDir=str(tmp_path / "after-restart"))
     volume.RemoveAttribute("VILAM3Chat.ImageId")
     assert restarted.storedChatId(volume) == chat_id
-    chat, labels_path = restarted.fetchChat(client, chat_id)
-    state, restored = restarted.restoreChat(chat, labels_path, volume, client.server_url)
+    chat, labels_path, images = restarted.fetchChat(client, chat_id)
+    state, restored = restarted.restoreChat(chat, labels_path, volume, client.server_url, images)
     html = state.to_html()
     assert "Is there a liver tumor?" in html and "Yes, the liver shows a lesion." in html
     assert restarted.knownStudy(volume, client.server_url).image_id == "ct_abdomen"

@@ -103,6 +103,7 @@ class VILAM3ChatWidget(ScriptedLoadableModuleWidget):
         self.logic: VILAM3ChatLogic | None = None
         self.jobs = BackgroundJobs()
         self.states: dict[str, ChatState] = {}
+        self.restoring: set[str] = set()  # stored chats asked for in this session
         self.turn: dict | None = None
         self.stopRequested = False
         self.lastAnswer: TurnAnswer | None = None
@@ -138,6 +139,7 @@ class VILAM3ChatWidget(ScriptedLoadableModuleWidget):
         self.timer.connect("timeout()", self.jobs.poll)
         self.timer.start()
         self.selectDefaultVolume()
+        self.restoreStoredChat()
         self.updateButtons()
         self.render()
 
@@ -207,17 +209,21 @@ class VILAM3ChatWidget(ScriptedLoadableModuleWidget):
             primary = self.selectedVolumes()
             primary = primary.get("t1c") or primary["image"]
             chatId = self.logic.storedChatId(primary)
-            if not chatId or chatId in self.states or self.jobs.running("restore"):
+            if not chatId or chatId in self.restoring or self.jobs.running("restore") or self.stateFor(chatId).messages:
                 return
             client = self.currentClient()
         except ValueError:
             return
-        self.states[chatId] = ChatState()  # tried once
+        self.restoring.add(chatId)
+
+        def failed(err: BaseException):
+            self.restoring.discard(chatId)  # tried again when the volume is picked again
+            self.setStatus(f"Chat {chatId} was not restored: {err}", error=True)
 
         def restored(result):
-            chat, labelsPath = result
+            chat, labelsPath, datastoreImages = result
             try:
-                state, node = self.logic.restoreChat(chat, labelsPath, primary, client.server_url)
+                state, node = self.logic.restoreChat(chat, labelsPath, primary, client.server_url, datastoreImages)
             except Exception as err:
                 self.showError(err)
                 return
@@ -229,8 +235,7 @@ class VILAM3ChatWidget(ScriptedLoadableModuleWidget):
             self.setStatus(message)
             self.render()
 
-        self.jobs.start("restore", lambda job: self.logic.fetchChat(client, chatId), restored,
-                        lambda err: self.setStatus(f"Chat {chatId} was not restored: {err}", error=True))
+        self.jobs.start("restore", lambda job: self.logic.fetchChat(client, chatId), restored, failed)
 
     # --- display ----------------------------------------------------------------------------------
 
@@ -585,19 +590,22 @@ class VILAM3ChatLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def fetchChat(client: VilaM3Client, chatId: str) -> tuple:
-        """(worker) A stored chat and its last labelmap (a temporary file, or None when it has none)."""
+        """(worker) A stored chat, its last labelmap (a temporary file, or None when it has none) and
+        the datastore's image ids."""
         chat = client.get_chat(chatId)
         try:
             labelsPath = client.get_labels(chatId) if chat.get("labels") else None
         except RequestRejected:
             labelsPath = None
-        return chat, labelsPath
+        return chat, labelsPath, set(client.datastore_images())
 
-    def restoreChat(self, chat: dict, labelsPath: str | None, volumeNode, serverUrl: str) -> tuple:
+    def restoreChat(self, chat: dict, labelsPath: str | None, volumeNode, serverUrl: str,
+                    datastoreImages: set | None = None) -> tuple:
         """Put a stored chat back into the panel: its transcript (a ChatState), the link between the
-        volume and the chat's datastore image, and its last segmentation as a new segmentation node
-        (segments named by the node's stored label values where the scene kept them). Returns
-        ``(state, segmentationNode or None)``; the labelmap file is deleted."""
+        volume and the chat's image when that is a datastore image (a session is gone after a
+        restart), and its last segmentation as a new segmentation node (segments named by the
+        node's stored label values where the scene kept them). Returns ``(state, segmentationNode
+        or None)``; the labelmap file is deleted."""
         chatId = str(chat.get("chat_id") or "")
         state = ChatState()
         state.load_transcript(chat.get("messages") or [], chatId)
@@ -605,7 +613,7 @@ class VILAM3ChatLogic(ScriptedLoadableModuleLogic):
         volumeNode.SetAttribute(ATTR_CHAT_ID, chatId)
         study = chat.get("study") or {}
         imageId = study.get("image") if isinstance(study, dict) else None
-        if isinstance(imageId, str) and imageId and not volumeNode.GetAttribute(ATTR_IMAGE_ID):
+        if imageId in (datastoreImages or set()) and not volumeNode.GetAttribute(ATTR_IMAGE_ID):
             self.rememberImage(volumeNode, serverUrl, imageId)
         node = None
         try:
