@@ -246,3 +246,67 @@ def test_datagen_reads_the_final_label_back_from_the_pacs_and_writes_conversatio
     assert any("<VISTA3D(hepatic tumor)>" in text for text in triggers)  # the label read back with VISTA3D's ids
     text = (export / "train.json").read_text(encoding="utf-8")
     assert "PHANTOM-CT-ABD" not in text and orthanc.series["ct_abdomen"] not in text
+
+
+def _bad_series(sample_data: Path, folder: Path) -> dict[str, tuple[str, list[Path]]]:
+    """Series that must be refused: name -> (series UID, files). A CT with a missing slice, a CT with truncated
+    pixel data, a structured report and a PDF, all in the CT's study."""
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ct_files = sorted((sample_data / "dicom" / "ct_abdomen").glob("*.dcm"))
+    made: dict[str, tuple[str, list[Path]]] = {}
+    for name in ("missing_slice", "corrupt"):
+        uid, paths = generate_uid(), []
+        for k, path in enumerate(ct_files):
+            if name == "missing_slice" and k == 30:
+                continue
+            ds = pydicom.dcmread(path)
+            ds.SeriesInstanceUID = uid
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            if name == "corrupt" and k == 10:
+                ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3]
+            out = folder / f"{name}-{k:03d}.dcm"
+            ds.save_as(out)
+            paths.append(out)
+        made[name] = (uid, paths)
+    template = pydicom.dcmread(ct_files[0], stop_before_pixels=True)
+    for name, sop_class, modality in (("report", "1.2.840.10008.5.1.4.1.1.88.11", "SR"),
+                                      ("pdf", "1.2.840.10008.5.1.4.1.1.104.1", "DOC")):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.is_little_endian, ds.is_implicit_VR = True, False
+        ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+        for keyword in ("PatientName", "PatientID", "StudyInstanceUID", "StudyDate"):
+            setattr(ds, keyword, getattr(template, keyword))
+        ds.SeriesInstanceUID, ds.Modality, ds.SeriesNumber, ds.InstanceNumber = generate_uid(), modality, 77, 1
+        if modality == "SR":
+            ds.ValueType, ds.CompletionFlag, ds.VerificationFlag = "CONTAINER", "COMPLETE", "UNVERIFIED"
+        else:
+            ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+            ds.EncapsulatedDocument = b"%PDF-1.4\n%%EOF\n"
+        out = folder / f"{name}.dcm"
+        ds.save_as(out)
+        made[name] = (str(ds.SeriesInstanceUID), [out])
+    return made
+
+
+def test_a_corrupt_a_non_image_and_an_incomplete_series_are_refused_and_the_rest_keeps_working(
+        pacs_server, orthanc, sample_data, tmp_path):
+    bad = _bad_series(sample_data, tmp_path)
+    for _, paths in bad.values():
+        orthanc.upload(paths)
+    expected = {"missing_slice": "missing slices", "corrupt": "truncated pixel data", "report": "SR series",
+                "pdf": "DOC series"}
+    for name, (uid, _) in bad.items():
+        response = infer(pacs_server, "vista3d", uid, {"group": "liver"})
+        assert response.status_code == 422, (name, response.text)
+        assert expected[name] in response.json()["detail"], (name, response.text)
+        assert ".cache" not in response.text and str(tmp_path) not in response.text
+    good, _ = multipart(infer(pacs_server, "vista3d", orthanc.series["ct_abdomen"], {"group": "hepatic tumor"}))
+    assert good["label_names"] == {"liver": 1, "hepatic tumor": 26}
+    listing = pacs_server.get("/datastore/", params={"output": "all"}).json()["objects"]
+    assert bad["report"][0] not in listing and bad["pdf"][0] not in listing

@@ -328,7 +328,8 @@ class StudyFiles:
             logger.warning("datastore lookup of %r failed", image_id, exc_info=True)
             uri = ""
         if not uri or not os.path.exists(uri):
-            raise HTTPException(BAD_NAME, not_in_datastore(image_id, what))
+            problem = getattr(self.datastore, "image_problem", lambda _: None)(image_id)  # a PACS says why
+            raise HTTPException(BAD_NAME, f"{what}: {problem}" if problem else not_in_datastore(image_id, what))
         return uri
 
     def is_image_of(self, path: str, image_id: Any) -> bool:

@@ -29,12 +29,15 @@ from fastapi import HTTPException
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
+from monailabel.datastore.utils.convert import dicom_to_nifti
+from monailabel.datastore.utils.dicom import dicom_web_download_series
 from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
 
 import vila_m3
 from vila_m3.imaging import read_labelmap, read_volume, write_labelmap
 from vila_m3.imaging.dicom_seg import SegAlgorithm, SegError, labelmap_to_seg, read_series, seg_to_labelmap
+from vila_m3.imaging.dicom_series import series_problem
 from vila_m3.security.paths import is_valid_id, is_within, scrub_paths
 
 logger = logging.getLogger(__name__)
@@ -62,6 +65,7 @@ class PacsDatastore(DICOMWebDatastore):
         self._modalities = IMAGE_MODALITIES if modality in (None, "", "CT") else frozenset({str(modality)})
         super().__init__(client, filters, cache_path=cache_path, fetch_by_frame=fetch_by_frame,
                          convert_to_nifti=True)
+        self._problems: dict[str, str] = {}  # series id -> why it was refused
 
     @property
     def cache_root(self) -> str:
@@ -81,24 +85,60 @@ class PacsDatastore(DICOMWebDatastore):
                             modality or "unknown")
         return images
 
+    def _is_image_series(self, image_id: str) -> bool:
+        """Whether ``image_id`` is an image series of the PACS: listed, or (stored since the listing was made)
+        found by its UID with an image modality; a non-image series is remembered with its reason."""
+        if image_id in self.list_images():
+            return True
+        try:
+            found = self._client.search_for_series(search_filters={"SeriesInstanceUID": image_id})
+        except Exception:  # the PACS's lookup failed: no such image for this request
+            logger.warning("PACS lookup of series %s failed", image_id, exc_info=True)
+            return False
+        if not found:
+            return False
+        modality = _value(found[0], "00080060")
+        if modality not in self._modalities:
+            self._problems[image_id] = f"series {image_id} is a {modality or 'non-image'} series, not an image"
+            return False
+        return True
+
+    def image_problem(self, image_id: str) -> str | None:
+        """Why series ``image_id`` was refused (a sentence for the client, no paths), or None."""
+        return self._problems.get(image_id) if is_valid_id(image_id) else None
+
     def get_image_uri(self, image_id: str) -> str:
         """The image's NIfTI in the cache, downloaded and converted at first use; "" for an id that is not
-        an image series of the PACS, or a series that cannot be read as a volume (logged)."""
-        if not is_valid_id(image_id) or image_id not in self.list_images():
+        an image series of the PACS, or a series that is not one readable volume (``image_problem`` says why;
+        the rest of the datastore keeps working)."""
+        if not is_valid_id(image_id) or not self._is_image_series(image_id):
             return ""
+        image_dir = os.path.realpath(os.path.join(self._datastore.image_path(), image_id))
+        nifti = os.path.realpath(os.path.join(self._datastore.image_path(), f"{image_id}.nii.gz"))
+        if not (image_dir.startswith(self.cache_root + os.sep) and nifti.startswith(self.cache_root + os.sep)):
+            return ""
+        if os.path.isfile(nifti) and image_id in self._datastore.objects:
+            return nifti
         try:
-            uri = super().get_image_uri(image_id)
-        except Exception as err:  # a corrupt or incomplete series: refused, the rest keeps working
+            if not os.path.isdir(image_dir) or not os.listdir(image_dir):
+                dicom_web_download_series(None, image_id, image_dir, self._client, self._fetch_by_frame)
+            problem = series_problem(image_dir)
+            if problem is None:
+                converted = dicom_to_nifti(image_dir)
+                try:
+                    LocalDatastore.add_image(self, image_id, converted, self._dicom_info(image_id))
+                finally:
+                    with contextlib.suppress(OSError):
+                        os.unlink(converted)
+        except Exception as err:  # the download or the conversion failed
             logger.warning("PACS series %s could not be read as an image: %s", image_id, str(err)[:200])
+            problem = "it could not be read as a volume"
+        if problem is not None:
+            logger.warning("PACS series %s refused: %s", image_id, problem)
+            self._problems[image_id] = f"series {image_id} cannot be used: {problem}"
             return ""
-        # At the first download MONAI Label answers its temporary NIfTI (outside the cache) after copying
-        # it into the cache: answer the cache's copy, always, and drop the temporary one.
-        cached_copy = os.path.realpath(os.path.join(self._datastore.image_path(), f"{image_id}.nii.gz"))
-        if uri and os.path.realpath(uri) != cached_copy and os.path.isfile(cached_copy):
-            with contextlib.suppress(OSError):
-                os.unlink(uri)
-            return cached_copy
-        return uri if uri and os.path.realpath(uri).startswith(self.cache_root + os.sep) else ""
+        self._problems.pop(image_id, None)
+        return nifti if os.path.isfile(nifti) else ""
 
     def series_folder(self, image_id: str) -> Path | None:
         """The folder of the series' downloaded DICOM instances in the cache (downloaded if needed), or None."""
