@@ -723,7 +723,6 @@ class VILAM3ChatLogic(ScriptedLoadableModuleLogic):
             # both in the image's frame: import first, then place under the volume's transform
             if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmapNode,
                                                                                            segmentationNode):
-                scratch.keep()
                 self.scene.RemoveNode(segmentationNode.GetDisplayNode())
                 self.scene.RemoveNode(segmentationNode)
                 raise RuntimeError("Slicer could not import the returned labelmap")
