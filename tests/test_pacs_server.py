@@ -48,10 +48,10 @@ def fake_vlm() -> Iterator[FakeOpenAIServer]:
 @pytest.fixture(scope="module")
 def pacs_server(tmp_path_factory: pytest.TempPathFactory, orthanc: RunningOrthanc,
                 fake_vlm: FakeOpenAIServer) -> Iterator[RunningServer]:
-    """MONAI Label with this app on Orthanc's DICOMweb, VISTA3D and CXR stand-ins and the scripted VLM."""
+    """MONAI Label with this app on Orthanc's DICOMweb, VISTA3D, BRATS and CXR stand-ins and the scripted VLM."""
     root = tmp_path_factory.mktemp("pacs-server")
-    stage_stand_ins(root / "models", ("vista3d", "cxr"))
-    conf = {"models": "vila_m3,vista3d,cxr", "vlm_url": fake_vlm.url, "vlm_model": "fake-vila-m3",
+    stage_stand_ins(root / "models", ("vista3d", "brats", "cxr"))
+    conf = {"models": "vila_m3,vista3d,brats,cxr", "vlm_url": fake_vlm.url, "vlm_model": "fake-vila-m3",
             "chats_dir": str(root / "chats"), "models_dir": str(root / "models")}
     server = start_monailabel(root, orthanc.dicomweb_url, conf=conf)  # type: ignore[arg-type]
     try:
@@ -145,6 +145,27 @@ def test_an_id_that_is_not_a_pacs_image_series_is_a_422_without_paths(pacs_serve
         response = infer(pacs_server, "vista3d", image, {"group": "liver"})
         assert response.status_code == 422, response.text
         assert "/etc" not in response.text and ".cache" not in response.text
+
+
+def test_brats_on_one_mri_series_finds_the_other_three_by_series_description(pacs_server, orthanc, sample_data,
+                                                                             tmp_path):
+    answer, data = multipart(infer(pacs_server, "brats", orthanc.series["brain_mri_flair"], {}))
+    assert set(answer["label_names"].values()) <= {1, 2, 4}
+    (tmp_path / "labels.nii.gz").write_bytes(data)
+    labels = read_labelmap(tmp_path / "labels.nii.gz")
+    t1c = read_volume(sample_data / "studies" / "brain_mri_t1c.nii.gz")
+    assert labels.geometry.allclose(t1c.geometry, atol=1e-3)
+
+
+def test_a_dicom_session_works_beside_the_pacs(pacs_server, sample_data):
+    files = sorted((sample_data / "dicom" / "ct_abdomen").glob("*.dcm"))
+    created = requests.put(f"{pacs_server.url}/session/", files=[("files", (p.name, p.read_bytes())) for p in files],
+                           timeout=120)
+    assert created.status_code == 200, created.text
+    response = requests.post(f"{pacs_server.url}/infer/vista3d", params={"session_id": created.json()["session_id"],
+                             "output": "all"}, data={"params": json.dumps({"group": "hepatic tumor"})}, timeout=300)
+    answer, _ = multipart(response)
+    assert answer["label_names"] == {"liver": 1, "hepatic tumor": 26}
 
 
 def test_output_dicom_seg_is_a_seg_of_the_series_equal_to_the_labelmap(pacs_server, orthanc, sample_data, tmp_path):

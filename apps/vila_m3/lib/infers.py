@@ -140,6 +140,11 @@ class BratsInferTask(ExpertInferTask):
                     raise HTTPException(BAD_INPUT, f"BRATS: sequences.{SEQUENCE_ALIASES[str(name).lower()]} must be an "
                                                    "image id (text)")
             return {name: self.files.named(image, f"sequences.{name}") for name, image in given.items()}
+        in_pacs = getattr(self.files.datastore, "study_sequences", None)  # a PACS: by series description
+        if in_pacs is not None and request.get("image_id"):
+            found = {name: self.files.trusted(path) for name, path in in_pacs(str(request["image_id"])).items()}
+            if found:
+                return found
         found = {name: self.files.trusted(str(path)) for name, path in sibling_sequences(request["image"]).items()}
         return found or {"t1c": request["image"]}
 

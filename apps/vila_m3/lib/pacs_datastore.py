@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ import vila_m3
 from vila_m3.imaging import read_labelmap, read_volume, write_labelmap
 from vila_m3.imaging.dicom_seg import SegAlgorithm, SegError, labelmap_to_seg, read_series, seg_to_labelmap
 from vila_m3.imaging.dicom_series import series_problem
+from vila_m3.imaging.sequences import SEQUENCE_ALIASES, SEQUENCE_ORDER
 from vila_m3.security.paths import is_valid_id, is_within, scrub_paths
 
 logger = logging.getLogger(__name__)
@@ -269,6 +271,33 @@ class PacsDatastore(DICOMWebDatastore):
 
     def get_labeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
         return sorted(self._final_segs())
+
+    def study_sequences(self, image_id: str) -> dict[str, str]:
+        """The four BRATS sequences of the MRI study that series ``image_id`` belongs to, found by the sequence
+        name in each MR series' description (``... T1C``, ``T1``, ``T2``, ``FLAIR``; aliases as for file names):
+        ``{t1c|t1|t2|flair: NIfTI in the cache}``, or {} unless all four are there, one each, ``image_id`` among them."""
+        if not is_valid_id(image_id) or not self._is_image_series(image_id):
+            return {}
+        try:
+            study = str(self.series_info(image_id).StudyInstanceUID)
+            found = self._client.search_for_series(search_filters={"StudyInstanceUID": study})
+        except Exception:
+            logger.warning("PACS lookup of the study of series %s failed", image_id, exc_info=True)
+            return {}
+        series: dict[str, list[str]] = {}
+        for item in found:
+            if _value(item, "00080060") != "MR":
+                continue
+            words = re.split(r"[^a-z0-9]+", _value(item, "0008103E").lower())
+            name = next((SEQUENCE_ALIASES[w] for w in reversed(words) if w in SEQUENCE_ALIASES), None)
+            if name:
+                series.setdefault(name, []).append(_value(item, "0020000E"))
+        if set(series) != set(SEQUENCE_ORDER) or any(len(uids) != 1 for uids in series.values()):
+            return {}
+        if image_id not in {uids[0] for uids in series.values()}:
+            return {}
+        paths = {name: self.get_image_uri(uids[0]) for name, uids in series.items()}
+        return paths if all(paths.values()) else {}
 
     def series_info(self, series_uid: str) -> Dataset:
         """The PACS's QIDO-RS attributes of series ``series_uid``."""
