@@ -331,3 +331,31 @@ def test_a_corrupt_a_non_image_and_an_incomplete_series_are_refused_and_the_rest
     assert good["label_names"] == {"liver": 1, "hepatic tumor": 26}
     listing = pacs_server.get("/datastore/", params={"output": "all"}).json()["objects"]
     assert bad["report"][0] not in listing and bad["pdf"][0] not in listing
+
+
+def test_the_chat_slice_is_the_one_on_screen_whatever_the_series_instance_order(pacs_server, orthanc, fake_vlm,
+                                                                              sample_data, tmp_path):
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    uid, paths = generate_uid(), []
+    files = sorted((sample_data / "dicom" / "ct_abdomen").glob("*.dcm"))
+    for k, path in enumerate(files):  # the same CT, instances numbered head to feet instead of feet to head
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID = uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = len(files) - k
+        paths.append(tmp_path / f"r{len(files) - k:03d}.dcm")
+        ds.save_as(paths[-1])
+    orthanc.upload(sorted(paths))
+    seen = []
+    for series, chat in ((orthanc.series["ct_abdomen"], "order-a"), (uid, "order-b")):
+        fake_vlm.script(sse(["A CT slice."]))
+        response = requests.post(f"{pacs_server.url}/infer/vila_m3", params={"image": series, "output": "all"},
+                                 data={"params": json.dumps({"prompt": "Describe it.", "chat_id": chat,
+                                                             "slice_index": 20})}, timeout=300)
+        answer, _ = multipart(response)
+        assert answer["slice"] == {"axis": "axial", "index": 20}
+        seen.append([part["image_url"]["url"] for part in fake_vlm.posts[-1].body["messages"][-1]["content"]
+                     if part["type"] == "image_url"])
+    assert seen[0] and seen[0] == seen[1]  # the same pixels reached the VLM
