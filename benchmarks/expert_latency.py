@@ -30,8 +30,25 @@ milliseconds, so the checkpoint-loading share of the per-call workflow is far sm
 the real weights, while on a CPU the sliding-window inference dominates both paths. The ratio is
 therefore a lower bound of what the real bundles on a GPU would show.
 
+**Split per step** (printed first; ``--split-only`` prints only it): one VISTA3D call on a synthetic
+512 × 512 × 200 CT (``--split-shape``; 0.8 × 0.8 × 2 mm, the CT of ``benchmarks/chat_overhead.py``)
+with the stand-in bundle the server stages (``stage_stand_ins``: 4 mm resampling, 56 × 56 × 40
+windows), timed step by step: read the volume, preprocess (the bundle's transforms, with the 4 mm
+resampling), network (sliding windows), postprocess (``VistaPostTransformd`` and the way back to the
+input grid), labelmap encode / write (the chat's copy and the file MONAI Label sends), overlay render
+(the slice PNG the model sees) and the total outside the network. ``cold`` is the first call of a fresh
+runner (network load included in its network row), ``warm`` the next one (another result, so the
+labelmap is encoded again). Two columns each: ``before``, the code path of the previous release (the
+CT copied into (X, Y, Z) order as float32, MONAI's ``Invertd`` through every step, the labelmap
+encoded for each file) rebuilt here from MONAI's transforms, and ``now``, :class:`Vista3DRunner`'s
+``prepare`` / ``infer`` / ``finish`` and :func:`save_labelmap`. Both run the same network on the same
+input in the same process, one after the other, under ``torch.set_num_threads(--threads)`` (default
+2, a two-core machine); the report says whether both labelmaps are equal voxel for voxel. Other work
+on the machine inflates every number: the header prints the load average.
+
 Run: ``.venv/bin/python benchmarks/expert_latency.py [--repeats 3] [--quick] [--tiny]
-[--experts vista3d,brats] [--device auto|cpu|cuda]``. Everything is written in a temporary folder.
+[--experts vista3d,brats] [--device auto|cpu|cuda] [--split-only] [--split-shape 512,512,200]
+[--threads 2]``. Everything is written in a temporary folder.
 """
 
 from __future__ import annotations
@@ -55,15 +72,25 @@ import monai
 import numpy as np
 import SimpleITK as sitk
 import torch
+from monai.apps.vista3d.transforms import VistaPostTransformd
 from monai.bundle import create_workflow
+from monai.data import MetaTensor
+from monai.transforms import Compose, Invertd
 
-from vila_m3.experts.bundle import default_device
+from vila_m3.experts.bundle import default_device, image_from_arrays
+from vila_m3.experts.colors import overlay_colors_float
 from vila_m3.experts.registry import ExpertRegistry
 from vila_m3.experts.service import ExpertRun, ExpertService, LruCache
-from vila_m3.imaging import read_volume
+from vila_m3.experts.vista3d import PreparedCT, Vista3DRunner
+from vila_m3.imaging import Volume, labelmap_like, read_volume, save_labelmap, write_labelmap
+from vila_m3.imaging.overlay import render_overlay
 from vila_m3.models.manifest import ModelManifest
+from vila_m3.models.stand_ins import stage_stand_ins
 from vila_m3.models.tiny_bundles import make_tiny_brats_bundle, make_tiny_vista3d_bundle
 from vila_m3.samples import CT_ID, MRI_ID, MRI_SEQUENCES, generate_samples
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from chat_overhead import write_ct  # noqa: E402  (the same synthetic CT as the chat benchmark)
 
 EXPERTS = ("vista3d", "brats")
 BUNDLE_IDS = {"vista3d": "vista3d", "brats": "brats_mri_segmentation"}
@@ -287,6 +314,123 @@ def describe_device(device: str | None) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
 
 
+# ------------------------------------------------------------------------------ split per step
+
+SPLIT_STEPS = ("read volume", "preprocess (resample)", "network", "postprocess (invert)",
+               "labelmap encode/write x2", "overlay render")
+SPLIT_PROMPT_GROUP = "hepatic tumor"
+
+
+def _previous_prepare(runner: Vista3DRunner, volume: Volume, prompt: list[int]) -> PreparedCT:
+    """The previous release's preprocessing: transforms instantiated per call, the CT copied into
+    (X, Y, Z) order as float32 element by element (``np.ascontiguousarray(transpose).astype``)."""
+    image = image_from_arrays([volume.array], volume.geometry)
+    data = np.ascontiguousarray(volume.array.transpose(2, 1, 0)).astype(np.float32)
+    image = MetaTensor(torch.from_numpy(data), affine=image.affine, meta=dict(image.meta))
+    preprocessing = Compose(runner.bundle.transforms("preprocessing"))
+    prepared = preprocessing({"image": image, "label_prompt": list(prompt)})
+    prepared["_preprocessing"] = preprocessing
+    return PreparedCT(volume, list(prompt), SPLIT_PROMPT_GROUP, prepared)
+
+
+def _previous_finish(runner: Vista3DRunner, prepared: PreparedCT, logits: torch.Tensor) -> Volume:
+    """The previous release's postprocessing: ``Invertd`` through every preprocessing step (a float64
+    affine grid over the whole input), then NaN → 0, round, transpose and cast on the full volume."""
+    data = prepared.data
+    image = data["image"]
+    class_vector = torch.as_tensor(data["label_prompt"], device=runner.device).reshape(-1, 1)
+    post = Compose([
+        VistaPostTransformd(keys="pred"),
+        Invertd(keys="pred", transform=data["_preprocessing"], orig_keys="image", nearest_interp=True,
+                to_tensor=True),
+    ])
+    pred = MetaTensor(logits.to(image.device), meta=dict(image.meta))
+    with torch.no_grad():
+        out = post({"image": image, "pred": pred, "label_prompt": class_vector})["pred"]
+    array = torch.nan_to_num(out[0].float(), nan=0.0).round().cpu().numpy()
+    labels = np.ascontiguousarray(array.transpose(2, 1, 0)).astype(np.uint16 if array.max() > 255 else np.uint8)
+    return labelmap_like(prepared.volume, labels)
+
+
+def _split_call(runner: Vista3DRunner, ct: Path, prompt: list[int], previous: bool, scratch: Path,
+                volume: Volume | None) -> tuple[dict[str, float], Volume, np.ndarray]:
+    """One VISTA3D call, step by step; returns (seconds per step, the volume read, the labels)."""
+    times: dict[str, float] = {}
+
+    def timed(step: str, action: Callable[[], Any]) -> Any:
+        synchronize()
+        start = time.perf_counter()
+        value = action()
+        synchronize()
+        times[step] = time.perf_counter() - start
+        return value
+
+    if volume is None:
+        volume = timed("read volume", lambda: read_volume(ct))
+    else:
+        times["read volume"] = 0.0  # warm: the service's volume cache holds it
+    if previous:
+        prepared = timed("preprocess (resample)", lambda: _previous_prepare(runner, volume, prompt))
+    else:
+        prepared = timed("preprocess (resample)", lambda: runner.prepare(volume, prompt, SPLIT_PROMPT_GROUP))
+    logits = timed("network", lambda: runner.infer(prepared))
+    if previous:
+        labels = timed("postprocess (invert)", lambda: _previous_finish(runner, prepared, logits))
+    else:
+        labels = timed("postprocess (invert)", lambda: runner.finish(prepared, logits).labels)
+    targets = [scratch / "chat" / "turn001_labels.nii.gz", scratch / "result.nii.gz"]
+    if previous:
+        timed("labelmap encode/write x2",
+              lambda: [write_labelmap(labels.array, labels.geometry, target) for target in targets])
+    else:
+        timed("labelmap encode/write x2", lambda: [save_labelmap(labels, target) for target in targets])
+    index = volume.array.shape[0] // 2
+    timed("overlay render", lambda: render_overlay(volume, labels, "axial", index, overlay_colors_float(),
+                                                    modality="CT"))
+    times["outside the network"] = sum(v for k, v in times.items() if k != "network")
+    return times, volume, np.asarray(labels.array)
+
+
+def measure_split(args: argparse.Namespace, device: str | None, work: Path) -> None:
+    """Print the per-step table (before / now, cold / warm) for the large CT."""
+    torch.set_num_threads(args.threads)
+    ct = work / "split" / "ct.nii.gz"
+    start = time.perf_counter()
+    write_ct(ct, args.split_shape, (0.8, 0.8, 2.0))
+    models = work / "split" / "models"
+    stage_stand_ins(models, ("vista3d",))
+    bundle = ModelManifest.load()[BUNDLE_IDS["vista3d"]].location(models)
+    prompt = list(ExpertRegistry.from_config().get("VISTA3D").resolve_argument(SPLIT_PROMPT_GROUP).label_ids)
+    print(f"split: CT {args.split_shape} written in {time.perf_counter() - start:.1f} s", flush=True)
+
+    columns: dict[str, dict[str, float]] = {}
+    labels: dict[str, np.ndarray] = {}
+    for name, previous in (("before", True), ("now", False)):
+        runner = Vista3DRunner(bundle, device=device)
+        with quiet(not args.verbose):
+            cold, volume, labels[name] = _split_call(runner, ct, prompt, previous, work / "split" / name, None)
+            warm, _, _ = _split_call(runner, ct, prompt, previous, work / "split" / name, volume)
+        columns[f"{name} cold"], columns[f"{name} warm"] = cold, warm
+        runner.release()
+        print(f"  {name}: done", flush=True)
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    print()
+    print(f"split per step, seconds: VISTA3D stand-in (4 mm, 56x56x40 windows) on a {args.split_shape} int16 CT, "
+          f"0.8 x 0.8 x 2 mm, group '{SPLIT_PROMPT_GROUP}' {prompt}")
+    print(f"device {describe_device(device)}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
+          "(other work on the machine inflates every number)")
+    names = list(columns)
+    width = max(len(step) for step in (*SPLIT_STEPS, "outside the network"))
+    print(f"{'step':<{width}}  " + "  ".join(f"{n:>11}" for n in names))
+    for step in (*SPLIT_STEPS, "outside the network"):
+        print(f"{step:<{width}}  " + "  ".join(f"{columns[n][step]:>11.3f}" for n in names))
+    same = np.array_equal(labels["before"], labels["now"])
+    print(f"labelmaps before / now equal voxel for voxel: {'yes' if same else 'NO'}; "
+          f"target: outside the network <= 1 s (now, warm: {columns['now warm']['outside the network']:.3f} s)")
+    print()
+
+
 # ------------------------------------------------------------------------------------------ report
 
 
@@ -370,7 +514,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--group", default="hepatic tumor", help="VISTA3D label group (default 'hepatic tumor')")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     parser.add_argument("--verbose", action="store_true", help="keep MONAI's log lines and warnings")
+    parser.add_argument("--split-only", action="store_true", help="only the per-step split on the large CT")
+    parser.add_argument("--split-shape", default="512,512,200", help="large CT size x,y,z (default 512,512,200)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for the split (default 2)")
     args = parser.parse_args(argv)
+    try:
+        args.split_shape = tuple(int(v) for v in args.split_shape.split(","))
+    except ValueError:
+        parser.error("--split-shape takes three comma-separated integers")
+    if len(args.split_shape) != 3 or min(args.split_shape) < 16:
+        parser.error("--split-shape takes three sizes, each at least 16")
     if args.quick:
         args.repeats = 1
     args.experts = [name.strip().lower() for name in args.experts.split(",") if name.strip()]
@@ -389,6 +542,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"expert latency benchmark on {device_text}", flush=True)
     with tempfile.TemporaryDirectory(prefix="vila-m3-bench-experts-") as tmp:
         work = Path(tmp)
+        measure_split(args, device, work)
+        if args.split_only:
+            return
         start = time.perf_counter()
         generate_samples(work / "samples", seed=0)
         print(f"sample studies written in {time.perf_counter() - start:.1f} s", flush=True)
