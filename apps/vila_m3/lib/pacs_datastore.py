@@ -90,9 +90,9 @@ class PacsDatastore(DICOMWebDatastore):
     def _is_image_series(self, image_id: str) -> bool:
         """Whether ``image_id`` is an image series of the PACS: listed, or (stored since the listing was made)
         found by its UID with an image modality; a non-image series is remembered with its reason."""
-        if image_id in self.list_images():
-            return True
         try:
+            if image_id in self.list_images():
+                return True
             found = self._client.search_for_series(search_filters={"SeriesInstanceUID": image_id})
         except Exception:  # the PACS's lookup failed: no such image for this request
             logger.warning("PACS lookup of series %s failed", image_id, exc_info=True)
