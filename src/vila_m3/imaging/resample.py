@@ -10,11 +10,12 @@ index along an axis depends on that axis alone: three index vectors and one gath
 The index vectors are computed by the very operations MONAI runs — ``to_norm_affine``, the reversed
 indexing of MONAI's ``AffineTransform``, ``torch.nn.functional.affine_grid`` and ``grid_sample``
 (``mode="nearest"``, ``align_corners=False``, the recorded padding and dtype) — on one-voxel-thick
-grids, one per axis. Samples that fall exactly between two voxels (common: 0.8 mm resampled to 4 mm
-puts every fifth sample on a midpoint) therefore round the way MONAI rounds them. What can differ: the
-other two axes' terms of the affine, exactly 0 for an axis-aligned grid, are below 1e-12 voxel for
-an oblique one (rotation round-off), and MONAI adds them; they decide a midpoint sample only if it
-lies within that distance of it. Works on any torch device (CPU or GPU).
+grids, one per axis, so samples that fall exactly between two voxels (common: 0.8 mm resampled to
+4 mm puts every fifth sample on a midpoint) round the way MONAI rounds them. For an oblique grid the
+affine also carries round-off terms (~1e-17) for the other axes, which MONAI adds and which can decide
+a midpoint sample: the planes with midpoint samples on such an axis (:func:`tie_planes`, a few per
+volume at most) are recomputed with MONAI's full arithmetic for that plane. The result equals MONAI's
+voxel for voxel (``tests/test_expert_latency_path.py``). Works on any torch device (CPU or GPU).
 """
 
 from __future__ import annotations
