@@ -15,6 +15,16 @@ every number):
    the prompted label ids; then ``Invertd`` (nearest neighbour) back through the preprocessing to the
    input grid. Voxels the inversion leaves undefined (NaN; the bundle writes 255) become background.
 
+A run is three steps, :meth:`Vista3DRunner.prepare` (input checks, preprocessing), :meth:`~Vista3DRunner.infer`
+(the network: the only step a GPU work queue needs to hold) and :meth:`~Vista3DRunner.finish` (back to the
+input grid). The work outside the network is kept to a few passes over the full volume: the CT goes to
+the preprocessing transposed and converted in one cache-friendly pass (already in the resampling's float64
+when that gives the same numbers), and the way back undoes only the steps after the resampling with
+``Invertd`` on the model's small grid, then puts the labels on the input grid with per-axis
+nearest-neighbour indices computed by MONAI's own arithmetic (:mod:`vila_m3.imaging.resample`), not a
+float64 sampling grid of the whole input. The labelmap equals the bundle's own transforms' voxel for voxel;
+preprocessing that is not of that shape is inverted by ``Invertd`` as a whole.
+
 Differences from running the bundle with ``monai.bundle run``: the bundle's own ``scripts`` package
 is not imported (the inferer above is built from MONAI classes with the bundle's parameters), and
 the configured overlap (0.3) is used for class prompts too, where the bundle's inferer leaves
