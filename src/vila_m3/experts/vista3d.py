@@ -310,7 +310,7 @@ class Vista3DRunner(BundleRunner):
             if pending is not None and tuple(pending.target_shape) == tuple(volume.geometry.shape) and np.allclose(
                 pending.target_affine, ras_affine(volume.geometry), atol=_GEOMETRY_ATOL
             ):
-                xform = pending.index_map(np.asarray(out.affine, dtype=np.float64))
+                xform = pending.index_map(np.asarray(torch.as_tensor(out.affine).detach().cpu(), dtype=np.float64))
                 if axis_aligned(xform):
                     labels = nearest_to_grid_zyx(_label_ids(out[0]), xform, volume.geometry.shape,
                                                  padding=pending.padding, dtype=pending.dtype)
