@@ -8,7 +8,7 @@ seed, dates are fixed, so the same input gives byte-identical files. Written wit
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -97,9 +97,8 @@ def write_ct_series(
         raise ValueError(f"expected a [z, y, x] volume, got shape {hu.shape}")
     if hu.min() < CT_RESCALE_INTERCEPT or hu.max() > 4095 + CT_RESCALE_INTERCEPT:
         raise ValueError("HU values must lie within -1024..3071 to be stored in 12 bits")
-    n_slices, n_rows, n_cols = hu.shape
+    _, n_rows, n_cols = hu.shape
     axes = np.asarray(direction, dtype=float).reshape(3, 3)
-    orientation = [_ds(x, 10) for x in (*axes[:, 0], *axes[:, 1])]
     stored = (hu.astype(np.int32) - CT_RESCALE_INTERCEPT).astype("<u2")
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -113,17 +112,7 @@ def write_ct_series(
     ds.KVP = "120"
     ds.XRayTubeCurrent = 200
     ds.ConvolutionKernel = "STANDARD"
-    ds.SliceThickness = _ds(spacing[2])
-    ds.SpacingBetweenSlices = _ds(spacing[2])
-    ds.AcquisitionNumber = 1
-    ds.ImageOrientationPatient = orientation
-    ds.FrameOfReferenceUID = derive_uid(seed, key, "frame-of-reference")
-    ds.PositionReferenceIndicator = ""
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = n_rows
-    ds.Columns = n_cols
-    ds.PixelSpacing = [_ds(spacing[1]), _ds(spacing[0])]
+    _set_image_plane(ds, axes, spacing, n_rows, n_cols, derive_uid(seed, key, "frame-of-reference"))
     ds.BitsAllocated = 16
     ds.BitsStored = 12
     ds.HighBit = 11
@@ -134,22 +123,8 @@ def write_ct_series(
     ds.WindowCenter = "50"
     ds.WindowWidth = "400"
 
-    normal = np.cross(axes[:, 0], axes[:, 1])
-    paths = []
-    for k in range(n_slices):
-        # One dataset serves every slice: only the per-slice attributes change.
-        sop_uid = derive_uid(seed, key, "image", str(k))
-        ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-        ds.SOPInstanceUID = sop_uid
-        ds.InstanceNumber = k + 1
-        position = np.asarray(origin, dtype=float) + k * float(spacing[2]) * axes[:, 2]
-        ds.ImagePositionPatient = [_ds(x) for x in position]
-        ds.SliceLocation = _ds(float(position @ normal))
-        ds.add_new(0x7FE00010, "OW", stored[k].tobytes())
-        path = out_dir / f"CT{k + 1:04d}.dcm"
-        ds.save_as(path, write_like_original=False)
-        paths.append(path)
-    return paths
+    return _write_slices(ds, stored, axes, spacing, origin, out_dir, "CT",
+                         lambda k: derive_uid(seed, key, "image", str(k)))
 
 
 def write_mr_series(
@@ -174,7 +149,7 @@ def write_mr_series(
         raise ValueError(f"expected a [z, y, x] volume, got shape {signal.shape}")
     if signal.min() < 0 or signal.max() > 65535:
         raise ValueError("MR signal must lie within 0..65535 to be stored unsigned in 16 bits")
-    n_slices, n_rows, n_cols = signal.shape
+    _, n_rows, n_cols = signal.shape
     axes = np.asarray(direction, dtype=float).reshape(3, 3)
     stored = signal.astype("<u2")
 
@@ -192,37 +167,14 @@ def write_mr_series(
     ds.SequenceVariant = "NONE"
     ds.MRAcquisitionType = "3D"
     ds.MagneticFieldStrength = "3"
-    ds.SliceThickness = _ds(spacing[2])
-    ds.SpacingBetweenSlices = _ds(spacing[2])
-    ds.AcquisitionNumber = 1
-    ds.ImageOrientationPatient = [_ds(x, 10) for x in (*axes[:, 0], *axes[:, 1])]
-    ds.FrameOfReferenceUID = derive_uid(seed, key, "frame-of-reference")
-    ds.PositionReferenceIndicator = ""
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = n_rows
-    ds.Columns = n_cols
-    ds.PixelSpacing = [_ds(spacing[1]), _ds(spacing[0])]
+    _set_image_plane(ds, axes, spacing, n_rows, n_cols, derive_uid(seed, key, "frame-of-reference"))
     ds.BitsAllocated = 16
     ds.BitsStored = 16
     ds.HighBit = 15
     ds.PixelRepresentation = 0
 
-    normal = np.cross(axes[:, 0], axes[:, 1])
-    paths = []
-    for k in range(n_slices):
-        sop_uid = derive_uid(seed, key, sequence, "image", str(k))
-        ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-        ds.SOPInstanceUID = sop_uid
-        ds.InstanceNumber = k + 1
-        position = np.asarray(origin, dtype=float) + k * float(spacing[2]) * axes[:, 2]
-        ds.ImagePositionPatient = [_ds(x) for x in position]
-        ds.SliceLocation = _ds(float(position @ normal))
-        ds.add_new(0x7FE00010, "OW", stored[k].tobytes())
-        path = out_dir / f"MR{k + 1:04d}.dcm"
-        ds.save_as(path, write_like_original=False)
-        paths.append(path)
-    return paths
+    return _write_slices(ds, stored, axes, spacing, origin, out_dir, "MR",
+                         lambda k: derive_uid(seed, key, sequence, "image", str(k)))
 
 
 def write_dx_image(
@@ -270,3 +222,41 @@ def write_dx_image(
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, write_like_original=False)
     return path
+
+
+def _set_image_plane(ds: Dataset, axes: np.ndarray, spacing: Sequence[float], n_rows: int, n_cols: int,
+                     frame_of_reference_uid: str) -> None:
+    """The attributes every slice of a series shares: orientation (``axes`` columns i, j of the 3x3 direction),
+    slice and pixel spacing (mm), frame of reference, and a one-sample grey picture of ``n_rows x n_cols``."""
+    ds.SliceThickness = _ds(spacing[2])
+    ds.SpacingBetweenSlices = _ds(spacing[2])
+    ds.AcquisitionNumber = 1
+    ds.ImageOrientationPatient = [_ds(x, 10) for x in (*axes[:, 0], *axes[:, 1])]
+    ds.FrameOfReferenceUID = frame_of_reference_uid
+    ds.PositionReferenceIndicator = ""
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = n_rows
+    ds.Columns = n_cols
+    ds.PixelSpacing = [_ds(spacing[1]), _ds(spacing[0])]
+
+
+def _write_slices(ds: Dataset, stored: np.ndarray, axes: np.ndarray, spacing: Sequence[float],
+                  origin: Sequence[float], out_dir: Path, prefix: str, sop_uid: Callable[[int], str]) -> list[Path]:
+    """Write ``stored[k]`` (``[z, y, x]``, 16-bit) as ``<prefix>0001.dcm`` upwards, slice ``k`` at ``origin + k *
+    spacing[2] * axes[:, 2]`` (mm); one dataset serves every slice: only the per-slice attributes change."""
+    normal = np.cross(axes[:, 0], axes[:, 1])
+    paths = []
+    for k in range(stored.shape[0]):
+        uid = sop_uid(k)
+        ds.file_meta.MediaStorageSOPInstanceUID = uid
+        ds.SOPInstanceUID = uid
+        ds.InstanceNumber = k + 1
+        position = np.asarray(origin, dtype=float) + k * float(spacing[2]) * axes[:, 2]
+        ds.ImagePositionPatient = [_ds(x) for x in position]
+        ds.SliceLocation = _ds(float(position @ normal))
+        ds.add_new(0x7FE00010, "OW", stored[k].tobytes())
+        path = out_dir / f"{prefix}{k + 1:04d}.dcm"
+        ds.save_as(path, write_like_original=False)
+        paths.append(path)
+    return paths
