@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -28,7 +27,7 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_harness import free_port  # noqa: E402
+from server_harness import free_port, stop_process_group  # noqa: E402
 
 PACKAGES = "orthanc orthanc-dicomweb"
 """Debian's packages that provide Orthanc and its DICOMweb plugin."""
@@ -100,14 +99,7 @@ class RunningOrthanc:
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 15 s."""
-        if self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=15)
+        stop_process_group(self.process)
 
 
 def write_config(workdir: Path, port: int) -> Path:
