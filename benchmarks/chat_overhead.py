@@ -74,7 +74,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import shutil
 import statistics
@@ -96,6 +95,7 @@ from fake_openai_server import FakeOpenAIServer, sse  # noqa: E402
 from requests_toolbelt import MultipartEncoder  # noqa: E402
 from requests_toolbelt.multipart.decoder import MultipartDecoder  # noqa: E402
 from server_harness import RunningServer, start_monailabel  # noqa: E402
+from vlm_process import VLMProcess  # noqa: E402
 
 from vila_m3.chat.loop import ChatLoop, TurnRequest  # noqa: E402
 from vila_m3.chat.store import ChatStore  # noqa: E402
@@ -226,38 +226,13 @@ def write_ct(path: Path, shape_xyz: tuple[int, int, int], spacing: tuple[float, 
 # ------------------------------------------------------------------------------------ the fake VLM
 
 
-def _serve_fake_vlm(connection: Any, turns: int) -> None:
-    """Child process: the scripted fake server with ``turns`` (trigger, final answer) pairs queued."""
+def _start_fake_vlm(turns: int) -> FakeOpenAIServer:
+    """The scripted fake server with ``turns`` (trigger, final answer) pairs queued (run in its own process by
+    VLMProcess; every turn of both paths takes the next two replies, in order)."""
     fake = FakeOpenAIServer(models=(VLM_MODEL,))
     fake.script(*[reply for _ in range(turns) for reply in (sse([TRIGGER]), sse([FINAL]))])
     fake.start()
-    connection.send(fake.url)
-    connection.recv()  # until the parent says stop
-    fake.stop()
-
-
-class FakeVLMProcess:
-    """The fake OpenAI-compatible server in a process of its own, so that it competes with neither the
-    MONAI Label server nor the in-process loop for this process's interpreter lock. Every turn of
-    both paths takes the next two scripted replies (trigger, then the final answer), in order."""
-
-    def __init__(self, turns: int):
-        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-        self._connection, child = context.Pipe()
-        self._process = context.Process(target=_serve_fake_vlm, args=(child, turns), daemon=True)
-        self._process.start()
-        if not self._connection.poll(60):
-            self._process.kill()
-            raise RuntimeError("the fake VLM server did not start")
-        self.url: str = self._connection.recv()
-
-    def stop(self) -> None:
-        if self._process.is_alive():
-            self._connection.send("stop")
-            self._process.join(10)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join(5)
+    return fake
 
 
 # ------------------------------------------------------------------------------------- HTTP turns
@@ -707,7 +682,7 @@ def main(argv: list[str] | None = None) -> None:
 
         torch.set_num_threads(args.threads)
     # remote: started first, before this process has any threads: (warm-up + measured turns) x (HTTP, in-process)
-    fake = FakeVLMProcess(turns=2 * (WARMUP_TURNS + args.turns)) if remote else None
+    fake = VLMProcess(_start_fake_vlm, 2 * (WARMUP_TURNS + args.turns)) if remote else None
     server: RunningServer | None = None
     experts: TimedExperts | None = None
     try:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import re
 import sys
@@ -52,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from fake_openai_server import FakeOpenAIServer, Reply, _Handler, stream_events  # noqa: E402
 from server_harness import start_monailabel  # noqa: E402
+from vlm_process import VLMProcess  # noqa: E402
 
 from vila_m3.models.stand_ins import stage_stand_ins  # noqa: E402
 from vila_m3.samples import CT_ID, generate_samples  # noqa: E402
@@ -85,36 +85,13 @@ class _AnswerByContent(_Handler):
         self._send(Reply(events=stream_events(pieces), delay_s=self.server.owner.delay_s))
 
 
-def _serve_vlm(connection: Any, delay_s: float) -> None:
-    """Child process: the scripted VLM until the parent says stop."""
+def _start_vlm(delay_s: float) -> FakeOpenAIServer:
+    """The scripted VLM (run in its own process by VLMProcess), answering after ``delay_s`` seconds."""
     fake = FakeOpenAIServer(models=(VLM_MODEL,))
     fake.delay_s = delay_s
     fake._httpd.RequestHandlerClass = _AnswerByContent
     fake.start()
-    connection.send(fake.url)
-    connection.recv()
-    fake.stop()
-
-
-class VLMProcess:
-    """The scripted VLM in a process of its own (it competes with neither the server nor the annotators)."""
-
-    def __init__(self, delay_s: float):
-        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-        self._connection, child = context.Pipe()
-        self._process = context.Process(target=_serve_vlm, args=(child, delay_s), daemon=True)
-        self._process.start()
-        if not self._connection.poll(60):
-            self._process.kill()
-            raise RuntimeError("the scripted VLM did not start")
-        self.url: str = self._connection.recv()
-
-    def stop(self) -> None:
-        if self._process.is_alive():
-            self._connection.send("stop")
-            self._process.join(10)
-        if self._process.is_alive():
-            self._process.kill()
+    return fake
 
 
 # ---------------------------------------------------------------------------------- annotators
@@ -257,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         work = Path(tmp)
         generate_samples(work / "samples", seed=0)
         stage_stand_ins(work / "models", ("vista3d",))
-        vlm = VLMProcess(args.vlm_seconds)
+        vlm = VLMProcess(_start_vlm, args.vlm_seconds)
         try:
             for key in chosen:
                 name, blocking = modes[key]
