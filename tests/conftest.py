@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fake_openai_server import FakeOpenAIServer
 from server_harness import RunningServer, start_monailabel
 
 from vila_m3.samples import generate_samples
@@ -36,3 +37,10 @@ def sample_server(tmp_path_factory: pytest.TempPathFactory, sample_data: Path) -
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def fake_vlm() -> Iterator[FakeOpenAIServer]:
+    """A scripted OpenAI-compatible VLM on 127.0.0.1, one per test module (the chat's remote VLM)."""
+    with FakeOpenAIServer() as server:
+        yield server

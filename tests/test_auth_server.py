@@ -37,11 +37,6 @@ def realm() -> Iterator[KeycloakRealm]:
         yield served
 
 
-@pytest.fixture(scope="module")
-def fake_vlm() -> Iterator[FakeOpenAIServer]:
-    with FakeOpenAIServer() as server:
-        yield server
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, sample_data: Path, realm: KeycloakRealm,

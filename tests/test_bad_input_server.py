@@ -35,11 +35,6 @@ CT = "ct_abdomen"
 TRUNCATED = "ct_truncated"  # ct_abdomen.nii.gz cut to two thirds of its bytes
 
 
-@pytest.fixture(scope="module")
-def fake_vlm() -> Iterator[FakeOpenAIServer]:
-    with FakeOpenAIServer() as server:
-        yield server
-
 
 @pytest.fixture(scope="module")
 def chat_site(tmp_path_factory: pytest.TempPathFactory, sample_data: Path, fake_vlm: FakeOpenAIServer) -> dict:

@@ -29,11 +29,6 @@ COLOR_NAMES = ["red", "blue", "yellow", "magenta", "green", "indigo", "darkorang
                "orange", "lime", "orange", "gold", "yellowgreen", "darkgreen"]
 
 
-@pytest.fixture(scope="module")
-def fake_vlm() -> Iterator[FakeOpenAIServer]:
-    with FakeOpenAIServer() as server:
-        yield server
-
 
 @pytest.fixture(scope="module")
 def chat_setup(tmp_path_factory: pytest.TempPathFactory, sample_data: Path, fake_vlm: FakeOpenAIServer) -> dict:

@@ -29,11 +29,6 @@ CT = "ct_abdomen"
 T1C, T1, T2, FLAIR = "brain_mri_t1c", "brain_mri_t1", "brain_mri_t2", "brain_mri_flair"
 
 
-@pytest.fixture(scope="module")
-def fake_vlm() -> Iterator[FakeOpenAIServer]:
-    with FakeOpenAIServer() as server:
-        yield server
-
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory, sample_data: Path) -> dict[str, Path]:

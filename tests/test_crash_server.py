@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,11 +35,6 @@ LOST_EXPERT = "Is there a hepatic tumor in segment seven?"
 TRIGGER = "Checking with <VISTA3D(hepatic tumor)> now."
 NEXT_QUESTION = "And how does the spleen look?"
 
-
-@pytest.fixture(scope="module")
-def fake_vlm() -> Iterator[FakeOpenAIServer]:
-    with FakeOpenAIServer() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

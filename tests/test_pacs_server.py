@@ -39,11 +39,6 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory, sample_data: Path) -> Iter
         pacs.stop()
 
 
-@pytest.fixture(scope="module")
-def fake_vlm() -> Iterator[FakeOpenAIServer]:
-    with FakeOpenAIServer() as server:
-        yield server
-
 
 @pytest.fixture(scope="module")
 def pacs_server(tmp_path_factory: pytest.TempPathFactory, orthanc: RunningOrthanc,

@@ -26,11 +26,6 @@ QUEUE_MAX = 4
 CLIENTS, TURNS = 8, 3
 
 
-@pytest.fixture(scope="module")
-def fake_vlm() -> Iterator[FakeOpenAIServer]:
-    with FakeOpenAIServer() as server:
-        yield server
-
 
 @pytest.fixture(scope="module")
 def shared_server(tmp_path_factory: pytest.TempPathFactory, sample_data: Path,

@@ -78,11 +78,6 @@ class LazyServer:
             self.server.stop()
 
 
-@pytest.fixture(scope="module")
-def fake_vlm() -> Iterator[FakeOpenAIServer]:
-    with FakeOpenAIServer() as server:
-        yield server
-
 
 @pytest.fixture(scope="module")
 def lazy_server(tmp_path_factory: pytest.TempPathFactory, sample_data: Path,

@@ -39,11 +39,6 @@ UPLOAD_LIMIT_MB = 3
 SESSIONS_MAX_GB = 0.006  # 6.4 MB: two copies of the sample CT (2.2 MB each) fit, a third does not
 
 
-@pytest.fixture(scope="module")
-def fake_vlm() -> Iterator[FakeOpenAIServer]:
-    with FakeOpenAIServer() as server:
-        yield server
-
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory, sample_data: Path, fake_vlm: FakeOpenAIServer) -> Iterator[dict]:
