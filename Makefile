@@ -42,7 +42,8 @@ demo: $(STAMP) samples
 	@test -f models-demo/.staged || { $(BIN)/vila-m3 models stand-ins --models-dir models-demo && touch models-demo/.staged; }
 	@$(BIN)/vila-m3 serve --host $(HOST) --port $(PORT) --studies $(STUDIES) --models-dir models-demo --app $(APP) $(CONF)
 
-test: $(STAMP)
+# The PACS tests need Orthanc: pacs-deps installs it where it can, else names the packages (tests then skip, saying so).
+test: $(STAMP) pacs-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
