@@ -1,0 +1,218 @@
+"""A chat's findings as a DICOM Comprehensive SR (highdicom), written only on an explicit request.
+
+The answers of a chat are free text, which TID 1500's measurement groups do not hold, so the report is a
+text-based content tree in a Comprehensive SR (SOP class 1.2.840.10008.5.1.4.1.1.88.33):
+
+- root CONTAINER *Diagnostic imaging report* (LOINC 18748-4), with the observation context: observer type
+  DEVICE (DCM 121007), the device's UID, name ``VILA-M3``, the model as model name;
+- IMAGE *Source* (SCT 260753009) per instance of the source series;
+- TEXT *Algorithm* (the model and its version; ``stand-in`` said in words when the weights are one) and,
+  for a stand-in, TEXT *Comment* saying its findings are not a medical model's;
+- per finished turn (interrupted turns are left out) a CONTAINER *Finding* holding TEXT *Request*
+  (the annotator's question) and TEXT *Finding* (the model's answer), and per expert run a CONTAINER
+  *Algorithm* with its name, argument, stand-in note and a COMPOSITE reference to the DICOM-SEG it produced.
+
+Every source instance and every referenced SEG is listed as evidence (Current Requested Procedure Evidence
+Sequence), so a viewer finds the images the report speaks of. No file paths ever go into the report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from pydicom.dataset import Dataset
+
+from vila_m3.chat.store import Chat
+
+MANUFACTURER = "VILA-M3"
+DEVICE_NAME = "VILA-M3"
+SERIES_DESCRIPTION = "VILA-M3 chat report"
+STAND_IN_TEXT = "stand-in weights (tiny random weights for tests): these findings are not a medical model's"
+
+
+class ReportError(ValueError):
+    """No report can be written (the message says why, without server paths)."""
+
+
+@dataclass(frozen=True)
+class SegReference:
+    """A DICOM Segmentation the report references: its dataset (evidence), or its UIDs alone."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+
+    @classmethod
+    def of(cls, seg: Dataset) -> SegReference:
+        return cls(str(seg.SOPClassUID), str(seg.SOPInstanceUID), str(seg.SeriesInstanceUID),
+                   str(seg.StudyInstanceUID))
+
+
+@dataclass(frozen=True)
+class ReportExpert:
+    """One expert run of a turn: name, argument, whether its weights are a stand-in, the SEG it produced."""
+
+    name: str
+    argument: str | None = None
+    stand_in: bool = False
+    seg: SegReference | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class ReportTurn:
+    """One finished turn: the annotator's question, the model's answer, the experts it ran."""
+
+    question: str
+    answer: str
+    experts: list[ReportExpert] = field(default_factory=list)
+    number: int = 0  # 1-based turn number in the chat (the turn's labelmap is ``turnNNN_labels.nii.gz``)
+
+
+@dataclass(frozen=True)
+class ReportModel:
+    """The chat model that answered."""
+
+    name: str
+    version: str
+    stand_in: bool = False
+
+
+def chat_turns(chat: Chat) -> list[ReportTurn]:
+    """The chat's finished turns (not interrupted ones, not a turn still running), in order."""
+    turns: list[ReportTurn] = []
+    number = 0
+    question: str | None = None
+    answer_parts: list[str] = []
+    experts: list[ReportExpert] = []
+
+    def close() -> None:
+        if question is not None:
+            turns.append(ReportTurn(question, "\n".join(answer_parts).strip(), list(experts), number))
+
+    for message in chat.finished_messages():
+        if message.role == "user" and message.question is not None:
+            close()
+            number += 1
+            question, answer_parts, experts = message.question, [], []
+        elif message.role == "assistant" and question is not None:
+            answer_parts.append(message.text)
+        elif message.role == "expert" and message.expert and question is not None:
+            experts.append(ReportExpert(message.expert, message.argument, error=message.error))
+    close()
+    return turns
+
+
+def _code(value: str, scheme: str, meaning: str):
+    import highdicom as hd
+
+    return hd.sr.CodedConcept(value, scheme, meaning)
+
+
+def _text(name, value: str, relationship: str = "CONTAINS"):
+    import highdicom as hd
+
+    return hd.sr.TextContentItem(name=name, value=value[:1024 * 64] or "(empty)", relationship_type=relationship)
+
+
+def build_report(turns: Sequence[ReportTurn], sources: Sequence[Dataset], model: ReportModel,
+                 segs: Sequence[Dataset] = (), series_number: int = 950) -> Dataset:
+    """The Comprehensive SR of ``turns`` on the source series ``sources`` (its instances are the evidence and
+    give patient and study); ``segs``: the SEG datasets the experts' references name (evidence too).
+    Raises ReportError without turns or sources."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    if not turns:
+        raise ReportError("the chat has no finished turn to report")
+    if not sources:
+        raise ReportError("a structured report needs the study's DICOM instances")
+    device_uid = hd.UID()
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_uid, name=DEVICE_NAME, manufacturer_name=MANUFACTURER, model_name=model.name[:64]),
+    )
+    context = hd.sr.ObservationContext(observer_device_context=observer)
+    root = hd.sr.ContainerContentItem(name=_code("18748-4", "LN", "Diagnostic imaging report"))
+    items = list(context)
+    algorithm = _code("111001", "DCM", "Algorithm Name")
+    version = _code("111003", "DCM", "Algorithm Version")
+    comment = _code("121106", "DCM", "Comment")
+    model_version = f"{model.version} (stand-in)" if model.stand_in else model.version
+    items.append(_text(algorithm, model.name))
+    items.append(_text(version, model_version))
+    if model.stand_in:
+        items.append(_text(comment, f"The chat model ran on {STAND_IN_TEXT}."))
+    source = _code("260753009", "SCT", "Source")
+    for ds in sorted(sources, key=lambda ds: int(ds.get("InstanceNumber") or 0)):
+        items.append(hd.sr.ImageContentItem(name=source, referenced_sop_class_uid=str(ds.SOPClassUID),
+                                            referenced_sop_instance_uid=str(ds.SOPInstanceUID),
+                                            relationship_type="CONTAINS"))
+    known = {str(seg.SOPInstanceUID) for seg in segs}
+    for turn in turns:
+        finding = hd.sr.ContainerContentItem(name=_code("121071", "DCM", "Finding"), relationship_type="CONTAINS")
+        children = [_text(_code("121062", "DCM", "Request"), turn.question),
+                    _text(_code("121071", "DCM", "Finding"), turn.answer)]
+        for expert in turn.experts:
+            run = hd.sr.ContainerContentItem(name=_code("111001", "DCM", "Algorithm Name"),
+                                             relationship_type="CONTAINS")
+            parts = [_text(algorithm, expert.name)]
+            if expert.argument:
+                parts.append(_text(_code("121106", "DCM", "Comment"), f"argument: {expert.argument}"))
+            if expert.stand_in:
+                parts.append(_text(comment, f"{expert.name} ran on {STAND_IN_TEXT}."))
+            if expert.error:
+                parts.append(_text(comment, f"{expert.name} did not finish: {expert.error}"))
+            if expert.seg is not None:
+                if expert.seg.sop_instance_uid not in known:
+                    raise ReportError("a referenced segmentation is not among the report's evidence")
+                parts.append(hd.sr.CompositeContentItem(
+                    name=_code("121191", "DCM", "Referenced Segment"),
+                    referenced_sop_class_uid=expert.seg.sop_class_uid,
+                    referenced_sop_instance_uid=expert.seg.sop_instance_uid, relationship_type="CONTAINS"))
+            run.ContentSequence = hd.sr.ContentSequence(parts)
+            children.append(run)
+        finding.ContentSequence = hd.sr.ContentSequence(children)
+        items.append(finding)
+    root.ContentSequence = hd.sr.ContentSequence(items)
+    report = hd.sr.ComprehensiveSR(
+        evidence=[*sources, *segs], content=root, series_instance_uid=hd.UID(), series_number=series_number,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer=MANUFACTURER, is_complete=True,
+    )
+    report.SeriesDescription = SERIES_DESCRIPTION + (" (stand-in)" if model.stand_in or any(
+        expert.stand_in for turn in turns for expert in turn.experts) else "")
+    return report
+
+
+def report_texts(report: Dataset) -> list[str]:
+    """Every TEXT value of a report's content tree, depth first (how tests and clients read it back)."""
+    texts: list[str] = []
+
+    def walk(items) -> None:
+        for item in items:
+            if getattr(item, "ValueType", "") == "TEXT":
+                texts.append(str(item.TextValue))
+            walk(getattr(item, "ContentSequence", []))
+
+    walk(getattr(report, "ContentSequence", []))
+    return texts
+
+
+def referenced_instances(report: Dataset) -> set[str]:
+    """The SOP Instance UIDs a report lists as evidence and in its COMPOSITE items."""
+    uids: set[str] = set()
+    for study in getattr(report, "CurrentRequestedProcedureEvidenceSequence", []):
+        for series in study.ReferencedSeriesSequence:
+            uids.update(str(item.ReferencedSOPInstanceUID) for item in series.ReferencedSOPSequence)
+
+    def walk(items) -> None:
+        for item in items:
+            for ref in getattr(item, "ReferencedSOPSequence", []):
+                uids.add(str(ref.ReferencedSOPInstanceUID))
+            walk(getattr(item, "ContentSequence", []))
+
+    walk(getattr(report, "ContentSequence", []))
+    return uids
