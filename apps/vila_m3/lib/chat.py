@@ -7,7 +7,8 @@
   whenever its place changes. A full work queue is 503 with ``Retry-After`` before the stream starts;
 - ``POST /vila_m3/chat/{chat_id}/cancel``: stop the chat's running turn, or take a waiting one out of the queue
   at once (``cancelled: true``; closing the stream does the same);
-- ``GET /vila_m3/chat/{chat_id}``: the stored chat; ``GET /vila_m3/chat/{chat_id}/labels``: its last labelmap.
+- ``GET /vila_m3/chat/{chat_id}``: the stored chat; ``GET /vila_m3/chat/{chat_id}/labels``: its last labelmap;
+- ``POST /vila_m3/chat/{chat_id}/report``: the chat's findings as a DICOM SR (lib/chat_report.py).
 
 With login on, a chat belongs to the user who started it: to anyone else (but reviewers and admins,
 who may read every chat) it is 404 "no chat", for reading, continuing and cancelling alike
@@ -31,12 +32,13 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from monailabel.config import settings
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.audit_hooks import AuditEvent, AuditTrail, audited, chat_id_of
+from lib.chat_report import ChatReports, dicom_bytes
 from lib.datastore import StudyFiles
 from lib.form_params import parse_params
 from lib.infer_route import ROUTE_KEYS, storage_refused
@@ -269,6 +271,22 @@ def chat_router(turns: ChatTurns, resolve_image: Callable[[str, str], str], audi
         if path is None or not os.path.isfile(path):
             raise HTTPException(404, f"chat '{chat_id}' has no labelmap")
         return FileResponse(path, media_type="application/gzip", filename=f"{chat_id}_labels.nii.gz")
+
+    reports = ChatReports(turns.service, turns.files)
+
+    @router.post("/{chat_id}/report", summary="Write the chat's findings as a DICOM Structured Report")
+    async def write_report(chat_id: str, user: User = Depends(user_role)) -> Response:
+        """Stored to the PACS (STOW-RS) on a DICOMweb datastore, answered with its UIDs; else the SR file."""
+        event = audit.event(f"{ROUTE_PREFIX}/report", user, model="vila_m3", chat_id=chat_id)
+        with audited(event):
+            chat = turns.open_chat(chat_id, chat_user(user))  # the owner rule: reviewers and admins read all
+            if not chat.messages:
+                raise HTTPException(404, f"no chat '{chat_id}'")
+            report, segs, on_pacs = await run_in_threadpool(reports.build, chat)
+            if on_pacs:
+                return JSONResponse(await run_in_threadpool(reports.store, report, segs))
+            return Response(dicom_bytes(report), media_type="application/dicom",
+                            headers={"Content-Disposition": f'attachment; filename="{chat_id}_report.dcm"'})
 
     return router
 

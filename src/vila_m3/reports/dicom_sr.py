@@ -81,24 +81,25 @@ class ReportModel:
 
 
 def chat_turns(chat: Chat) -> list[ReportTurn]:
-    """The chat's finished turns (not interrupted ones, not a turn still running), in order."""
+    """The chat's finished turns (not interrupted ones, not a turn still running), in order; a turn's answer
+    is the model's last message of it (the earlier ones called experts, which the report lists)."""
     turns: list[ReportTurn] = []
     number = 0
     question: str | None = None
-    answer_parts: list[str] = []
+    answer = ""
     experts: list[ReportExpert] = []
 
     def close() -> None:
         if question is not None:
-            turns.append(ReportTurn(question, "\n".join(answer_parts).strip(), list(experts), number))
+            turns.append(ReportTurn(question, answer.strip(), list(experts), number))
 
     for message in chat.finished_messages():
         if message.role == "user" and message.question is not None:
             close()
             number += 1
-            question, answer_parts, experts = message.question, [], []
+            question, answer, experts = message.question, "", []
         elif message.role == "assistant" and question is not None:
-            answer_parts.append(message.text)
+            answer = message.text  # the turn's answer is its last word (earlier ones called the experts)
         elif message.role == "expert" and message.expert and question is not None:
             experts.append(ReportExpert(message.expert, message.argument, error=message.error))
     close()

@@ -1,0 +1,137 @@
+"""The chat's findings as a DICOM SR stored in a real Orthanc (``POST /vila_m3/chat/{chat_id}/report``), read back
+by QIDO/WADO with its references resolving to instances in Orthanc; the report beside the PACS for a DICOM
+session (returned as a file) and refused for a NIfTI one; and the audit log, which on a PACS holds its study
+ids only hashed. Experts run stand-in weights; the VLM is the scripted OpenAI-compatible test double."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+import pytest
+import requests
+from fake_openai_server import FakeOpenAIServer, sse
+from pacs_harness import RunningOrthanc
+from server_harness import RunningServer, start_monailabel
+from test_pacs_server import multipart, orthanc  # noqa: F401  (the module's Orthanc fixture)
+
+from vila_m3.models.stand_ins import stage_stand_ins
+from vila_m3.reports.dicom_sr import referenced_instances, report_texts
+
+pytestmark = [pytest.mark.server, pytest.mark.pacs]
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory, orthanc: RunningOrthanc,  # noqa: F811
+         fake_vlm: FakeOpenAIServer) -> Iterator[dict]:
+    """MONAI Label on Orthanc's DICOMweb with the VISTA3D stand-in, the scripted VLM and an audit log."""
+    root = tmp_path_factory.mktemp("pacs-report")
+    stage_stand_ins(root / "models", ("vista3d",))
+    audit = root / "audit" / "audit.jsonl"
+    conf = {"models": "vila_m3,vista3d", "vlm_url": fake_vlm.url, "vlm_model": "fake-vila-m3",
+            "chats_dir": str(root / "chats"), "models_dir": str(root / "models"), "audit_log": str(audit)}
+    server = start_monailabel(root, orthanc.dicomweb_url, conf=conf)  # type: ignore[arg-type]
+    try:
+        yield {"server": server, "audit": audit, "root": root}
+    finally:
+        server.stop()
+
+
+def _chat(server: RunningServer, fake_vlm: FakeOpenAIServer, params: dict) -> dict:
+    fake_vlm.script(sse(["Let me look: <VISTA3D(hepatic tumor)>."]), sse(["Yes, ", "the liver shows a lesion."]))
+    response = requests.post(f"{server.url}/infer/vila_m3", params={**params, "output": "all"},
+                             data={"params": json.dumps({"prompt": "Is there a liver tumor?", "chat_id": params.pop(
+                                 "chat_id"), "slice_index": 30})}, timeout=300)
+    answer, _ = multipart(response)
+    return answer
+
+
+def test_a_report_is_stored_in_orthanc_and_its_references_resolve_there(site, orthanc, fake_vlm):  # noqa: F811
+    server = site["server"]
+    series = orthanc.series["ct_abdomen"]
+    answer = _chat(server, fake_vlm, {"image": series, "chat_id": "report-1"})
+    assert answer["answer"] == "Yes, the liver shows a lesion."
+    # no report is written without the explicit request
+    assert requests.get(f"{orthanc.dicomweb_url}/series", params={"Modality": "SR"}, timeout=30).json() == []
+
+    response = requests.post(f"{server.url}/vila_m3/chat/report-1/report", timeout=300)
+    assert response.status_code == 200, response.text
+    uids = response.json()
+    study = uids["StudyInstanceUID"]
+    assert len(uids["segs"]) == 1
+
+    found = requests.get(f"{orthanc.dicomweb_url}/series", params={"Modality": "SR"}, timeout=30).json()
+    assert [item["0020000E"]["Value"][0] for item in found] == [uids["SeriesInstanceUID"]]
+    wado = requests.get(f"{orthanc.dicomweb_url}/studies/{study}/series/{uids['SeriesInstanceUID']}/instances/"
+                        f"{uids['SOPInstanceUID']}", headers={"Accept": 'multipart/related; type="application/dicom"'},
+                        timeout=60)
+    assert wado.status_code == 200
+    body = wado.content
+    start = body.index(b"DICM") - 128
+    report = hd.sr.srread(io.BytesIO(body[start:]))
+    texts = report_texts(report)
+    assert "Is there a liver tumor?" in texts and "Yes, the liver shows a lesion." in texts
+    assert "VISTA3D" in texts and "argument: hepatic tumor" in texts
+    assert any("VISTA3D ran on stand-in weights" in text for text in texts)
+
+    # every instance the report references is in Orthanc: the CT's slices and the turn's SEG
+    referenced = referenced_instances(report)
+    ct_instances = requests.get(f"{orthanc.dicomweb_url}/studies/{study}/series/{series}/instances",
+                                timeout=30).json()
+    ct_uids = {item["00080018"]["Value"][0] for item in ct_instances}
+    seg_uid = uids["segs"][0]["SOPInstanceUID"]
+    assert referenced == ct_uids | {seg_uid}
+    seg = requests.get(f"{orthanc.dicomweb_url}/studies/{study}/series/{uids['segs'][0]['SeriesInstanceUID']}/"
+                       f"instances/{seg_uid}/metadata", timeout=30)
+    assert seg.status_code == 200 and seg.json()[0]["00080060"]["Value"] == ["SEG"]
+    # no server path in the report
+    raw = body.decode("latin-1")
+    assert str(site["root"]) not in raw and "/tmp/" not in raw
+
+
+def test_a_dicom_session_beside_the_pacs_gets_its_report_as_a_file(site, sample_data, fake_vlm):
+    server = site["server"]
+    files = sorted((sample_data / "dicom" / "ct_abdomen").glob("*.dcm"))
+    created = requests.put(f"{server.url}/session/", files=[("files", (p.name, p.read_bytes())) for p in files],
+                           timeout=120)
+    assert created.status_code == 200, created.text
+    _chat(server, fake_vlm, {"session_id": created.json()["session_id"], "chat_id": "report-2"})
+    response = requests.post(f"{server.url}/vila_m3/chat/report-2/report", timeout=300)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/dicom"
+    report = pydicom.dcmread(io.BytesIO(response.content))
+    assert report.Modality == "SR"
+    sources = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files}
+    assert referenced_instances(report) == sources  # no SEG: nothing was stored to reference
+    assert str(site["root"]).encode() not in response.content
+
+
+def test_a_nifti_study_or_an_unknown_chat_gets_no_report(site, sample_data, fake_vlm):
+    server = site["server"]
+    nifti = sample_data / "studies" / "ct_abdomen.nii.gz"
+    created = requests.put(f"{server.url}/session/", files=[("files", (nifti.name, nifti.read_bytes()))], timeout=120)
+    assert created.status_code == 200, created.text
+    _chat(server, fake_vlm, {"session_id": created.json()["session_id"], "chat_id": "report-3"})
+    refused = requests.post(f"{server.url}/vila_m3/chat/report-3/report", timeout=60)
+    assert refused.status_code == 422 and refused.json()["detail"] == "a structured report needs a DICOM study"
+    assert requests.post(f"{server.url}/vila_m3/chat/no-such-chat/report", timeout=60).status_code == 404
+
+
+def test_the_audit_log_holds_pacs_study_ids_only_hashed(site, orthanc, sample_data, fake_vlm):  # noqa: F811
+    server = site["server"]
+    _chat(server, fake_vlm, {"image": orthanc.series["ct_abdomen"], "chat_id": "report-audit"})
+    assert requests.post(f"{server.url}/vila_m3/chat/report-audit/report", timeout=300).status_code == 200
+    text = Path(site["audit"]).read_text(encoding="utf-8")
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert any(line["route"] == "/vila_m3/chat/report" for line in lines)
+    assert any(line["route"] == "/infer/vila_m3" for line in lines)
+    uids = set(orthanc.series.values())
+    for path in (sample_data / "dicom").rglob("*.dcm"):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        uids |= {str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)}
+    leaked = [uid for uid in uids if uid in text]
+    assert leaked == []
