@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,9 @@ from test_pacs_server import multipart, orthanc  # noqa: F401  (the module's Ort
 
 from vila_m3.models.stand_ins import stage_stand_ins
 from vila_m3.reports.dicom_sr import referenced_instances, report_texts
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "slicer_extension" / "VILAM3Chat"))
+from VILAM3ChatLib.client import RequestRejected, VilaM3Client  # noqa: E402
 
 pytestmark = [pytest.mark.server, pytest.mark.pacs]
 
@@ -93,7 +97,7 @@ def test_a_report_is_stored_in_orthanc_and_its_references_resolve_there(site, or
     assert str(site["root"]) not in raw and "/tmp/" not in raw
 
 
-def test_a_dicom_session_beside_the_pacs_gets_its_report_as_a_file(site, sample_data, fake_vlm):
+def test_a_dicom_session_beside_the_pacs_gets_its_report_as_a_file(site, sample_data, fake_vlm, tmp_path):
     server = site["server"]
     files = sorted((sample_data / "dicom" / "ct_abdomen").glob("*.dcm"))
     created = requests.put(f"{server.url}/session/", files=[("files", (p.name, p.read_bytes())) for p in files],
@@ -108,6 +112,10 @@ def test_a_dicom_session_beside_the_pacs_gets_its_report_as_a_file(site, sample_
     sources = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files}
     assert referenced_instances(report) == sources  # no SEG: nothing was stored to reference
     assert str(site["root"]).encode() not in response.content
+    # the Slicer client downloads it to a .dcm file
+    path = VilaM3Client(server.url, download_dir=str(tmp_path)).write_report("report-2")["path"]
+    assert path.endswith(".dcm") and Path(path).parent == tmp_path
+    assert referenced_instances(pydicom.dcmread(path)) == sources
 
 
 def test_a_nifti_study_or_an_unknown_chat_gets_no_report(site, sample_data, fake_vlm):
@@ -119,6 +127,24 @@ def test_a_nifti_study_or_an_unknown_chat_gets_no_report(site, sample_data, fake
     refused = requests.post(f"{server.url}/vila_m3/chat/report-3/report", timeout=60)
     assert refused.status_code == 422 and refused.json()["detail"] == "a structured report needs a DICOM study"
     assert requests.post(f"{server.url}/vila_m3/chat/no-such-chat/report", timeout=60).status_code == 404
+
+
+def test_the_slicer_client_writes_a_report_to_the_pacs_and_names_a_refusal(site, orthanc, sample_data,  # noqa: F811
+                                                                          fake_vlm, tmp_path):
+    server = site["server"]
+    _chat(server, fake_vlm, {"image": orthanc.series["ct_abdomen"], "chat_id": "report-client"})
+    client = VilaM3Client(server.url, download_dir=str(tmp_path))
+    uids = client.write_report("report-client")
+    assert set(uids) == {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "segs"}
+    stored = requests.get(f"{orthanc.dicomweb_url}/instances", params={"SOPInstanceUID": uids["SOPInstanceUID"]},
+                          timeout=30).json()
+    assert [item["00080060"]["Value"][0] for item in stored] == ["SR"]
+
+    nifti = sample_data / "studies" / "ct_abdomen.nii.gz"
+    created = requests.put(f"{server.url}/session/", files=[("files", (nifti.name, nifti.read_bytes()))], timeout=120)
+    _chat(server, fake_vlm, {"session_id": created.json()["session_id"], "chat_id": "report-client-nifti"})
+    with pytest.raises(RequestRejected, match="a structured report needs a DICOM study"):
+        client.write_report("report-client-nifti")
 
 
 def test_the_audit_log_holds_pacs_study_ids_only_hashed(site, orthanc, sample_data, fake_vlm):  # noqa: F811

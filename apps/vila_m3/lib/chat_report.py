@@ -144,7 +144,11 @@ class ChatReports:
         """STOW-RS of the SEGs and the SR to the PACS; the UIDs."""
         pacs = self.pacs
         assert pacs is not None
-        pacs._client.store_instances([*segs, report])
+        try:
+            pacs._client.store_instances([*segs, report])
+        except Exception as err:  # refused or unreachable: the client gets no host, the log says what happened
+            logger.warning("the PACS did not store the chat report: %s", scrub_paths(str(err))[:300])
+            raise HTTPException(502, "the PACS did not store the report (see the server log)") from None
         logger.info("chat report stored in the PACS as SR series %s with %d SEG", report.SeriesInstanceUID, len(segs))
         return {
             "StudyInstanceUID": str(report.StudyInstanceUID),

@@ -608,6 +608,21 @@ class VilaM3Client:
         """The chat's last labelmap, downloaded to a temporary file; returns its path."""
         return self._download(f"{CHAT_ROUTE}/{quote(chat_id, safe='')}/labels", f"downloading the labelmap of '{chat_id}'")
 
+    def write_report(self, chat_id: str) -> dict[str, Any]:
+        """Write the chat's findings as a DICOM Structured Report (only on this explicit call).
+
+        On a PACS the server stores the SR (and each turn's SEG) there and this returns their UIDs:
+        ``StudyInstanceUID``, ``SeriesInstanceUID``, ``SOPInstanceUID``, ``segs``. For a DICOM study the
+        server does not store, the SR is downloaded to a temporary ``.dcm`` file: ``{"path": ...}``.
+        A NIfTI study is a RequestRejected ("a structured report needs a DICOM study").
+        """
+        what = f"writing the report of chat '{chat_id}'"
+        response = self._send("POST", f"{CHAT_ROUTE}/{quote(chat_id, safe='')}/report", what,
+                              read_timeout_s=self.turn_timeout_s)
+        if response.headers.get("content-type", "").startswith("application/dicom"):
+            return {"path": self._write_temp(response.content, ".dcm")}
+        return self._json(response, what)
+
     # --- files --------------------------------------------------------------------------------------
 
     def _download(self, path: str, what: str) -> str:
