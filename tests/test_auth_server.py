@@ -230,7 +230,7 @@ def test_a_chat_is_its_starters_and_readable_by_reviewers_and_admins_only(server
 
     posts = len(fake_vlm.posts)
     for method, path in (("GET", "/vila_m3/chat/alice-chat"), ("GET", "/vila_m3/chat/alice-chat/labels"),
-                         ("POST", "/vila_m3/chat/alice-chat/cancel")):
+                         ("POST", "/vila_m3/chat/alice-chat/cancel"), ("POST", "/vila_m3/chat/alice-chat/report")):
         response = call(server, method, path, bob)
         assert response.status_code == 404, (path, response.text)
         assert response.json()["detail"] == "no chat 'alice-chat'"
@@ -242,6 +242,9 @@ def test_a_chat_is_its_starters_and_readable_by_reviewers_and_admins_only(server
     assert spoofed.status_code in (404, 422), spoofed.text  # refused: a client's own "user" is never believed
     assert len(fake_vlm.posts) == posts  # the model was never asked
 
+    for token in (alice, reviewer, admin):  # past the owner rule, the report of a NIfTI study is refused as such
+        report = call(server, "POST", "/vila_m3/chat/alice-chat/report", token)
+        assert report.status_code == 422 and report.json()["detail"] == "a structured report needs a DICOM study"
     for token in (reviewer, admin):  # may read, not continue
         assert call(server, "GET", "/vila_m3/chat/alice-chat", token).status_code == 200
         assert stream_turn(server, token, "alice-chat").status_code == 404
