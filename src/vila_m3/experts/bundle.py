@@ -58,6 +58,7 @@ __all__ = [
     "image_from_arrays",
     "last_resample",
     "pending_resample",
+    "preprocess_from_pixels",
     "ras_affine",
     "resample_input_dtype",
     "xyz_array",
@@ -426,15 +427,20 @@ def image_from_arrays(arrays: Sequence[np.ndarray], geometry: Geometry, dtype: A
         data = np.empty((len(arrays), *first.shape[::-1]), dtype=first.dtype if dtype is None else dtype)
         for channel, array in enumerate(arrays):
             xyz_array(array, out=data[channel])
+    return _loaded_image(torch.from_numpy(data), geometry, channels=len(arrays))
+
+
+def _loaded_image(data: torch.Tensor, geometry: Geometry, channels: int) -> MetaTensor:
+    """``data`` with the affine and metadata ``LoadImaged`` gives an image on ``geometry``."""
     affine = torch.as_tensor(_LPS_TO_RAS @ geometry.affine_lps, dtype=torch.float64)
     meta = {
         "original_affine": affine.clone(),
         "spatial_shape": np.asarray(geometry.shape),
-        "original_channel_dim": "no_channel" if len(arrays) == 1 else 0,
+        "original_channel_dim": "no_channel" if channels == 1 else 0,
         "space": "RAS",
         "filename_or_obj": "",
     }
-    return MetaTensor(torch.from_numpy(data), affine=affine, meta=meta)
+    return MetaTensor(data, affine=affine, meta=meta)
 
 
 def ras_affine(geometry: Geometry) -> np.ndarray:
@@ -464,20 +470,81 @@ def resample_input_dtype(transforms: Sequence[Any], pixel_dtype: Any) -> np.dtyp
     ``EnsureTyped`` without a dtype) and the pixels are exact in float32; then the resampling's own
     computation dtype (float64 for ``Spacingd``), whose conversion MONAI would otherwise make as one
     more full-volume pass. The numbers the resampling sees are the same either way."""
-    from monai.transforms import EnsureChannelFirstd, EnsureTyped
-
     float32 = np.dtype(np.float32)
     at = last_resample(transforms)
-    if at is None or np.dtype(pixel_dtype) not in _EXACT_IN_FLOAT32:
+    if at is None or np.dtype(pixel_dtype) not in _EXACT_IN_FLOAT32 or not _only_move(transforms[:at]):
         return float32
-    for transform in transforms[:at]:
-        if isinstance(transform, EnsureTyped) and getattr(transform.converter, "dtype", None) is None:
-            continue
-        if not isinstance(transform, EnsureChannelFirstd):
-            return float32
     dtypes = {np.dtype(torch.empty(0, dtype=d).numpy().dtype) if isinstance(d, torch.dtype) else np.dtype(d)
               for d in transforms[at].dtype}
     return dtypes.pop() if len(dtypes) == 1 else float32
+
+
+def _only_move(transforms: Sequence[Any]) -> bool:
+    """Whether ``transforms`` only add a channel or move the data (``EnsureChannelFirstd``,
+    ``EnsureTyped`` without a dtype): the pixel values reach the next step unchanged."""
+    from monai.transforms import EnsureChannelFirstd, EnsureTyped
+
+    for transform in transforms:
+        if isinstance(transform, EnsureTyped) and getattr(transform.converter, "dtype", None) is None:
+            continue
+        if not isinstance(transform, EnsureChannelFirstd):
+            return False
+    return True
+
+
+def preprocess_from_pixels(transforms: Sequence[Any], data: dict, pixels: np.ndarray, geometry: Geometry,
+                           key: str = "image") -> dict | None:
+    """``transforms`` (a bundle's preprocessing, loaders left out) run on ``data`` with ``key`` = the
+    (z, y, x) ``pixels`` on ``geometry``, the resampling done straight from the pixels; None when the
+    preprocessing is not of the shape this handles (the caller then runs it as usual).
+
+    The steps before the last ``Spacingd`` must only add a channel or move the data (CPU), and the
+    resampling must be one channel, trilinear, ``align_corners`` off, ``border`` / ``zeros`` padding,
+    float64, per-axis (no rotation between the grids). Then ``Spacingd`` runs lazily (MONAI computes
+    the output grid and its record for ``Invertd``, no voxels), the voxels come from
+    :func:`~vila_m3.imaging.resample.linear_to_grid_zyx` on the touched pixels only (no full-volume
+    float copy or transpose), rounded to float32 as ``Spacingd`` returns them, and the record is
+    stored as the eager ``Spacingd`` stores it. The steps after it run unchanged.
+    """
+    from monai.transforms import Compose
+    from monai.utils import LazyAttr, TraceKeys
+
+    from vila_m3.imaging.resample import axis_aligned, linear_to_grid_zyx
+
+    at = last_resample(transforms)
+    pixels = np.asarray(pixels)
+    if at is None or pixels.ndim != 3 or not _only_move(transforms[:at]) or list(transforms[at].keys) != [key]:
+        return None
+    view = _loaded_image(torch.from_numpy(pixels).permute(2, 1, 0), geometry, channels=1)  # no copy
+    data = Compose(transforms[:at])({**data, key: view})
+    image = data[key]
+    if not isinstance(image, MetaTensor) or image.device.type != "cpu" or image.data_ptr() != view.data_ptr():
+        return None
+    lazy = transforms[at](data, lazy=True)
+    image = lazy[key]
+    if len(image.pending_operations) != 1 or tuple(image.shape) != (1, *pixels.shape[::-1]):
+        return None
+    operation = dict(image.pending_operations[0])
+    info = operation.get(TraceKeys.EXTRA_INFO) or {}
+    if operation.get(LazyAttr.AFFINE) is None:
+        return None
+    xform = np.asarray(torch.as_tensor(operation[LazyAttr.AFFINE]).cpu(), dtype=np.float64)
+    shape = tuple(int(n) for n in operation.get(LazyAttr.SHAPE) or ())
+    if (info.get("mode") != "bilinear" or info.get("padding_mode") not in ("border", "zeros")
+            or info.get("align_corners") is not False or info.get("dtype") != "float64" or len(shape) != 3
+            or xform.shape != (4, 4) or not axis_aligned(xform)
+            or (np.allclose(xform, np.eye(4)) and shape == pixels.shape[::-1])):  # MONAI's no-op case
+        return None
+    values = linear_to_grid_zyx(pixels, xform, shape, padding=info["padding_mode"])
+    voxels = torch.from_numpy(np.ascontiguousarray(values.transpose(2, 1, 0), dtype=np.float32))[None]
+    for name in LazyAttr:
+        operation.pop(name.value, None)
+    operation[TraceKeys.LAZY] = False
+    meta = dict(image.meta)
+    meta.pop("affine", None)
+    resampled = MetaTensor(voxels, affine=image.peek_pending_affine(), meta=meta,
+                           applied_operations=[*image.applied_operations, operation])
+    return Compose(transforms[at + 1:])({**lazy, key: resampled})
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,10 @@ every number):
 
 A run is three steps, :meth:`Vista3DRunner.prepare` (input checks, preprocessing), :meth:`~Vista3DRunner.infer`
 (the network: the only step a GPU work queue needs to hold) and :meth:`~Vista3DRunner.finish` (back to the
-input grid). The work outside the network is kept to a few passes over the full volume: the CT goes to
-the preprocessing transposed and converted in one cache-friendly pass (already in the resampling's float64
-when that gives the same numbers), and the way back undoes only the steps after the resampling with
+input grid). The work outside the network is kept to a few passes over the full volume: the CT is
+resampled onto the model's grid straight from its int16 pixels, reading only the voxels the trilinear
+interpolation touches (:func:`~vila_m3.experts.bundle.preprocess_from_pixels`; otherwise it goes to the
+preprocessing transposed and converted in one cache-friendly pass), and the way back undoes only the steps after the resampling with
 ``Invertd`` on the model's small grid, then puts the labels on the input grid with per-axis
 nearest-neighbour indices computed by MONAI's own arithmetic (:mod:`vila_m3.imaging.resample`), not a
 float64 sampling grid of the whole input. The labelmap equals the bundle's own transforms' voxel for voxel;
@@ -52,6 +53,7 @@ from vila_m3.experts.bundle import (
     image_from_arrays,
     last_resample,
     pending_resample,
+    preprocess_from_pixels,
     ras_affine,
     resample_input_dtype,
 )
@@ -208,13 +210,15 @@ class Vista3DRunner(BundleRunner):
         prompt = self.prompt_ids(label_ids)
         start = time.perf_counter()
         preprocessing = self._preprocessing()
-        dtype = resample_input_dtype(preprocessing.transforms, volume.array.dtype)
-        data = {
-            "image": image_from_arrays([volume.array], volume.geometry, dtype=dtype),
-            "label_prompt": list(prompt),
-        }
         try:
-            data = preprocessing(data)
+            data = preprocess_from_pixels(preprocessing.transforms, {"label_prompt": list(prompt)}, volume.array,
+                                          volume.geometry)
+            if data is None:  # not a preprocessing the direct resampling handles: the bundle's way
+                dtype = resample_input_dtype(preprocessing.transforms, volume.array.dtype)
+                data = preprocessing({
+                    "image": image_from_arrays([volume.array], volume.geometry, dtype=dtype),
+                    "label_prompt": list(prompt),
+                })
         except Exception as err:
             raise ExpertRunError(f"VISTA3D preprocessing failed: {type(err).__name__}: {err}") from err
         if min(data["image"].shape[1:]) == 0:  # CropForegroundd found nothing above 0 HU
