@@ -20,6 +20,7 @@ from pacs_harness import RunningOrthanc
 from server_harness import RunningServer, start_monailabel
 from test_pacs_server import multipart, orthanc  # noqa: F401  (the module's Orthanc fixture)
 
+from vila_m3.audit import hashed
 from vila_m3.models.stand_ins import stage_stand_ins
 from vila_m3.reports.dicom_sr import referenced_instances, report_texts
 
@@ -153,7 +154,8 @@ def test_the_audit_log_holds_pacs_study_ids_only_hashed(site, orthanc, sample_da
     assert requests.post(f"{server.url}/vila_m3/chat/report-audit/report", timeout=300).status_code == 200
     text = Path(site["audit"]).read_text(encoding="utf-8")
     lines = [json.loads(line) for line in text.splitlines()]
-    assert any(line["route"] == "/vila_m3/chat/report" for line in lines)
+    report = [line for line in lines if line["route"] == "/vila_m3/chat/report" and line["chat"] == hashed("report-audit")]
+    assert len(report) == 1 and report[0]["study"] == hashed(orthanc.series["ct_abdomen"])
     assert any(line["route"] == "/infer/vila_m3" for line in lines)
     uids = set(orthanc.series.values())
     for path in (sample_data / "dicom").rglob("*.dcm"):

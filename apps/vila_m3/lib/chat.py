@@ -282,6 +282,7 @@ def chat_router(turns: ChatTurns, resolve_image: Callable[[str, str], str], audi
             chat = turns.open_chat(chat_id, chat_user(user))  # the owner rule: reviewers and admins read all
             if not chat.messages:
                 raise HTTPException(404, f"no chat '{chat_id}'")
+            event.study_id = str((chat.study or {}).get("image") or "") or None  # hashed in the line
             report, segs, on_pacs = await run_in_threadpool(reports.build, chat)
             if on_pacs:
                 return JSONResponse(await run_in_threadpool(reports.store, report, segs))
