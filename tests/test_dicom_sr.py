@@ -61,6 +61,14 @@ def test_chat_turns_keep_finished_turns_with_their_experts_and_drop_interrupted_
     assert turn.number == 1
 
 
+def test_a_turn_after_an_interrupted_one_keeps_its_labelmap_number():
+    chat = _chat()
+    chat.messages += [Message("user", "Kidneys?", question="Kidneys?"), Message("assistant", "Both look normal.")]
+    turns = chat_turns(chat)
+    assert [(turn.question, turn.answer, turn.number) for turn in turns] == [
+        ("Is the liver enlarged?", "The liver looks normal in size.", 1), ("Kidneys?", "Both look normal.", 3)]
+
+
 def test_the_report_reads_back_with_its_content_observer_and_references(sample_data, tmp_path):
     sources = read_series(sample_data / "dicom" / "ct_abdomen")
     seg = _seg(sample_data, sources)

@@ -84,19 +84,25 @@ def chat_turns(chat: Chat) -> list[ReportTurn]:
     """The chat's finished turns (not interrupted ones, not a turn still running), in order; a turn's answer
     is the model's last message of it (the earlier ones called experts, which the report lists)."""
     turns: list[ReportTurn] = []
-    number = 0
+    finished = {id(message) for message in chat.finished_messages()}
+    users = 0  # user messages so far, interrupted turns' too: the number in the turn's labelmap file name
     question: str | None = None
     answer = ""
     experts: list[ReportExpert] = []
 
     def close() -> None:
         if question is not None:
-            turns.append(ReportTurn(question, answer.strip(), list(experts), number))
+            turns.append(ReportTurn(question, answer.strip(), list(experts), users))
 
-    for message in chat.finished_messages():
+    for message in chat.messages:
         if message.role == "user" and message.question is not None:
             close()
-            number += 1
+            question = None
+        if message.role == "user":
+            users += 1
+        if id(message) not in finished:
+            continue
+        if message.role == "user" and message.question is not None:
             question, answer, experts = message.question, "", []
         elif message.role == "assistant" and question is not None:
             answer = message.text  # the turn's answer is its last word (earlier ones called the experts)
