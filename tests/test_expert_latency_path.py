@@ -241,3 +241,21 @@ def test_a_labelmap_is_encoded_once(phantom: Volume, tmp_path: Path, monkeypatch
     changed = Volume(array=labels.array.copy(), geometry=labels.geometry)  # another result: encoded anew
     save_labelmap(changed, tmp_path / "third.nii.gz")
     assert len(encodings) == 2
+
+
+@pytest.mark.parametrize("classes", [1, 2, 4])
+def test_prompted_labels_are_vista_post_transform_labels(classes: int) -> None:
+    """The labels from the logits equal ``VistaPostTransformd``'s, ties (first class wins), all-negative
+    and exactly-zero voxels included; NaN logits are left to MONAI's transform."""
+    from vila_m3.experts.vista3d import _prompted_labels
+
+    generator = torch.Generator().manual_seed(classes)
+    logits = torch.randint(-3, 4, (classes, 9, 8, 7), generator=generator).float() / 2  # many ties and zeros
+    prompt = torch.tensor([5, 26, 1, 132][:classes])
+    expected = VistaPostTransformd(keys="pred")({"pred": logits.clone(), "label_prompt": prompt.reshape(-1, 1)})
+    ours = _prompted_labels(logits, prompt)
+    assert ours is not None and ours.dtype == torch.float32 and ours.shape == (1, 9, 8, 7)
+    assert torch.equal(ours, expected["pred"])
+    assert len(torch.unique(ours)) == classes + 1
+    logits[0, 0, 0, 0] = float("nan")
+    assert _prompted_labels(logits, prompt) is None

@@ -333,20 +333,43 @@ class Vista3DRunner(BundleRunner):
     def _invert(self, data: dict, logits: torch.Tensor, transforms: list) -> MetaTensor:
         """``VistaPostTransformd`` and ``Invertd`` through ``transforms`` (the last ones applied, or all)."""
         image = data["image"]
-        pred = MetaTensor(logits.to(image.device), meta=dict(image.meta))
-        post = Compose(
-            [
-                VistaPostTransformd(keys="pred"),
-                Invertd(keys="pred", transform=Compose(transforms), orig_keys="image", nearest_interp=True,
-                        to_tensor=True),
-            ]
-        )
+        logits = logits.to(image.device)
+        invert = Invertd(keys="pred", transform=Compose(transforms), orig_keys="image", nearest_interp=True,
+                         to_tensor=True)
         try:
             with torch.no_grad():
                 class_vector = torch.as_tensor(data["label_prompt"], device=self.device).reshape(-1, 1)
+                labels = _prompted_labels(logits, class_vector.reshape(-1))
+                if labels is None:  # NaN logits: MONAI's own rule for them
+                    post = Compose([VistaPostTransformd(keys="pred"), invert])
+                    pred = MetaTensor(logits, meta=dict(image.meta))
+                else:
+                    post, pred = invert, MetaTensor(labels, meta=dict(image.meta))
                 return post({"image": image, "pred": pred, "label_prompt": class_vector})["pred"]
         except Exception as err:
             raise ExpertRunError(f"VISTA3D post-processing failed: {type(err).__name__}: {err}") from err
+
+
+def _prompted_labels(logits: torch.Tensor, label_prompt: torch.Tensor) -> torch.Tensor | None:
+    """``VistaPostTransformd``'s labels for class prompts, (1, X', Y', Z') float32: background where no
+    class has a positive logit, else the prompted id of the first class with the largest logit; None
+    when a logit is NaN (the caller runs ``VistaPostTransformd`` itself).
+
+    The same numbers as MONAI's transform (clamping the negatives to 0 changes no arg-max above 0), in a
+    few element-wise passes: ``argmax`` over the class axis of a CPU tensor takes 0.15 s for two classes
+    on a 110 × 110 × 90 grid, a running comparison 0.01 s.
+    """
+    if logits.ndim != 4 or len(label_prompt) != logits.shape[0] or bool(torch.isnan(logits).any()):
+        return None
+    prompt = label_prompt.to(logits.device, torch.float32)
+    best = logits[0]
+    labels = torch.full(best.shape, float(prompt[0]), dtype=torch.float32, device=logits.device)
+    for channel in range(1, logits.shape[0]):
+        higher = logits[channel] > best  # strict: the first of equal maxima wins, as argmax
+        best = torch.where(higher, logits[channel], best)
+        labels[higher] = prompt[channel]
+    labels[best <= 0] = 0.0
+    return labels[None]
 
 
 def _label_ids(values: torch.Tensor) -> torch.Tensor:
