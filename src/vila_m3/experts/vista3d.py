@@ -211,8 +211,10 @@ class Vista3DRunner(BundleRunner):
         start = time.perf_counter()
         preprocessing = self._preprocessing()
         try:
-            data = preprocess_from_pixels(preprocessing.transforms, {"label_prompt": list(prompt)}, volume.array,
-                                          volume.geometry)
+            data = None
+            if self.device.type == "cpu":  # on a GPU, the bundle's transforms resample on the device
+                data = preprocess_from_pixels(preprocessing.transforms, {"label_prompt": list(prompt)},
+                                              volume.array, volume.geometry)
             if data is None:  # not a preprocessing the direct resampling handles: the bundle's way
                 dtype = resample_input_dtype(preprocessing.transforms, volume.array.dtype)
                 data = preprocessing({
