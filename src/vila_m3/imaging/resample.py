@@ -36,6 +36,8 @@ from monai.networks.utils import to_norm_affine
 
 __all__ = ["axis_aligned", "linear_to_grid_zyx", "nearest_indices", "nearest_to_grid_zyx", "tie_planes"]
 
+#: Target planes (z) interpolated together by :func:`linear_to_grid_zyx`.
+_LINEAR_PLANES = 8
 #: Largest off-diagonal entry (relative to the largest diagonal one) for an index map to count as per-axis.
 _AXIS_ALIGNED_RTOL = 1e-9
 
@@ -258,10 +260,16 @@ def linear_to_grid_zyx(pixels: np.ndarray, xform: np.ndarray, target_shape: Sequ
     )
     rows, inverse = np.unique(np.concatenate([y0, y1]), return_inverse=True)
     y0, y1 = inverse[: len(y0)], inverse[len(y0):]
-    planes, inverse = np.unique(np.concatenate([z0, z1]), return_inverse=True)
-    z0, z1 = inverse[: len(z0)], inverse[len(z0):]
-    sub = np.take(np.take(pixels, planes, axis=0), rows, axis=1)  # touched (z, y) rows, source dtype
-    # np.take, not fancy indexing: 3x faster along the last axis
-    out = np.take(sub, x0, axis=2) * wx0 + np.take(sub, x1, axis=2) * wx1  # (z'', y'', X)
-    out = np.take(out, y0, axis=1) * wy0[:, None] + np.take(out, y1, axis=1) * wy1[:, None]  # (z'', Y, X)
-    return np.take(out, z0, axis=0) * wz0[:, None, None] + np.take(out, z1, axis=0) * wz1[:, None, None]
+    out = np.empty((len(z0), len(y0), len(x0)), dtype=np.float64)
+    # a few target planes at a time: every temporary stays a few MB (in cache, no fresh pages per call)
+    for start in range(0, len(z0), _LINEAR_PLANES):
+        stop = min(start + _LINEAR_PLANES, len(z0))
+        planes, inverse = np.unique(np.concatenate([z0[start:stop], z1[start:stop]]), return_inverse=True)
+        k0, k1 = inverse[: stop - start], inverse[stop - start:]
+        sub = np.take(np.take(pixels, planes, axis=0), rows, axis=1)  # touched (z, y) rows, source dtype
+        # np.take, not fancy indexing: 3x faster along the last axis
+        part = np.take(sub, x0, axis=2) * wx0 + np.take(sub, x1, axis=2) * wx1  # (z'', y'', X)
+        part = np.take(part, y0, axis=1) * wy0[:, None] + np.take(part, y1, axis=1) * wy1[:, None]  # (z'', Y, X)
+        out[start:stop] = (np.take(part, k0, axis=0) * wz0[start:stop, None, None]
+                           + np.take(part, k1, axis=0) * wz1[start:stop, None, None])
+    return out
