@@ -27,7 +27,6 @@ Slicer module, OHIF plugin and Python client work unchanged. Differences, each d
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -70,6 +69,7 @@ from lib.uploads import (
     upload_dir,
 )
 from vila_m3.chat.store import ChatStorageError
+from vila_m3.logtext import fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -102,10 +102,9 @@ class InferFolders:
 
 
 def text_digest(text: Any) -> str:
-    """``<n> chars, sha256 <12 hex>`` for a text, so logs can tell prompts apart without holding them."""
-    if not isinstance(text, str):
-        return "-"
-    return f"{len(text)} chars, sha256 {hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()[:12]}"
+    """``<n> chars, sha256 <12 hex>`` for a text (:func:`vila_m3.logtext.fingerprint`, as the chat loop logs
+    it), so logs can tell prompts apart without holding them; ``-`` for anything that is not text."""
+    return fingerprint(text) if isinstance(text, str) else "-"
 
 
 def _loggable(value: str, limit: int = 80) -> str:
