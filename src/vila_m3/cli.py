@@ -1,6 +1,6 @@
 """The ``vila-m3`` command line: ``serve``, ``samples``, ``models list | verify | pull | stand-ins | demo |
 versions``, ``vlm inspect | ask``, ``datagen`` / ``datagen-check`` (the data engine), ``train`` and
-``evaluate`` (fine-tuning and trigger accuracy)."""
+``evaluate`` (fine-tuning and trigger accuracy), ``mcp`` (an MCP server over a running server)."""
 
 from __future__ import annotations
 
@@ -159,6 +159,22 @@ def _models_stand_ins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mcp(args: argparse.Namespace) -> int:
+    import anyio
+
+    from vila_m3.mcp_server import TOKEN_ENV, serve_http, serve_stdio, token_from_env
+
+    token = token_from_env()
+    if args.transport == "http":
+        print(f"MCP server (streamable HTTP) at http://{args.host}:{args.port}/mcp for the VILA-M3 server at "
+              f"{args.server}; bearer token: {'$' + TOKEN_ENV if token else 'the MCP request header, if any'}",
+              file=sys.stderr, flush=True)
+        serve_http(args.server, token, args.host, args.port)
+    else:
+        anyio.run(serve_stdio, args.server, token)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vila-m3", description="VILA-M3 for MONAI Label and 3D Slicer")
     parser.add_argument("--version", action="version", version=f"vila-m3 {__version__}")
@@ -208,6 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
     stand_ins.add_argument("--task", action="append", help="vista3d, brats, cxr, vila_m3 (default: all)")
     stand_ins.add_argument("--models-dir", required=True, help="a folder of its own, e.g. models-demo")
     stand_ins.set_defaults(handler=_models_stand_ins)
+    mcp = commands.add_parser("mcp", help="an MCP server offering the experts and studies of a running server")
+    mcp.add_argument("--server", default="http://127.0.0.1:8000", help="the VILA-M3 server's URL "
+                     "(a bearer token for it from $VILA_M3_TOKEN when login is on)")
+    mcp.add_argument("--transport", choices=("stdio", "http"), default="stdio",
+                     help="stdio (a client spawns this command) or streamable HTTP at http://HOST:PORT/mcp")
+    mcp.add_argument("--host", default="127.0.0.1", help="with --transport http (default: 127.0.0.1)")
+    mcp.add_argument("--port", type=int, default=8010, help="with --transport http (default: 8010)")
+    mcp.set_defaults(handler=_mcp)
     from vila_m3.data.cli import add_commands as add_datagen_commands
     from vila_m3.training.cli import add_commands as add_training_commands
     from vila_m3.training.cli import add_model_commands as add_demo_commands
