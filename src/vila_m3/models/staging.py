@@ -4,15 +4,24 @@ checks that what is staged is complete and unchanged.
 Every pull records the SHA-256 of the files it wrote (``.vila_m3_pull.json`` in a model's folder,
 ``<file>.vila_m3_pull.json`` beside a single-file model), so a copy carried to an air-gapped machine
 can be verified there. Checksums pinned in the manifest take precedence over the record.
+
+Downloads show a progress bar per file (size, elapsed and remaining time; the Hugging Face client
+draws its own). Hugging Face models are fetched at the commit the hub names for the manifest's
+revision, checked against the hub's own checksums (git SHA-1, or SHA-256 for LFS files), and the
+commit is kept in the record. The hub is ``$HF_ENDPOINT`` (read at each pull, so a site mirror or a
+test server can stand in for huggingface.co) or a manifest source's ``endpoint``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import sys
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from dataclasses import dataclass, field
@@ -37,12 +46,14 @@ class VerifyReport:
 
     ``state`` is ``ready`` (complete, checksums match), ``unverified`` (complete, no checksum known),
     ``not staged`` (nothing there), ``incomplete`` (some required files missing) or ``corrupt``.
+    ``downloaded`` is set by ``pull`` when it fetched the model (False: it was already verified).
     """
 
     model_id: str
     location: Path
     state: str
     problems: list[str] = field(default_factory=list)
+    downloaded: bool = False
 
     @property
     def ok(self) -> bool:
@@ -78,14 +89,22 @@ def _staged_files(entry: ModelEntry, models_dir: Path) -> dict[str, Path]:
     }
 
 
-def write_record(entry: ModelEntry, models_dir: Path) -> Path:
-    """Record the checksums of what is staged for ``entry`` now; returns the record's path."""
+def staged_bytes(entry: ModelEntry, models_dir: Path) -> int:
+    """Total size in bytes of the files staged for ``entry`` (its pull record and hub metadata aside)."""
+    return sum(path.stat().st_size for path in _staged_files(entry, models_dir).values())
+
+
+def write_record(entry: ModelEntry, models_dir: Path, commit: str | None = None) -> Path:
+    """Record the checksums of what is staged for ``entry`` now (and the hub ``commit`` it came from, if
+    known); returns the record's path."""
     files = _staged_files(entry, models_dir)
     record = {
         "model_id": entry.model_id,
         "source": entry.source,
         "sha256": {name: sha256_file(path) for name, path in files.items()},
     }
+    if commit:
+        record["commit"] = commit
     path = record_path(entry, models_dir)
     path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     return path
@@ -121,12 +140,21 @@ def verify(entry: ModelEntry, models_dir: Path) -> VerifyReport:
     return VerifyReport(entry.model_id, location, "corrupt" if problems else "ready", problems)
 
 
+def _progress_bar(total: int | None, label: str) -> tqdm:
+    """A byte progress bar on stderr: size done of total, elapsed<remaining, rate. On a terminal it redraws
+    in place; in a log it writes a line every 30 s at most (and the final one)."""
+    interactive = sys.stderr.isatty()
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=label, file=sys.stderr,
+                leave=True, dynamic_ncols=interactive, ascii=not interactive,
+                mininterval=0.2 if interactive else 30.0)
+
+
 def _download(url: str, destination: Path, label: str) -> None:
     """Stream ``url`` to ``destination`` with a progress bar; raises StagingError on failure."""
     try:
         with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, destination.open("wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=label, leave=False) as bar:
+            with _progress_bar(total, label) as bar:
                 while chunk := response.read(CHUNK_BYTES):
                     out.write(chunk)
                     bar.update(len(chunk))
@@ -156,7 +184,7 @@ def _pull_url(entry: ModelEntry, location: Path) -> None:
     location.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=location.parent, prefix=".pull-") as scratch:
         download = Path(scratch) / "download"
-        _download(url, download, entry.model_id)
+        _download(url, download, f"Downloading {entry.model_id} ({Path(urllib.parse.urlsplit(url).path).name})")
         if entry.source.get("archive") == "zip":
             unpacked = Path(scratch) / "unpacked"
             try:
@@ -170,14 +198,34 @@ def _pull_url(entry: ModelEntry, location: Path) -> None:
             download.replace(location)
 
 
-def _pull_huggingface(entry: ModelEntry, location: Path) -> None:
-    from huggingface_hub import snapshot_download
+def hub_endpoint(entry: ModelEntry) -> str | None:
+    """The Hugging Face endpoint for ``entry``: its source's ``endpoint``, else ``$HF_ENDPOINT`` now, else
+    None (the client's default, huggingface.co)."""
+    return entry.source.get("endpoint") or os.environ.get("HF_ENDPOINT") or None
 
+
+def _pull_huggingface(entry: ModelEntry, location: Path) -> str:
+    """Fetch ``entry``'s repository into ``location`` at the commit its revision names now, and check every
+    file against the hub's checksums; returns the commit. A pull cut short resumes where it stopped."""
+    from huggingface_hub import HfApi, constants, snapshot_download
+
+    if constants.is_offline_mode():
+        raise StagingError("HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set in the environment; unset it to download")
+    repo, endpoint = entry.source["repo"], hub_endpoint(entry)
     try:
-        snapshot_download(repo_id=entry.source["repo"], revision=entry.source.get("revision"), local_dir=location)
+        api = HfApi(endpoint=endpoint)
+        commit = api.model_info(repo, revision=entry.source.get("revision") or "main").sha
+        print(f"{entry.model_id}: huggingface {repo} at commit {commit}", file=sys.stderr, flush=True)
+        snapshot_download(repo_id=repo, revision=commit, local_dir=location, endpoint=endpoint)
+        check = api.verify_repo_checksums(repo, revision=commit, local_dir=location)
     except Exception as err:  # the hub client raises many types; all mean "could not fetch"
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise StagingError(first_line) from None
+    wrong = [f"{item['path']} (expected {item['expected']}, got {item['actual']})" for item in check.mismatches]
+    wrong += [f"{path} (not downloaded)" for path in check.missing_paths]
+    if wrong:
+        raise StagingError(f"files differ from the hub's checksums at commit {commit}: {', '.join(wrong)}")
+    return commit
 
 
 def source_text(entry: ModelEntry) -> str:
@@ -201,9 +249,10 @@ def pull(entry: ModelEntry, models_dir: Path) -> VerifyReport:
     if current.state == "ready":
         return current
     location = entry.location(models_dir)
+    commit = None
     try:
         if entry.source.get("hub") == "huggingface":
-            _pull_huggingface(entry, location)
+            commit = _pull_huggingface(entry, location)
         elif "url" in entry.source:
             _pull_url(entry, location)
         else:
@@ -214,8 +263,9 @@ def pull(entry: ModelEntry, models_dir: Path) -> VerifyReport:
             f"cannot download {entry.model_id} from {source_text(entry)} ({err}); on a machine that has it, "
             f"run `vila-m3 models pull {entry.model_id}` and copy <models dir>/{relative} to {location}"
         ) from None
-    write_record(entry, models_dir)
+    write_record(entry, models_dir, commit)
     report = verify(entry, models_dir)
     if not report.ok:
         raise StagingError(f"{entry.model_id} was downloaded but is not usable: {'; '.join(report.problems)}")
+    report.downloaded = True
     return report
