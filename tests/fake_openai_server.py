@@ -4,6 +4,11 @@ Runs ``http.server.ThreadingHTTPServer`` on 127.0.0.1 (port 0) in a thread. Each
 (path, headers, parsed JSON body) and answered with the next scripted :class:`Reply`: a JSON body,
 a server-sent event stream (HTTP/1.1 chunked, one chunk per event, optional pauses), or an error
 ``{"error": {"message": ...}}``; an optional delay comes before the status line.
+
+A scripted answer may be a tool call: :func:`tool_call_completion` puts ``message.tool_calls`` in a
+JSON answer, :func:`tool_call_sse` streams them as vLLM and OpenAI do (the id, type and name in the
+first delta of each call, the arguments string split over several later deltas, then
+``finish_reason: tool_calls``). :attr:`Recorded.tools` is the ``tools`` list a request offered.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-__all__ = ["FakeOpenAIServer", "Recorded", "Reply", "completion", "error", "sse", "stream_events"]
+__all__ = ["FakeOpenAIServer", "Recorded", "Reply", "completion", "error", "sse", "stream_events",
+           "tool_call_completion", "tool_call_events", "tool_call_sse"]
 
 
 @dataclass
@@ -54,6 +60,16 @@ class Recorded:
     headers: dict[str, str]
     body: Any
 
+    @property
+    def tools(self) -> list[dict[str, Any]] | None:
+        """The ``tools`` the request offered the model (None: none)."""
+        return self.body.get("tools") if isinstance(self.body, dict) else None
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        """The request's chat ``messages``."""
+        return list(self.body.get("messages") or []) if isinstance(self.body, dict) else []
+
 
 def completion(text: str, finish_reason: str = "stop", usage: dict[str, int] | None = None) -> Reply:
     """A non-streamed chat completion."""
@@ -90,6 +106,50 @@ def stream_events(
     if done:
         events.append("data: [DONE]")
     return events
+
+
+ToolCallSpec = tuple[str, str]
+"""A scripted call: (function name, JSON arguments string as the model writes it)."""
+
+
+def _chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    return {"id": "chatcmpl-test", "object": "chat.completion.chunk", "model": "fake",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+
+def tool_call_completion(calls: list[ToolCallSpec], text: str | None = None) -> Reply:
+    """A non-streamed answer with ``message.tool_calls`` (ids ``call_0``, ``call_1``...), content ``text``."""
+    tool_calls = [{"id": f"call_{i}", "type": "function", "function": {"name": name, "arguments": arguments}}
+                  for i, (name, arguments) in enumerate(calls)]
+    body = {"id": "chatcmpl-test", "object": "chat.completion", "model": "fake",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "tool_calls": tool_calls},
+                         "finish_reason": "tool_calls"}]}
+    return Reply(json_body=body)
+
+
+def tool_call_events(calls: list[ToolCallSpec], pieces: list[str] = (), arguments_chunk: int = 5,
+                     done: bool = True) -> list[dict[str, Any] | str]:
+    """SSE events of an answer with tool calls: text ``pieces`` first, then per call a delta with
+    ``index``, ``id``, ``type`` and ``function.name`` (arguments ``""``), then the arguments string in
+    pieces of ``arguments_chunk`` characters (deltas with ``index`` and ``function.arguments`` only),
+    then ``finish_reason: tool_calls`` and ``[DONE]``."""
+    events: list[dict[str, Any] | str] = [_chunk({"role": "assistant", "content": ""})]
+    events += [_chunk({"content": piece}) for piece in pieces]
+    for index, (name, arguments) in enumerate(calls):
+        events.append(_chunk({"tool_calls": [{"index": index, "id": f"call_{index}", "type": "function",
+                                              "function": {"name": name, "arguments": ""}}]}))
+        for start in range(0, len(arguments), arguments_chunk):
+            piece = arguments[start:start + arguments_chunk]
+            events.append(_chunk({"tool_calls": [{"index": index, "function": {"arguments": piece}}]}))
+    events.append(_chunk({}, "tool_calls"))
+    if done:
+        events.append("data: [DONE]")
+    return events
+
+
+def tool_call_sse(calls: list[ToolCallSpec], pieces: list[str] = (), arguments_chunk: int = 5, **kwargs: Any) -> Reply:
+    """A streamed answer with tool calls (see :func:`tool_call_events`)."""
+    return Reply(events=tool_call_events(calls, list(pieces), arguments_chunk), **kwargs)
 
 
 def sse(pieces: list[str], event_delay_s: float = 0.0, **kwargs: Any) -> Reply:

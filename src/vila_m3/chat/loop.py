@@ -4,6 +4,11 @@ volume, feed their results back, and let it answer again (EXPERT_PROTOCOL.md §1
 Only text the model generated is scanned for triggers; the user's words never are. Every answer,
 including those after feedback, is scanned; expert rounds are bounded; an expert failure becomes an
 expert message to the model and a visible error, never an exception out of the turn.
+
+A VLM with ``tool_calling`` (a remote model in tool-calling mode, ``--conf vlm_tools on``) is offered
+the experts as OpenAI tools instead of the model card, and its tool calls run the experts under the
+same rules (only its calls, bounded rounds, validated arguments, failures and invalid calls fed back
+as the call's result); its text is not scanned for triggers (:mod:`vila_m3.chat.tool_conversation`).
 """
 
 from __future__ import annotations
@@ -20,13 +25,15 @@ from typing import Any, Protocol
 from vila_m3.chat.locks import ChatLocks, TurnCancelledWaiting
 from vila_m3.chat.params import DEFAULT_CONTEXT_TOKENS, GenerationParams, parse_turn_params
 from vila_m3.chat.store import Chat, ChatStore, ChatUser
-from vila_m3.chat.study import Study, StudyError, open_study
+from vila_m3.chat.study import Study, open_study
+from vila_m3.chat.tool_conversation import tool_conversation
 from vila_m3.chat.transcript import Message, vlm_conversation
 from vila_m3.experts.colors import overlay_colors_float
-from vila_m3.experts.feedback import brats_feedback, error_feedback, segmentation_feedback
+from vila_m3.experts.feedback import error_feedback
 from vila_m3.experts.registry import ExpertRegistry, ExpertSpec
 from vila_m3.experts.result import SegmentationResult
 from vila_m3.experts.service import ExpertService
+from vila_m3.experts.tools import ToolCallError, expert_tools, resolve_tool_call
 from vila_m3.experts.triggers import Trigger, find_triggers
 from vila_m3.imaging import Volume, save_labelmap
 from vila_m3.imaging.overlay import render_overlay
@@ -178,6 +185,8 @@ class ChatLoop:
         self.store = store
         self.max_rounds = max_rounds
         self.max_triggers = max_triggers
+        self.tool_calling = bool(getattr(vlm, "tool_calling", False))
+        self.tools = expert_tools(registry) if self.tool_calling else []
         describe = getattr(vlm, "describe", None)
         self.vlm_info = {
             "name": vlm_name or (describe() if callable(describe) else type(vlm).__name__),
@@ -301,7 +310,7 @@ class ChatLoop:
         for round_number in range(self.max_rounds + 1):
             began = time.perf_counter()
             try:
-                answer, cancelled = self._generate(chat, request, emit, control, round_number)
+                answer, cancelled, tool_calls = self._generate(chat, request, emit, control, round_number)
             except JobCancelled:
                 if round_number == 0:
                     raise
@@ -314,6 +323,20 @@ class ChatLoop:
             self.store.save(chat)
             if cancelled:
                 break
+            if self.tool_calling:
+                if not tool_calls:
+                    break
+                if round_number == self.max_rounds:
+                    names = ", ".join(f"{call.name}({call.arguments})" for call in tool_calls)
+                    chat.messages.append(Message("expert", "", to_model=False, error=(
+                        f"expert round limit ({self.max_rounds}) reached; not run: {names}")))
+                    break
+                produced, cancelled = self._run_tool_calls(chat, study, tool_calls, axis, index, request.question,
+                                                           emit, control, calls, step)
+                segmentation = produced or segmentation
+                if cancelled:
+                    break
+                continue
             scan = find_triggers(answer, self.registry, max_triggers=self.max_triggers)
             for problem in scan.problems:
                 chat.messages.append(Message("expert", "", error=problem, to_model=False))
@@ -369,31 +392,39 @@ class ChatLoop:
                         "These are different MRI modalities.\n")
         else:
             preamble = f"<image>This is a {study.modality} image.\n"
-        card = self.registry.model_card() if not any(m.role == "user" and not m.interrupted
-                                                     for m in chat.messages) else ""
+        card = self.registry.model_card() if not self.tool_calling and not any(
+            m.role == "user" and not m.interrupted for m in chat.messages) else ""
         return Message("user", card + preamble + question, images=names, question=question)
 
     def _generate(self, chat: Chat, request: TurnRequest, emit: EventSink, control: JobControl,
-                  round_number: int) -> tuple[str, bool]:
-        """The model's answer to the chat so far; drops the oldest exchanges if the context is full.
+                  round_number: int) -> tuple[str, bool, tuple[Any, ...]]:
+        """The model's answer to the chat so far, whether it was cancelled, and its tool calls (tool-calling
+        mode; else none); drops the oldest exchanges if the context is full.
         Each try is one job of the VLM's work queue (JobCancelled when cancelled while it waits)."""
         messages = [message for message in chat.messages if not message.interrupted]  # the model never sees those
+        settings = {"max_new_tokens": request.max_new_tokens, "temperature": request.temperature,
+                    "top_p": request.top_p, "cancel": control.cancel,
+                    "stream": lambda piece: emit("token", {"text": piece, "round": round_number})}
         while True:
-            turns, image_names = vlm_conversation(messages)
+            if self.tool_calling:
+                turns, image_names = tool_conversation(messages, bool(getattr(self.vlm, "tool_images", True)))
+            else:
+                turns, image_names = vlm_conversation(messages)
             images = [self.store.image(chat.chat_id, name) for name in image_names]
             try:
-                result = self._job(self.vlm_device, lambda turns=turns, images=images: self.vlm.generate(
-                    turns, images, max_new_tokens=request.max_new_tokens, temperature=request.temperature,
-                    top_p=request.top_p, stream=lambda piece: emit("token", {"text": piece, "round": round_number}),
-                    cancel=control.cancel,
-                ), control)
+                if self.tool_calling:
+                    result = self._job(self.vlm_device, lambda turns=turns, images=images: self.vlm.generate_with_tools(
+                        turns, images, self.tools, **settings), control)
+                else:
+                    result = self._job(self.vlm_device, lambda turns=turns, images=images: self.vlm.generate(
+                        turns, images, **settings), control)
             except PromptTooLongError:
                 shorter = self._drop_oldest_exchange(messages)
                 if shorter is None:
                     raise
                 messages = shorter
                 continue
-            return result.text, result.stopped_by == "cancelled"
+            return result.text, result.stopped_by == "cancelled", tuple(getattr(result, "tool_calls", ()))
 
     def _drop_oldest_exchange(self, messages: list[Message]) -> list[Message] | None:
         """``messages`` without the first question and its answers (the card moves to the next question)."""
@@ -402,8 +433,43 @@ class ChatLoop:
             return None
         kept = messages[questions[1]:]
         first = kept[0]
-        kept[0] = Message("user", self.registry.model_card() + first.text, list(first.images), first.question)
+        card = "" if self.tool_calling else self.registry.model_card()
+        kept[0] = Message("user", card + first.text, list(first.images), first.question)
         return kept
+
+    def _run_tool_calls(self, chat: Chat, study: Study, tool_calls: tuple[Any, ...], axis: str, index: int,
+                        question: str, emit: EventSink, control: JobControl, calls: list[ExpertCall],
+                        step: Callable[[str, float], None]) -> tuple[SegmentationResult | None, bool]:
+        """Run one answer's tool calls in order; each gets an expert message that answers it (the result,
+        the expert's failure, or why the call could not run). Returns the last segmentation and whether
+        the turn was cancelled while an expert waited (later calls are not answered then)."""
+        segmentation = None
+        for position, tool_call in enumerate(tool_calls):
+            record = {"id": tool_call.id, "name": tool_call.name, "arguments": tool_call.arguments}
+            try:
+                if position >= self.max_triggers:
+                    raise ToolCallError(f"not run: at most {self.max_triggers} expert calls per answer")
+                trigger = resolve_tool_call(tool_call.name, tool_call.arguments, self.registry)
+            except ToolCallError as err:
+                problem = scrub_paths(str(err))
+                chat.messages.append(Message("expert", error_feedback(problem), error=problem, tool_call=record))
+                self.store.save(chat)
+                continue
+            began = time.perf_counter()
+            try:
+                message, call, produced = self._run_expert(chat, study, trigger, axis, index, question, emit, control)
+            except JobCancelled:
+                chat.messages.append(Message("expert", "", expert=trigger.name, argument=trigger.argument,
+                                             error="cancelled before it ran", to_model=False))
+                self.store.save(chat)
+                return segmentation, True
+            step(f"expert {trigger.name}", began)
+            message.tool_call = record
+            chat.messages.append(message)
+            calls.append(call)
+            segmentation = produced or segmentation
+            self.store.save(chat)
+        return segmentation, False
 
     def _run_expert(self, chat: Chat, study: Study, trigger: Trigger, axis: str, index: int,
                     question: str | None, emit: EventSink,
@@ -431,34 +497,19 @@ class ChatLoop:
                        index: int, question: str | None,
                        control: JobControl | None = None) -> tuple[Message, ExpertCall, SegmentationResult | None]:
         number = sum(1 for message in chat.messages if message.role == "expert") + 1
-        if spec.runner == "cxr":
-            if study.modality != "CXR":
-                raise StudyError(f"{spec.name} runs on chest X-rays; this study is {study.modality}")
-            run = self.experts.classify_cxr(study.primary_path, control=control)
-            text = run.result.feedback_text(question)
-            message = Message("expert", text, expert=spec.name, argument=trigger.argument)
-            call = ExpertCall(spec.name, trigger.argument, 0.0, run.cached, stand_in=_stand_in_note(run.result))
-            return message, call, None
-
-        if spec.runner == "brats":
-            if not study.is_brats:
-                raise StudyError(f"{spec.name} needs the four MRI sequences (T1c, T1, T2, FLAIR); this study has one image")
-            run = self.experts.segment_brain(study.paths, control=control)
-        elif spec.runner == "vista3d":
-            if study.modality != "CT":
-                raise StudyError(f"{spec.name} segments CT volumes; this study is {study.modality}")
-            run = self.experts.segment_ct(study.primary_path, argument=trigger.argument, control=control)
-        else:
-            raise StudyError(f"{spec.name} is not run by this product")
+        # the expert's runner checks the study, runs, and writes its text for the model
+        run = self.experts.run_expert(spec.name, study, trigger.argument, control=control)
         result = run.result
+        if not isinstance(result, SegmentationResult):  # a classifier: text only
+            text = self.experts.feedback(spec.name, result, question)
+            message = Message("expert", text, expert=spec.name, argument=trigger.argument)
+            call = ExpertCall(spec.name, trigger.argument, 0.0, run.cached, stand_in=_stand_in_note(result))
+            return message, call, None
         overlay, drawn = render_overlay(study.primary, result.labels, axis, index, overlay_colors_float(),
                                         modality=study.modality)
         present = [label_id for label_id, _ in drawn]
         image = self.store.save_image(chat.chat_id, f"expert{number:03d}_{spec.name.lower()}.png", overlay)
-        if spec.runner == "brats":
-            text = brats_feedback(present, question)
-        else:
-            text = segmentation_feedback(present, result.label_names, question)
+        text = self.experts.feedback(spec.name, result, question, present)
         message = Message("expert", text, images=[image], expert=spec.name, argument=trigger.argument)
         call = ExpertCall(spec.name, trigger.argument, 0.0, run.cached, label_names=result.ids_by_name,
                           stand_in=_stand_in_note(result))

@@ -27,6 +27,8 @@ class Message:
         to_model: False for notes that are shown to the user but never sent to the model.
         interrupted: True for the messages of a turn the server stopped in the middle of (a crash, a
             kill): kept for reading, never sent to the model nor exported as training data.
+        tool_call: for expert messages answering a model's tool call (tool-calling mode), the call as
+            the model made it: ``{"id", "name", "arguments"}``; None for triggers.
     """
 
     role: Role
@@ -38,10 +40,11 @@ class Message:
     error: str | None = None
     to_model: bool = True
     interrupted: bool = False
+    tool_call: dict[str, str] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         defaults = {"question": None, "expert": None, "argument": None, "error": None, "to_model": True,
-                    "interrupted": False}
+                    "interrupted": False, "tool_call": None}
         return {key: value for key, value in asdict(self).items()
                 if not (key in defaults and value is defaults[key]) and value != []}
 

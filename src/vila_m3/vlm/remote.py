@@ -11,6 +11,11 @@ with the same ``generate`` signature and :class:`~vila_m3.vlm.GenerationResult`,
   ``max_tokens``, ``temperature``, ``top_p``, ``stop``; ``min_new_tokens > 0`` is sent as
   ``min_tokens``, an extension of vLLM (and of NIM, built on it) that other servers may reject or
   ignore: pass ``send_min_tokens=False`` for those;
+* :meth:`RemoteVLM.generate_with_tools` sends OpenAI ``tools`` (``tool_choice: auto``) with a
+  conversation that may hold the model's earlier tool calls and ``tool`` results
+  (:func:`build_tool_messages`) and returns the text and the :class:`ToolCall` s of the answer
+  (:class:`ToolGenerationResult`), assembled from streamed partial ``tool_calls`` deltas (index, id,
+  name and arguments split over chunks) as vLLM and OpenAI send them;
 * with a ``stream`` callback (or a ``cancel`` event) the answer comes as server-sent events and
   ``cancel`` is checked after every line the server sends (tokens and keep-alives); without either
   it comes as one JSON response. As with the local model, leading and trailing whitespace is
@@ -34,6 +39,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -52,7 +58,10 @@ __all__ = [
     "URL_ENV",
     "RemoteVLM",
     "RemoteVLMError",
+    "ToolCall",
+    "ToolGenerationResult",
     "build_messages",
+    "build_tool_messages",
     "image_data_url",
 ]
 
@@ -91,6 +100,8 @@ _CONFIG_KEYS = frozenset(
         "extra_headers",
         "send_min_tokens",
         "api_key_env",
+        "tool_calling",
+        "tool_images",
     }
 )
 
@@ -109,6 +120,32 @@ class RemoteVLMError(VlmError):
         self.url = url
         self.status_code = status_code
         self.attempts = attempts
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One function call of the model.
+
+    Attributes:
+        id: the call's id (the model's; ``call_<index>`` when the server sent none).
+        name: the function name.
+        arguments: the JSON arguments string as the model wrote it (may be malformed).
+    """
+
+    id: str
+    name: str
+    arguments: str
+
+    def as_openai(self) -> dict[str, Any]:
+        """The call as an assistant message's ``tool_calls`` entry."""
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+@dataclass(frozen=True)
+class ToolGenerationResult(GenerationResult):
+    """A :class:`GenerationResult` with the answer's tool calls, in the model's order."""
+
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -183,14 +220,67 @@ def build_messages(
         if role == "assistant":
             messages.append({"role": "assistant", "content": text})
             continue
-        parts: list[dict[str, Any]] = []
-        for i, chunk in enumerate(text.split(IMAGE_PLACEHOLDER)):
-            if i > 0:
-                parts.append({"type": "image_url", "image_url": {"url": image_data_url(next(pending))}})
-            if chunk:
-                parts.append({"type": "text", "text": chunk})
-        messages.append({"role": "user", "content": parts})
+        messages.append({"role": "user", "content": _user_parts(text, pending)})
     return messages
+
+
+def _user_parts(text: str, pending: Iterator[ImageInput]) -> list[dict[str, Any]]:
+    """A user text as ``text`` and ``image_url`` parts, one image from ``pending`` per ``<image>``."""
+    parts: list[dict[str, Any]] = []
+    for i, chunk in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if i > 0:
+            parts.append({"type": "image_url", "image_url": {"url": image_data_url(next(pending))}})
+        if chunk:
+            parts.append({"type": "text", "text": chunk})
+    return parts
+
+
+def build_tool_messages(
+    messages: Sequence[Mapping[str, Any]],
+    images: Sequence[ImageInput] = (),
+    system_prompt: str | None = None,
+) -> list[dict[str, Any]]:
+    """OpenAI chat ``messages`` for a conversation with tool calls.
+
+    Args:
+        messages: dicts with ``role`` (``user``, ``assistant`` or ``tool``) and ``content`` (text);
+            ``<image>`` in user text marks where each image goes; an assistant message may hold
+            ``tool_calls`` (:class:`ToolCall` s), a tool message needs ``tool_call_id``.
+        images: one image per placeholder, in order across the user messages.
+        system_prompt: text of a leading ``system`` message; none when ``None`` or empty.
+
+    Raises:
+        ImageCountError: images and placeholders differ in number (checked before any encoding).
+        ValueError: an unknown role, a tool message without ``tool_call_id``, ``<image>`` outside a
+            user message, or a tool result whose call is not in the assistant message before it.
+    """
+    n_placeholders = sum(str(m.get("content") or "").count(IMAGE_PLACEHOLDER) for m in messages if m.get("role") == "user")
+    if n_placeholders != len(images):
+        raise ImageCountError(n_placeholders, len(images))
+    out: list[dict[str, Any]] = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    pending = iter(images)
+    open_calls: set[str] = set()
+    for i, message in enumerate(messages):
+        role, text = message.get("role"), str(message.get("content") or "")
+        if role != "user" and IMAGE_PLACEHOLDER in text:
+            raise ValueError(f"Message {i} ({role}) contains {IMAGE_PLACEHOLDER}; images can only be in user messages.")
+        if role == "user":
+            out.append({"role": "user", "content": _user_parts(text, pending)})
+        elif role == "assistant":
+            calls = [call.as_openai() for call in message.get("tool_calls") or ()]
+            entry: dict[str, Any] = {"role": "assistant", "content": text or (None if calls else "")}
+            if calls:
+                entry["tool_calls"] = calls
+            open_calls = {call["id"] for call in calls}
+            out.append(entry)
+        elif role == "tool":
+            call_id = message.get("tool_call_id")
+            if not call_id or call_id not in open_calls:
+                raise ValueError(f"Message {i} (tool) answers {call_id!r}, which is not a call of the assistant message before it.")
+            out.append({"role": "tool", "tool_call_id": str(call_id), "content": text})
+        else:
+            raise ValueError(f"Message {i} has the role {role!r}; expected user, assistant or tool.")
+    return out
 
 
 def _check_turns(turns: Sequence[tuple[str, str]]) -> None:
@@ -372,6 +462,11 @@ class RemoteVLM:
         system_prompt: text of a leading system message; none when ``None``.
         send_min_tokens: send ``min_new_tokens`` as ``min_tokens`` (vLLM / NIM); switch off for
             servers that reject unknown fields.
+        tool_calling: the chat drives this model with OpenAI tool calls instead of text triggers
+            (:meth:`generate_with_tools`); for models served with tool calling on (vLLM
+            ``--enable-auto-tool-choice``).
+        tool_images: in tool-calling mode, send an expert's overlay image after its tool result (a
+            user message with the image); switch off for models that take no images there.
 
     The client may be shared between threads; each ``generate`` call is an independent request.
     """
@@ -389,6 +484,8 @@ class RemoteVLM:
         extra_headers: Mapping[str, str] | None = None,
         system_prompt: str | None = None,
         send_min_tokens: bool = True,
+        tool_calling: bool = False,
+        tool_images: bool = True,
     ) -> None:
         if not model or not str(model).strip():
             raise ValueError("model must name the model the server serves (e.g. its --served-model-name).")
@@ -408,6 +505,8 @@ class RemoteVLM:
         self.extra_headers = dict(extra_headers or {})
         self.system_prompt = system_prompt
         self.send_min_tokens = bool(send_min_tokens)
+        self.tool_calling = bool(tool_calling)
+        self.tool_images = bool(tool_images)
         self._api_key = api_key or None
         self._session = requests.Session()
 
@@ -419,7 +518,7 @@ class RemoteVLM:
         Args:
             config: ``base_url`` and ``model`` (required); optional ``timeout_s``,
                 ``connect_timeout_s``, ``retries``, ``backoff_s``, ``stop``, ``system_prompt``,
-                ``extra_headers``, ``send_min_tokens``, and ``api_key_env`` (the environment
+                ``extra_headers``, ``send_min_tokens``, ``tool_calling``, ``tool_images``, and ``api_key_env`` (the environment
                 variable that holds the key, default :data:`API_KEY_ENV`).
             environ: the environment to read the key from (default ``os.environ``).
 
@@ -474,7 +573,8 @@ class RemoteVLM:
 
     def describe(self) -> str:
         """One line for logs and the UI, e.g. ``remote model 'vila-m3-8b' at http://gpu:8000/v1``."""
-        return f"remote model {self.model!r} at {_redact(self.base_url)}"
+        mode = " (tool calls)" if self.tool_calling else ""
+        return f"remote model {self.model!r} at {_redact(self.base_url)}{mode}"
 
     def __repr__(self) -> str:
         return f"RemoteVLM({self.describe()})"
@@ -652,10 +752,7 @@ class RemoteVLM:
             ImageCountError: images and placeholders differ in number (before any request).
             RemoteVLMError: the server could not be reached or gave no usable answer.
         """
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if int(max_new_tokens) < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self._check_settings(max_new_tokens, temperature)
         if logits_processor:
             raise RemoteVLMError(
                 f"logits_processor runs in-process and cannot be used with the remote model at {self.chat_url}.",
@@ -663,25 +760,86 @@ class RemoteVLM:
             )
         start = time.perf_counter()
         messages = build_messages(conversation, images, self.system_prompt)
+        answer = self._complete(messages, len(images), None, start, max_new_tokens, temperature, top_p,
+                                min_new_tokens, stream, cancel)
+        return GenerationResult(answer.text, answer.n_tokens, answer.stopped_by, answer.prompt_tokens, answer.seconds)
+
+    def generate_with_tools(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        images: Sequence[ImageInput],
+        tools: Sequence[Mapping[str, Any]],
+        max_new_tokens: int = 1024,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        min_new_tokens: int = DEFAULT_MIN_NEW_TOKENS,
+        stream: Callable[[str], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> ToolGenerationResult:
+        """Answer a conversation with tool calls, offering ``tools`` (``tool_choice: auto``).
+
+        Args:
+            messages: user, assistant (with ``tool_calls``) and tool messages; see :func:`build_tool_messages`.
+            images: one image per ``<image>`` in the user messages, in order.
+            tools: OpenAI function tools (:func:`vila_m3.experts.tools.expert_tools`); none sends none.
+            max_new_tokens, temperature, top_p, min_new_tokens, stream, cancel: as for :meth:`generate`;
+                ``stream`` gets the answer's text only, never the calls.
+
+        Returns:
+            The answer's text and its tool calls (streamed calls assembled from their deltas).
+
+        Raises:
+            ImageCountError, ValueError: see :func:`build_tool_messages` (before any request).
+            RemoteVLMError: the server could not be reached or gave no usable answer.
+        """
+        self._check_settings(max_new_tokens, temperature)
+        start = time.perf_counter()
+        built = build_tool_messages(messages, images, self.system_prompt)
+        extra = {"tools": [dict(tool) for tool in tools], "tool_choice": "auto"} if tools else None
+        return self._complete(built, len(images), extra, start, max_new_tokens, temperature, top_p, min_new_tokens,
+                              stream, cancel)
+
+    def _check_settings(self, max_new_tokens: int, temperature: float) -> None:
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if int(max_new_tokens) < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+    def _complete(
+        self,
+        messages: list[dict[str, Any]],
+        n_images: int,
+        extra: Mapping[str, Any] | None,
+        start: float,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        min_new_tokens: int,
+        stream: Callable[[str], None] | None,
+        cancel: threading.Event | None,
+    ) -> ToolGenerationResult:
+        """Send built ``messages`` (plus ``extra`` payload fields) and read the answer."""
         if cancel is not None and cancel.is_set():
-            return GenerationResult("", 0, "cancelled", 0, 0.0)
+            return ToolGenerationResult("", 0, "cancelled", 0, 0.0)
         streaming = stream is not None or cancel is not None
         payload = self._payload(messages, int(max_new_tokens), temperature, top_p, int(min_new_tokens), streaming)
+        payload.update(extra or {})
         logger.debug(
-            "Remote VLM request to %s: %d message(s), %d image(s), max_tokens=%d, stream=%s.",
-            _redact(self.chat_url), len(messages), len(images), payload["max_tokens"], streaming,
+            "Remote VLM request to %s: %d message(s), %d image(s), %d tool(s), max_tokens=%d, stream=%s.",
+            _redact(self.chat_url), len(messages), n_images, len(payload.get("tools", ())), payload["max_tokens"],
+            streaming,
         )
         response = self._request("POST", self.chat_url, payload, streaming, cancel)
         if response is None:
-            return GenerationResult("", 0, "cancelled", 0, time.perf_counter() - start)
+            return ToolGenerationResult("", 0, "cancelled", 0, time.perf_counter() - start)
         content_type = response.headers.get("Content-Type", "")
         if streaming and "text/event-stream" in content_type:
-            text, n_tokens, stopped_by, prompt_tokens = self._read_stream(response, stream, cancel)
+            text, n_tokens, stopped_by, prompt_tokens, calls = self._read_stream(response, stream, cancel)
         else:
-            text, n_tokens, stopped_by, prompt_tokens = self._read_completion(response)
+            text, n_tokens, stopped_by, prompt_tokens, calls = self._read_completion(response)
             if stream is not None and text:
                 stream(text)
-        return GenerationResult(text, n_tokens, stopped_by, prompt_tokens, time.perf_counter() - start)
+        return ToolGenerationResult(text, n_tokens, stopped_by, prompt_tokens, time.perf_counter() - start, calls)
 
     def _payload(
         self,
@@ -708,8 +866,8 @@ class RemoteVLM:
             payload["stream_options"] = {"include_usage": True}
         return payload
 
-    def _read_completion(self, response: requests.Response) -> tuple[str, int, StopReason, int]:
-        """Text, completion tokens, stop reason and prompt tokens of a JSON chat completion."""
+    def _read_completion(self, response: requests.Response) -> tuple[str, int, StopReason, int, tuple[ToolCall, ...]]:
+        """Text, completion tokens, stop reason, prompt tokens and tool calls of a JSON chat completion."""
         url = _redact(self.chat_url)
         data = self._read_json(response, url)
         self._raise_for_error_object(data, url)
@@ -724,22 +882,32 @@ class RemoteVLM:
             content = ""
         if not isinstance(content, str):
             raise self._malformed(url, f"choices[0].message.content is a {type(content).__name__}, not text")
+        raw_calls = message.get("tool_calls") or []
+        if not isinstance(raw_calls, list) or not all(isinstance(call, dict) for call in raw_calls):
+            raise self._malformed(url, "choices[0].message.tool_calls is not a list of objects")
+        parts = _ToolCallParts()
+        for position, call in enumerate(raw_calls):
+            parts.add({**call, "index": call.get("index", position)})
         completion, prompt = _usage(data.get("usage"))
-        return content.strip(), completion or 0, _stop_reason(choices[0].get("finish_reason")), prompt or 0
+        return (content.strip(), completion or 0, _stop_reason(choices[0].get("finish_reason")), prompt or 0,
+                parts.calls(url, self._malformed))
 
     def _read_stream(
         self,
         response: requests.Response,
         stream: Callable[[str], None] | None,
         cancel: threading.Event | None,
-    ) -> tuple[str, int, StopReason, int]:
-        """Text, completion tokens, stop reason and prompt tokens of a server-sent event stream.
+    ) -> tuple[str, int, StopReason, int, tuple[ToolCall, ...]]:
+        """Text, completion tokens, stop reason, prompt tokens and tool calls of a server-sent event stream.
 
         Each ``data:`` line is one event; comment lines (``:``), other fields and blank lines are
-        skipped; ``data: [DONE]`` ends the stream. The response is closed on return.
+        skipped; ``data: [DONE]`` ends the stream. Tool calls come as ``delta.tool_calls`` pieces
+        keyed by ``index``: the id and name in the first piece, the arguments string split over the
+        following ones (names split over pieces are joined too). The response is closed on return.
         """
         url = _redact(self.chat_url)
         visible = _VisibleText(stream)
+        tool_parts = _ToolCallParts()
         n_chunks = 0
         finish: str | None = None
         usage: Any = None
@@ -787,19 +955,27 @@ class RemoteVLM:
                 if isinstance(piece, str) and piece:
                     n_chunks += 1
                     visible.add(piece)
+                calls = delta.get("tool_calls") if isinstance(delta, dict) else None
+                if calls:
+                    if not isinstance(calls, list) or not all(isinstance(call, dict) for call in calls):
+                        raise self._malformed(url, f"an event has malformed tool_calls: {value[:_BODY_EXCERPT]}")
+                    n_chunks += 1
+                    for position, call in enumerate(calls):
+                        tool_parts.add({**call, "index": call.get("index", position)})
                 finish = choices[0].get("finish_reason") or finish
         finally:
             response.close()
         completion, prompt = _usage(usage)
         if cancel is not None and cancel.is_set() and not done and finish is None:
-            return visible.text, n_chunks, "cancelled", prompt or 0
+            return visible.text, n_chunks, "cancelled", prompt or 0, ()  # half a call is no call
         if not done and finish is None:
             raise RemoteVLMError(
                 f"Remote VLM at {url}: the stream ended before the answer was complete "
                 f"({n_chunks} text chunk(s) received, no finish_reason and no [DONE]).",
                 url,
             )
-        return visible.text, completion if completion is not None else n_chunks, _stop_reason(finish), prompt or 0
+        calls = tool_parts.calls(url, self._malformed)
+        return visible.text, completion if completion is not None else n_chunks, _stop_reason(finish), prompt or 0, calls
 
     def _raise_for_error_object(self, data: Any, url: str) -> None:
         """Raise for an error object sent with status 200 (e.g. a failure in the middle of a stream)."""
@@ -808,6 +984,43 @@ class RemoteVLM:
         if data.get("error") or data.get("object") == "error":
             text = _server_error_text(json.dumps(data).encode("utf-8"))
             raise RemoteVLMError(f"Remote VLM at {url} reported an error: {text}", url)
+
+
+class _ToolCallParts:
+    """Tool calls assembled from pieces keyed by ``index`` (a whole call is one piece)."""
+
+    def __init__(self) -> None:
+        self._parts: dict[int, dict[str, str]] = {}
+
+    def add(self, piece: Mapping[str, Any]) -> None:
+        """Add one ``tool_calls`` entry: ``index``, and any of ``id``, ``function.name``, ``function.arguments``."""
+        try:
+            index = int(piece.get("index"))
+        except (TypeError, ValueError):
+            index = len(self._parts)
+        part = self._parts.setdefault(index, {"id": "", "name": "", "arguments": ""})
+        if piece.get("id") and not part["id"]:
+            part["id"] = str(piece["id"])
+        function = piece.get("function") or {}
+        if not isinstance(function, Mapping):
+            function = {}
+        if isinstance(function.get("name"), str):
+            part["name"] += function["name"]
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            part["arguments"] += arguments
+        elif isinstance(arguments, Mapping):  # some servers send the object itself
+            part["arguments"] += json.dumps(arguments)
+
+    def calls(self, url: str, malformed: Callable[[str, str], RemoteVLMError]) -> tuple[ToolCall, ...]:
+        """The calls in index order; a call without a name is a malformed answer."""
+        calls = []
+        for index in sorted(self._parts):
+            part = self._parts[index]
+            if not part["name"]:
+                raise malformed(url, f"tool call {index} has no function name")
+            calls.append(ToolCall(part["id"] or f"call_{index}", part["name"], part["arguments"]))
+        return tuple(calls)
 
 
 def _usage(usage: Any) -> tuple[int | None, int | None]:
