@@ -14,6 +14,10 @@ APP ?= apps/vila_m3
 DEMO ?= auto
 # A YAML file of changes to configs/demo_model.yaml for the demo build, e.g. tests/data/demo_quick.yaml
 DEMO_RECIPE ?=
+# `real`: first pull the real weights (VILA-M3, VISTA3D, BRATS, TorchXRayVision; skips what verifies; needs
+# huggingface.co and the MONAI model zoo), then serve them, no demo. VLM: vila_m3_3b, vila_m3_8b or vila_m3_13b.
+MODELS ?= demo
+VLM ?= vila_m3_3b
 # Extra MONAI Label --conf pairs, e.g. make run CONF="models vista3d,cxr"
 CONF ?=
 # Extra pytest arguments (make test lints with ruff first), e.g. make test PYTEST_ARGS="-k samples"
@@ -34,8 +38,10 @@ PACS_DIR ?= .pacs
 
 # With no real weights in MODELS_DIR, the first run builds the demo model (cached; DEMO=no skips it).
 run: $(STAMP) samples
+	$(if $(filter real,$(MODELS)),@$(BIN)/vila-m3 models pull --real --vlm $(VLM) --models-dir $(MODELS_DIR))
 	@$(BIN)/vila-m3 serve --host $(HOST) --port $(PORT) --studies $(STUDIES) --models-dir $(MODELS_DIR) --app $(APP) \
-		$(if $(filter no,$(DEMO)),,--demo-if-no-weights $(if $(DEMO_RECIPE),--demo-recipe $(DEMO_RECIPE))) $(CONF)
+		$(if $(filter real,$(MODELS)),--conf vlm $(VLM),$(if $(filter no,$(DEMO)),,--demo-if-no-weights \
+		$(if $(DEMO_RECIPE),--demo-recipe $(DEMO_RECIPE)))) $(CONF)
 
 # The server with tiny RANDOM stand-in weights in models-demo/: every task runs, no answer means anything.
 demo: $(STAMP) samples

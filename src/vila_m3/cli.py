@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +27,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ServeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    hint = _real_weights_hint(plan) if args.demo_if_no_weights else None
     if args.demo_if_no_weights and not args.check:
         try:
             plan = _with_demo(plan, args, conf)
@@ -33,10 +35,23 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
     print(describe(plan), flush=True)
+    if hint:
+        print(hint, flush=True)
     if args.check:
         return 0
     serve(plan)
     return 0  # not reached: serve() replaces the process
+
+
+def _real_weights_hint(plan: ServePlan) -> str | None:
+    """With no real weights staged and no remote VLM, the one line saying that the demo is served and how to get
+    the real models (no network probe: just the line); None otherwise."""
+    from vila_m3.serve import REAL_WEIGHTS_HINT, remote_settings
+    from vila_m3.training.demo import real_weights_staged
+
+    if remote_settings(plan.conf) is not None or real_weights_staged(plan.models_dir):
+        return None
+    return REAL_WEIGHTS_HINT
 
 
 def _with_demo(plan: ServePlan, args: argparse.Namespace, conf: dict[str, str]) -> ServePlan:
@@ -79,15 +94,23 @@ def _models_list(args: argparse.Namespace) -> int:
 
 def _chosen_entries(args: argparse.Namespace):
     from vila_m3.models.manifest import ModelManifest
+    from vila_m3.tasks import required_models, select_tasks, task_catalogue
 
     manifest = ModelManifest.load()
     model_ids = list(args.model_ids)
-    for task in getattr(args, "task", None) or []:
-        from vila_m3.tasks import required_models, select_tasks, task_catalogue
-
-        catalogue = task_catalogue()
+    tasks = list(getattr(args, "task", None) or [])
+    catalogue = task_catalogue() if tasks or getattr(args, "real", False) else {}
+    default_vlm = load_config("app.yaml")["default_vlm"]
+    if getattr(args, "real", False):  # every task's models, with the VLM `--real` pulls by default
+        tasks += list(catalogue)
+        default_vlm = load_config("models.yaml").get("real_default_vlm", default_vlm)
+    vlm = getattr(args, "vlm", None) or default_vlm
+    if tasks and getattr(manifest.entries.get(vlm), "kind", None) != "vila_checkpoint":
+        valid = ", ".join(mid for mid, entry in manifest.entries.items() if entry.kind == "vila_checkpoint")
+        raise ValueError(f"--vlm {vlm} is not a VILA-M3 checkpoint of configs/models.yaml; valid ids are: {valid}")
+    for task in tasks:
         select_tasks(task, catalogue, setting="--task")
-        model_ids += required_models(catalogue[task], args.vlm or load_config("app.yaml")["default_vlm"])
+        model_ids += required_models(catalogue[task], vlm)
     args.model_ids = list(dict.fromkeys(model_ids))
     if not args.model_ids:
         return manifest, list(manifest.entries.values())
@@ -121,8 +144,8 @@ def _models_pull(args: argparse.Namespace) -> int:
     from vila_m3.models.manifest import resolve_models_dir
     from vila_m3.models.staging import StagingError, pull
 
-    if not args.model_ids and not args.task and not args.all:
-        print("error: name the models to pull (see `vila-m3 models list`), or pass --task NAME or --all",
+    if not args.model_ids and not args.task and not args.all and not args.real:
+        print("error: name the models to pull (see `vila-m3 models list`), or pass --real, --task NAME or --all",
               file=sys.stderr)
         return 2
     models_dir = resolve_models_dir(args.models_dir)
@@ -131,16 +154,35 @@ def _models_pull(args: argparse.Namespace) -> int:
     except (KeyError, ValueError) as err:
         print(f"error: {err.args[0]}", file=sys.stderr)
         return 2
-    status = 0
+    started = time.monotonic()
+    staged, fetched, failed = [], [], []
     for entry in entries:
         try:
             report = pull(entry, models_dir)
         except StagingError as err:
-            print(f"error: {err}", file=sys.stderr)
-            status = 1
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            failed.append(entry.model_id)
             continue
-        print(f"{entry.model_id}: {report.state} at {report.location}")
-    return status
+        staged.append(entry)
+        fetched += [entry.model_id] if report.downloaded else []
+        how = "downloaded, checksums recorded" if report.downloaded else "already staged, checksums match"
+        print(f"{entry.model_id}: {report.state} at {report.location} ({how})", flush=True)
+    print(pull_summary(staged, fetched, failed, models_dir, time.monotonic() - started), flush=True)
+    return 1 if failed else 0
+
+
+def pull_summary(staged: list, fetched: list[str], failed: list[str], models_dir: Path, seconds: float) -> str:
+    """The one line ``models pull`` ends with: what is staged, its size on disk, how long it took, what failed."""
+    from vila_m3.models.staging import staged_bytes
+
+    size = sum(staged_bytes(entry, models_dir) for entry in staged)
+    minutes, secs = divmod(round(seconds), 60)
+    line = (f"Staged {len(staged)} model{'s' * (len(staged) != 1)} in {models_dir} "
+            f"({', '.join(entry.model_id for entry in staged) or 'none'}): {size / 1e9:.2f} GB on disk; "
+            f"{len(fetched)} downloaded, {len(staged) - len(fetched)} already there; {minutes} min {secs:02d} s")
+    if failed:
+        line += f"; FAILED: {', '.join(failed)} (see the errors above)"
+    return line
 
 
 def _models_stand_ins(args: argparse.Namespace) -> int:
@@ -215,9 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     verifying.set_defaults(handler=_models_verify)
     pulling = model_commands.add_parser("pull", help="download models that are missing (needs network)")
     pulling.add_argument("model_ids", nargs="*", help="model ids of configs/models.yaml")
-    pulling.add_argument("--all", action="store_true", help="every model of the manifest")
+    pulling.add_argument("--real", action="store_true",
+                         help="the real models of every infer task: the VLM (--vlm; default vila_m3_3b), VISTA3D, "
+                              "BRATS and the 8 TorchXRayVision files (what `make run MODELS=real` pulls)")
+    pulling.add_argument("--all", action="store_true", help="every model of the manifest (all three VLMs too)")
     pulling.add_argument("--task", action="append", help="the models an infer task needs (vila_m3, vista3d, brats, cxr)")
-    pulling.add_argument("--vlm", help="with --task vila_m3: which checkpoint (default: configs/app.yaml default_vlm)")
+    pulling.add_argument("--vlm", help="with --real or --task vila_m3: which checkpoint, e.g. vila_m3_8b (default: "
+                                       "configs/models.yaml real_default_vlm with --real, else app.yaml default_vlm)")
     pulling.add_argument("--models-dir", help="default: $VILA_M3_MODELS_DIR or ./models")
     pulling.set_defaults(handler=_models_pull)
     stand_ins = model_commands.add_parser("stand-ins", help="write tiny random stand-ins (demos and tests only)")

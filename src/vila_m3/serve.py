@@ -21,6 +21,14 @@ DEFAULT_APP_DIR = Path(__file__).resolve().parents[2] / "apps" / "vila_m3"
 APP_DIR_ENV = "VILA_M3_APP_DIR"
 
 
+REAL_WEIGHTS_HINT = (
+    "Serving the DEMO models (trained on synthetic phantoms; not medical models). For the real VILA-M3, VISTA3D, "
+    "BRATS and TorchXRayVision weights (about 7.5 GB with the 3B VLM): make run MODELS=real (or `vila-m3 models pull "
+    "--real`; needs access to huggingface.co and the MONAI model zoo)"
+)
+"""What ``make run`` prints when it serves the demo (no real weights staged, no remote VLM)."""
+
+
 class ServeError(RuntimeError):
     """A problem with the requested server settings, worded for the user."""
 
