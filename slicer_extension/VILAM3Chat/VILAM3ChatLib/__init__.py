@@ -6,7 +6,9 @@
 - :mod:`.chat_state` — what the panel shows, rendered as HTML;
 - :mod:`.slice_mapping` — from a slice view to the (axis, index) the server renders;
 - :mod:`.segments` — label names and colours to segments with Slicer terminology;
-- :mod:`.worker` — background work whose results arrive on the GUI thread.
+- :mod:`.worker` — background work whose results arrive on the GUI thread;
+- :mod:`.scene` — the scene logic on Slicer's MRML core (labelmaps in, corrections out, slice mapping),
+  shared by the Slicer module and the web viewer (``web/``); it needs ``slicer`` and ``vtk``.
 
-Only the standard library and ``requests`` are needed (both ship with 3D Slicer).
+Apart from :mod:`.scene`, only the standard library and ``requests`` are needed (both ship with 3D Slicer).
 """
