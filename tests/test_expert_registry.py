@@ -117,7 +117,7 @@ def test_unavailable_expert_is_left_out_of_the_card_and_reported(experts_config)
     assert registry.is_configured("BRATS")
     with pytest.raises(KeyError, match="not staged"):
         registry.get("BRATS")
-    assert registry.configured_spec("BRATS").runner == "brats"
+    assert registry.configured_spec("BRATS").runner == "vila_m3.experts.brats:BratsExpert"
 
 
 def test_a_failing_availability_check_marks_only_that_expert_unavailable(experts_config):
@@ -159,10 +159,10 @@ def test_experts_in_card_order_with_runners_weights_and_outputs(registry):
     assert by_name["CXR"].weights == XRV_WEIGHTS
     assert by_name["VISTA2D"].weights == ()
     assert {n: s.runner for n, s in by_name.items()} == {
-        "BRATS": "brats",
-        "VISTA3D": "vista3d",
+        "BRATS": "vila_m3.experts.brats:BratsExpert",
+        "VISTA3D": "vila_m3.experts.vista3d:Vista3DExpert",
         "VISTA2D": None,
-        "CXR": "cxr",
+        "CXR": "vila_m3.experts.cxr:CxrExpert",
     }
     assert {n: s.input_modality for n, s in by_name.items()} == {
         "BRATS": "MRI",

@@ -2,7 +2,10 @@
 
 A thin shell over the ``vila_m3`` package. App settings (``--conf KEY VALUE``):
 
-- ``models``: ``all`` (default) or a comma list of infer tasks (``vila_m3``, ``vista3d``, ``brats``, ``cxr``);
+- ``models``: ``all`` (default) or a comma list of infer tasks (``vila_m3``, ``vista3d``, ``brats``, ``cxr``, and
+  the lower-case name of each expert of an experts file);
+- ``experts_file``: extra experts files (comma-separated; added to ``$VILA_M3_EXPERTS``): their experts are appended
+  to configs/experts.yaml's, each one an infer task, in the model card and callable from the chat;
 - ``models_dir``: where weights are staged (default ``$VILA_M3_MODELS_DIR`` or ``./models``);
 - ``vlm``: the VILA-M3 checkpoint of ``configs/models.yaml`` the chat task uses;
 - ``vlm_url`` + ``vlm_model``: answer chats with a remote OpenAI-compatible server instead (vLLM, NIM,
@@ -53,7 +56,7 @@ from lib.datastore import (
     not_in_datastore,
 )
 from lib.infer_route import install_request_routes
-from lib.infers import BratsInferTask, CxrInferTask, Vista3DInferTask
+from lib.infers import ExpertInferTask, expert_task_catalogue, use_experts_files
 from lib.ohif_route import ohif_router
 from lib.pacs_datastore import open_pacs_datastore
 from lib.server_hooks import replace_routes
@@ -62,7 +65,7 @@ from lib.uploads import upload_dir
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
-from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.train import TrainTask
 
 import vila_m3
@@ -95,9 +98,11 @@ class VilaM3App(MONAILabelApp):
         replace_routes(server, ohif_router(), prefix=settings.MONAI_LABEL_API_STR)  # paths kept inside OHIF's folder
         self.models_dir = resolve_models_dir(conf.get("models_dir"))
         self.vlm_id = conf.get("vlm") or load_config("app.yaml")["default_vlm"]
+        use_experts_files(conf)  # extra experts (--conf experts_file), seen by every registry of this process
+        self.catalogue = expert_task_catalogue(task_catalogue(), ExpertRegistry.from_config())
         self.task_statuses: list[TaskStatus] = task_statuses(
-            select_tasks(conf.get("models")), self.models_dir, vlm_id=self.vlm_id,
-            remote_vlm=remote_settings(conf) is not None,
+            select_tasks(conf.get("models"), self.catalogue), self.models_dir, vlm_id=self.vlm_id,
+            remote_vlm=remote_settings(conf) is not None, catalogue=self.catalogue,
         )
         logger.info("VILA-M3 infer tasks (models dir %s):\n%s", self.models_dir, format_statuses(self.task_statuses))
         self.vlm_versions = ModelVersions(self.models_dir, self.vlm_id)
@@ -129,11 +134,9 @@ class VilaM3App(MONAILabelApp):
     def init_infers(self) -> dict[str, InferTask]:
         """The infer tasks whose weights are staged (or, for the chat, whose remote VLM is set)."""
         available = {status.name for status in self.task_statuses if status.available}
-        catalogue = task_catalogue()
+        catalogue = self.catalogue
         usable_experts = {catalogue[name]["expert"] for name in available if catalogue[name].get("expert")}
-        registry = ExpertRegistry.from_config(
-            available=lambda spec: None if spec.name in usable_experts else "not staged or not selected on this server"
-        )
+        registry = ExpertRegistry.from_config(available=lambda spec: self._expert_unavailable(spec, usable_experts))
         self.experts = ExpertService(
             self.models_dir,
             registry=registry,
@@ -148,19 +151,26 @@ class VilaM3App(MONAILabelApp):
             if task.get("vlm"):
                 infers[name] = self._chat_task(registry, description)
                 continue
-            spec = registry.configured_spec(task["expert"])
-            if spec.runner == "vista3d":
-                infers[name] = Vista3DInferTask(self.experts, spec, InferType.SEGMENTATION, 3, description,
-                                                self.study_files)
-            elif spec.runner == "brats":
-                infers[name] = BratsInferTask(self.experts, spec, self.study_files, description)
-            elif spec.runner == "cxr":
-                infers[name] = CxrInferTask(self.experts, spec, description, self.study_files)
+            if task["expert"] in registry:  # one task class for every expert, through its runner
+                infers[name] = ExpertInferTask(self.experts, registry.get(task["expert"]), description,
+                                               self.study_files)
         return infers
+
+    @staticmethod
+    def _expert_unavailable(spec: Any, usable: set[str]) -> str | None:
+        """Why expert ``spec`` cannot be used on this server (weights, selection, its runner class), or None."""
+        if spec.name not in usable:
+            return "not staged or not selected on this server"
+        try:
+            ExpertRegistry.runner_class_of(spec)
+        except ValueError as err:  # ConfigError: the class cannot be imported or is not a runner
+            logger.warning("%s", err)
+            return str(err)
+        return None
 
     def init_trainers(self) -> dict[str, TrainTask]:
         """``vila_m3``: fine-tune the served checkpoint on the datastore (a local chat VLM only)."""
-        chat = next((status for status in self.task_statuses if task_catalogue()[status.name].get("vlm")), None)
+        chat = next((status for status in self.task_statuses if self.catalogue[status.name].get("vlm")), None)
         if chat is None or not chat.available or remote_settings(self.conf) is not None:
             return {}
         from monailabel.app import app as server

@@ -1,7 +1,9 @@
-"""The experts as MONAI Label infer tasks: ``vista3d``, ``brats`` and ``cxr``.
+"""The experts as MONAI Label infer tasks: one task class, :class:`ExpertInferTask`, built per expert of the
+registry (``vista3d``, ``brats``, ``cxr`` and any expert added by an experts file).
 
-Each task turns a MONAI Label request into a call of the shared ``ExpertService`` and its result
-into MONAI Label's usual answer: a labelmap file plus JSON with ``label_names`` and latencies.
+Each task turns a MONAI Label request into a study and an argument (the expert's runner reads the
+params: ``request_argument``), runs the expert through the shared ``ExpertService`` and answers as MONAI
+Label does: a labelmap file for a segmentation plus JSON (the runner's ``answer``) with latencies.
 Bad input becomes an HTTP 4xx with a message that names the problem; nothing is saved then.
 """
 
@@ -18,10 +20,16 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.datastore import StudyFiles
-from vila_m3.experts.registry import ExpertSpec, UnknownArgument
+from vila_m3.experts.registry import (
+    EXPERTS_ENV,
+    ExpertRegistry,
+    ExpertSpec,
+    UnknownArgument,
+    env_experts_files,
+)
 from vila_m3.experts.service import ExpertRun, ExpertService
-from vila_m3.imaging import VolumeReadError, save_labelmap
-from vila_m3.imaging.sequences import SEQUENCE_ALIASES, SEQUENCE_ORDER, sibling_sequences
+from vila_m3.imaging import Volume, VolumeReadError, save_labelmap
+from vila_m3.imaging.sequences import SEQUENCE_ALIASES, sibling_sequences
 from vila_m3.security.paths import scrub_paths
 from vila_m3.work_queue import QueueFull
 
@@ -49,21 +57,31 @@ def input_errors() -> tuple[type[Exception], ...]:
 
 
 class ExpertInferTask(InferTask):
-    """Common request handling of the expert tasks; subclasses implement ``run``."""
+    """``POST /infer/<task>?image=ID`` for one expert of the registry, through its runner.
 
-    def __init__(self, service: ExpertService, spec: ExpertSpec, infer_type: str, dimension: int, description: str,
-                 files: StudyFiles):
+    The request's study: the image, or, for a runner whose ``inputs`` are several images (BRATS: the
+    four MRI sequences), params ``{"sequences": {"t1": ID, ...}}``, else the PACS study's series, else the
+    files beside the image named ``<study>_t1c``, ``_t1``, ``_t2``, ``_flair``. The argument: the runner's
+    ``request_argument(params)`` (VISTA3D: ``{"group": "hepatic tumor"}`` or ``{"label_prompt": [1, 26]}``).
+
+    Args:
+        service: the server's experts.
+        spec: the expert (its labels are the task's labels; ``output`` gives the task type).
+        description: the task's text in ``/info/``.
+        files: what clients name, resolved.
+    """
+
+    def __init__(self, service: ExpertService, spec: ExpertSpec, description: str, files: StudyFiles):
         labels = {name: label_id for label_id, name in sorted(spec.labels.items())}
-        super().__init__(type=infer_type, labels=labels, dimension=dimension, description=description)
+        segmentation = spec.output == "segmentation"
+        super().__init__(type=InferType.SEGMENTATION if segmentation else InferType.CLASSIFICATION, labels=labels,
+                         dimension=3 if segmentation else 2, description=description)
         self.service = service
         self.spec = spec
         self.files = files
 
     def is_valid(self) -> bool:
         return True
-
-    def run(self, request: dict[str, Any]) -> ExpertRun:
-        raise NotImplementedError
 
     def __call__(self, request: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
         start = time.perf_counter()
@@ -92,53 +110,40 @@ class ExpertInferTask(InferTask):
             answer["notice"] = f"stand-in weights ({note}): this result is not a medical model's output"
         return label_file, answer
 
+    def run(self, request: dict[str, Any]) -> ExpertRun:
+        """The expert on the request's study, for the argument its params ask for."""
+        runner = self.service.runner(self.spec.name)
+        argument = runner.request_argument(request)
+        paths = self.study_paths(request, tuple(runner.inputs))
+        study = self.service.open_study(paths, self.spec.name)
+        return self.service.run_expert(self.spec.name, study, argument)
+
     def answer(self, outcome: ExpertRun) -> tuple[str | None, dict[str, Any]]:
-        """A segmentation result as a temporary NIfTI labelmap plus its label names."""
+        """The runner's JSON, and a segmentation's labelmap as a temporary NIfTI file."""
         result = outcome.result
+        body = self.service.runner(self.spec.name).answer(result)
+        labels = getattr(result, "labels", None)
+        if not isinstance(labels, Volume):
+            return None, body
         handle, path = tempfile.mkstemp(suffix=".nii.gz", prefix=f"{self.spec.name.lower()}-")
         os.close(handle)
-        save_labelmap(result.labels, path)  # encoded once per result; a cached repeat writes the same bytes
-        return path, {"label_names": result.ids_by_name, "argument": result.argument}
+        save_labelmap(labels, path)  # encoded once per result; a cached repeat writes the same bytes
+        return path, body
 
-
-class Vista3DInferTask(ExpertInferTask):
-    """``POST /infer/vista3d?image=ID`` with params ``{"group": "hepatic tumor"}`` or ``{"label_prompt": [1, 26]}``."""
-
-    def run(self, request: dict[str, Any]) -> ExpertRun:
-        group = request.get("group")
-        if group is not None and (not isinstance(group, str) or not group.strip()):
-            raise HTTPException(BAD_INPUT, f"VISTA3D: group must be one group name as text, e.g. 'hepatic tumor'; "
-                                           f"valid groups are {self.spec.valid_args_text()}")
-        label_ids = request.get("label_prompt") or request.get("label_ids")
-        if label_ids is not None:
-            if not isinstance(label_ids, list) or not all(isinstance(i, int) and not isinstance(i, bool)
-                                                          for i in label_ids):
-                raise HTTPException(BAD_INPUT, "VISTA3D: label_prompt must be a list of integer label ids, e.g. [1, 26]")
-            unknown = sorted(set(label_ids) - set(self.spec.labels))
-            if unknown:
-                raise HTTPException(BAD_INPUT, f"VISTA3D: unknown label ids {unknown}; valid ids are 1-132")
-        return self.service.segment_ct(request["image"], argument=request.get("group"), label_ids=label_ids)
-
-
-class BratsInferTask(ExpertInferTask):
-    """``POST /infer/brats?image=ID`` on one sequence of a study; the other three are found beside it
-    by name (``<study>_t1c``, ``_t1``, ``_t2``, ``_flair``) or given as params ``{"sequences": {"t1": ID, ...}}``.
-    """
-
-    def __init__(self, service: ExpertService, spec: ExpertSpec, files: StudyFiles, description: str):
-        super().__init__(service, spec, InferType.SEGMENTATION, 3, description, files)
-
-    def sequence_paths(self, request: dict[str, Any]) -> dict[str, str]:
+    def study_paths(self, request: dict[str, Any], inputs: tuple[str, ...]) -> dict[str, str]:
+        """``{"image": path}``, or for several inputs (MRI sequences) ``{sequence: path}``."""
+        if len(inputs) <= 1:
+            return {"image": request["image"]}
         given = request.get("sequences")
         if given is not None:
             if not isinstance(given, dict):
                 raise HTTPException(BAD_INPUT, "sequences must map sequence names (t1c, t1, t2, flair) to image ids")
             for name, image in given.items():
                 if SEQUENCE_ALIASES.get(str(name).lower()) is None:
-                    raise HTTPException(BAD_INPUT, "BRATS: sequences: keys must be t1c, t1, t2 and flair")
+                    raise HTTPException(BAD_INPUT, f"{self.spec.name}: sequences: keys must be t1c, t1, t2 and flair")
                 if not isinstance(image, str) or not image.strip():
-                    raise HTTPException(BAD_INPUT, f"BRATS: sequences.{SEQUENCE_ALIASES[str(name).lower()]} must be an "
-                                                   "image id (text)")
+                    raise HTTPException(BAD_INPUT, f"{self.spec.name}: sequences.{SEQUENCE_ALIASES[str(name).lower()]} "
+                                                   "must be an image id (text)")
             return {name: self.files.named(image, f"sequences.{name}") for name, image in given.items()}
         in_pacs = getattr(self.files.datastore, "study_sequences", None)  # a PACS: by series description
         if in_pacs is not None and request.get("image_id"):
@@ -146,27 +151,28 @@ class BratsInferTask(ExpertInferTask):
             if found:
                 return found
         found = {name: self.files.trusted(str(path)) for name, path in sibling_sequences(request["image"]).items()}
-        return found or {"t1c": request["image"]}
-
-    def run(self, request: dict[str, Any]) -> ExpertRun:
-        paths = self.sequence_paths(request)
-        logger.info("BRATS sequences: %s", {name: Path(paths[name]).name for name in SEQUENCE_ORDER if name in paths})
-        return self.service.segment_brain(paths)
+        found = found or {inputs[0]: request["image"]}
+        logger.info("%s sequences: %s", self.spec.name, {name: Path(path).name for name, path in found.items()})
+        return found
 
 
-class CxrInferTask(ExpertInferTask):
-    """``POST /infer/cxr?image=ID``: the 18 findings' probabilities and yes/no answers, as JSON."""
+def use_experts_files(conf: dict[str, str]) -> tuple[str, ...]:
+    """Add ``--conf experts_file`` (comma-separated paths) to ``$VILA_M3_EXPERTS`` for this server process, so
+    every reader of the expert registry (task statuses, chat, infer tasks) sees the same experts. Returns the
+    extra files now in effect."""
+    given = [p.strip() for p in str(conf.get("experts_file") or "").split(",") if p.strip()]
+    files = [str(p) for p in env_experts_files()]
+    files += [str(Path(p).expanduser().resolve()) for p in given if str(Path(p).expanduser().resolve()) not in files]
+    if files:
+        os.environ[EXPERTS_ENV] = os.pathsep.join(files)
+    return tuple(files)
 
-    def __init__(self, service: ExpertService, spec: ExpertSpec, description: str, files: StudyFiles):
-        super().__init__(service, spec, InferType.CLASSIFICATION, 2, description, files)
 
-    def run(self, request: dict[str, Any]) -> ExpertRun:
-        return self.service.classify_cxr(request["image"])
-
-    def answer(self, outcome: ExpertRun) -> tuple[str | None, dict[str, Any]]:
-        result = outcome.result
-        return None, {
-            "probabilities": {name: float(p) for name, p in result.probabilities.items()},
-            "answers": {name: "yes" if yes else "no" for name, yes in result.answers.items()},
-            "feedback": result.feedback_text(None),
-        }
+def expert_task_catalogue(catalogue: dict[str, dict], registry: ExpertRegistry) -> dict[str, dict]:
+    """``configs/app.yaml``'s tasks plus one task per configured expert with a runner that none of them names:
+    the expert's name in lower case, described by its card overview (an expert of an experts file)."""
+    named = {task.get("expert") for task in catalogue.values()}
+    extra = {spec.name.lower(): {"description": f"{spec.name}: {spec.overview}", "expert": spec.name}
+             for spec in registry.configured
+             if spec.runner and spec.name not in named and spec.name.lower() not in catalogue}
+    return {**catalogue, **extra}

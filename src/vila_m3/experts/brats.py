@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +40,10 @@ from monai.inferers import SlidingWindowInferer
 from monai.transforms import Activationsd, AsDiscreted, Compose, Invertd, InvertibleTransform
 
 from vila_m3.experts.bundle import BundleRunner, image_from_arrays, ras_affine
-from vila_m3.experts.registry import ExpertSpec
+from vila_m3.experts.feedback import brats_feedback
+from vila_m3.experts.registry import ExpertSpec, ResolvedArgument
 from vila_m3.experts.result import ExpertInputError, ExpertRunError, SegmentationResult
+from vila_m3.experts.runner import BaseExpertRunner, StudyView
 from vila_m3.imaging import Geometry, Volume
 
 __all__ = [
@@ -50,6 +52,7 @@ __all__ = [
     "MIN_FOV_OVERLAP",
     "SEQUENCES",
     "SEQUENCE_ALIASES",
+    "BratsExpert",
     "BratsRunner",
     "canonical_sequences",
     "check_same_space",
@@ -334,3 +337,49 @@ class BratsRunner(BundleRunner):
             et, ENHANCING, torch.where(tc, TUMOR_CORE, torch.where(wt, EDEMA, zero))
         ).to(torch.uint8)
         return np.ascontiguousarray(labels.cpu().numpy().transpose(2, 1, 0))
+
+
+class BratsExpert(BaseExpertRunner):
+    """BRATS as an :class:`~vila_m3.experts.runner.ExpertRunner`: the study's four MRI sequences, no
+    argument; the whole run is one job. The bundle is ``configs/models.yaml``'s location of the expert's
+    first weights.
+
+    Raises:
+        BundleError: the bundle folder is not complete (the message names the missing file).
+    """
+
+    inputs = SEQUENCES
+
+    def __init__(self, spec: ExpertSpec, models_dir: str | Path, device: str | None = None) -> None:
+        super().__init__(spec, models_dir, device)
+        self.network = BratsRunner(self.weights_path(), device=device, spec=spec)
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the network is in memory now."""
+        return self.network.loaded
+
+    @property
+    def load_count(self) -> int:
+        """How many times the network has been loaded."""
+        return self.network.load_count
+
+    def check(self, study: StudyView) -> None:
+        """The study must hold the four sequences (names as :func:`canonical_sequences` accepts them)."""
+        if set(study.volumes) == {"image"}:
+            raise ExpertInputError(f"{self.spec.name} needs the four MRI sequences (T1c, T1, T2, FLAIR); "
+                                   "this study has one image")
+        canonical_sequences(study.volumes)
+
+    def run(self, study: StudyView, argument: ResolvedArgument) -> SegmentationResult:
+        """Tumour sub-regions on the T1c's grid (:meth:`BratsRunner.run`); ``argument`` is always none."""
+        return self.network.run(study.volumes)
+
+    def feedback(self, result: SegmentationResult, question: str | None,
+                 present_ids: Sequence[int] | None = None) -> str:
+        """``... red and yellow: tumor core, only yellow: enhancing tumor, all colors: whole tumor`` (protocol §3)."""
+        return brats_feedback(present_ids or (), question)
+
+    def release(self) -> None:
+        """Free the network (and its GPU memory)."""
+        self.network.release()

@@ -39,7 +39,7 @@ import re
 import threading
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -50,8 +50,15 @@ import torch
 from torch import nn
 
 from vila_m3.experts.feedback import classification_feedback
-from vila_m3.experts.registry import ClassificationSpec, ConfigError, ExpertRegistry, ExpertSpec
+from vila_m3.experts.registry import (
+    ClassificationSpec,
+    ConfigError,
+    ExpertRegistry,
+    ExpertSpec,
+    ResolvedArgument,
+)
 from vila_m3.experts.result import ExpertInputError, ExpertRunError
+from vila_m3.experts.runner import BaseExpertRunner, StudyView, primary_volume
 from vila_m3.imaging import Volume, read_volume
 from vila_m3.models.manifest import ModelManifest
 from vila_m3.models.stand_in_xrv import STAND_IN_MARKER, XRV_FOLDER
@@ -60,6 +67,7 @@ __all__ = [
     "MAXVAL",
     "RUNNER_KEY",
     "ClassificationResult",
+    "CxrExpert",
     "CxrInputError",
     "CxrRunner",
     "CxrUnavailable",
@@ -69,7 +77,7 @@ __all__ = [
     "resize_cxr",
 ]
 
-RUNNER_KEY = "cxr"
+RUNNER_KEY = "vila_m3.experts.cxr:CxrExpert"
 """The ``runner`` value of the CXR expert in ``configs/experts.yaml``."""
 MAXVAL = 255
 """The pixel maximum given to ``xrv.datasets.normalize`` (8-bit grey)."""
@@ -246,7 +254,7 @@ class _Loaded:
 
 
 def _cxr_spec(registry: ExpertRegistry) -> ExpertSpec:
-    """The configured expert whose runner is ``cxr`` (usable or not)."""
+    """The configured expert whose runner is :class:`CxrExpert` (usable or not)."""
     for spec in registry.configured:
         if spec.runner == RUNNER_KEY:
             return spec
@@ -485,3 +493,43 @@ class CxrRunner:
                 raise ConfigError(f"model {w.model_id}: input resolution of {w.xrv_name!r} unknown")
             resolution = int(match.group(1))
         return _Loaded(module=module, resolution=int(resolution), predicts=predicts)
+
+
+class CxrExpert(BaseExpertRunner):
+    """The CXR ensemble as an :class:`~vila_m3.experts.runner.ExpertRunner`: the study's radiograph, no
+    argument; weights under ``<models_dir>/torchxrayvision/`` as the manifest says."""
+
+    def __init__(self, spec: ExpertSpec, models_dir: str | Path, device: str | None = None) -> None:
+        super().__init__(spec, models_dir, device)
+        self.network = CxrRunner(models_dir, device=device, spec=spec)
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the models are in memory now."""
+        return self.network.loaded
+
+    def check(self, study: StudyView) -> None:
+        """The study must be a chest X-ray (the image itself is checked by :meth:`CxrRunner.run`)."""
+        if study.modality != "CXR":
+            raise ExpertInputError(f"{self.spec.name} runs on chest X-rays; this study is {study.modality}")
+
+    def run(self, study: StudyView, argument: ResolvedArgument) -> ClassificationResult:
+        """The ensemble's probabilities for the study's image; ``argument`` is always none."""
+        return self.network.run(primary_volume(study))
+
+    def feedback(self, result: ClassificationResult, question: str | None,
+                 present_ids: Sequence[int] | None = None) -> str:
+        """``The resulting predictions are:\n...`` (protocol §3)."""
+        return result.feedback_text(question)
+
+    def answer(self, result: ClassificationResult) -> dict[str, Any]:
+        """Per finding: ``probabilities`` (0..1) and ``answers`` (yes / no); ``feedback``: the text without a question."""
+        return {
+            "probabilities": {name: float(p) for name, p in result.probabilities.items()},
+            "answers": {name: "yes" if yes else "no" for name, yes in result.answers.items()},
+            "feedback": result.feedback_text(None),
+        }
+
+    def release(self) -> None:
+        """Drop the models and free their memory."""
+        self.network.release()

@@ -4,14 +4,25 @@ Everything comes from ``configs/experts.yaml`` (and the VISTA3D class and group 
 nothing about a particular expert is written in code. ``ExpertRegistry.from_config`` builds the
 registry; an ``available`` callable decides which configured experts may be used now (weights staged,
 runner present), and only those are advertised in the model card and accepted as triggers.
+
+Each expert's ``runner`` names its runner class as ``package.module:Class`` (vila_m3.experts.runner);
+the class is imported only when the expert runs (``ExpertRegistry.runner_class``), so reading the
+registry loads no model code.
+
+Extra experts come from other YAML files, without editing the repository: ``experts_files`` (or the
+environment variable ``VILA_M3_EXPERTS``, paths separated by ``os.pathsep``). Each has an ``experts:``
+list, appended to experts.yaml's in file order, and may list ``python_path:`` folders (relative to the
+file) from which its runner modules are imported.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -19,12 +30,15 @@ from vila_m3.configs import load_config
 from vila_m3.experts.colors import RGB, derived_color
 
 EXPERTS_CONFIG = "experts.yaml"
+#: Environment variable: extra experts files (``os.pathsep``-separated) appended to experts.yaml's experts.
+EXPERTS_ENV = "VILA_M3_EXPERTS"
 OUTPUT_KINDS = ("segmentation", "classification")
 FEEDBACK_KINDS = ("label_colors", "tumor_regions", "predictions", "none")
 INPUT_MODALITIES = ("CT", "MRI", "CXR", "cell")
 EVERYTHING = "everything"
 _NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")
 _QUOTES = ("'", '"', "`")
+_RUNNER_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*\Z")
 
 
 class ConfigError(ValueError):
@@ -118,7 +132,8 @@ class ExpertSpec:
         name: trigger name, case-sensitive (``<VISTA3D(...)>``).
         modality, task, overview, accuracy: card texts, verbatim.
         input_modality: what it runs on: ``CT``, ``MRI``, ``CXR`` or ``cell``.
-        runner: runner key (``vista3d``, ``brats``, ``cxr``), or None when this product does not run it.
+        runner: the runner class as ``package.module:Class`` (``vila_m3.experts.vista3d:Vista3DExpert``),
+            or None when this product does not run it.
         weights: model ids of ``configs/models.yaml`` the expert needs.
         output: ``segmentation`` or ``classification``.
         feedback: result text shape: ``label_colors``, ``tumor_regions``, ``predictions`` or ``none``.
@@ -130,6 +145,8 @@ class ExpertSpec:
         subclasses: ``{label id: ids it expands to}`` (VISTA3D: kidney, lung, bone).
         display_colors: ``{label id: RGB 0..255}`` for every label, for 3D Slicer segments.
         classification: classes and voting of a classification expert, else None.
+        python_path: folders from which the runner's module is imported (an extra experts file's
+            ``python_path``), absolute.
     """
 
     name: str
@@ -150,6 +167,7 @@ class ExpertSpec:
     subclasses: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
     display_colors: Mapping[int, RGB] = field(default_factory=dict)
     classification: ClassificationSpec | None = None
+    python_path: tuple[str, ...] = ()
 
     @property
     def takes_argument(self) -> bool:
@@ -255,12 +273,15 @@ class ExpertRegistry:
         cls,
         config: dict[str, Any] | None = None,
         available: Callable[[ExpertSpec], str | None] | None = None,
+        experts_files: list[str | os.PathLike[str]] | tuple[str | os.PathLike[str], ...] | None = None,
     ) -> ExpertRegistry:
         """Build the registry from a parsed experts config.
 
         Args:
             config: the parsed ``experts.yaml``; None reads it from the configs folder. Table files it
                 names (``classes_file``, ``groups_file``) are read from the configs folder.
+            experts_files: extra experts files whose ``experts`` are appended (see the module doc); None:
+                those of ``$VILA_M3_EXPERTS`` when ``config`` is None, else none.
             available: called once per expert; returns None when the expert is usable, else the reason
                 it is not (e.g. "weights vista3d are not staged"). An exception counts as unavailable
                 with its message. None: every configured expert is usable.
@@ -268,6 +289,8 @@ class ExpertRegistry:
         Raises:
             ConfigError: an entry is missing a field or is inconsistent (the message names it).
         """
+        if experts_files is None and config is None:
+            experts_files = env_experts_files()
         if config is None:
             config = load_config(EXPERTS_CONFIG)
         if not isinstance(config, Mapping):
@@ -277,6 +300,8 @@ class ExpertRegistry:
         if not isinstance(entries, list) or not entries:
             raise ConfigError("the experts config needs a non-empty list 'experts'")
         specs = tuple(_parse_expert(entry, index) for index, entry in enumerate(entries))
+        for path in experts_files or ():
+            specs += _read_experts_file(Path(path), len(specs))
         names = [spec.name for spec in specs]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -335,6 +360,24 @@ class ExpertRegistry:
             f"unknown expert {name!r}; configured experts: {', '.join(s.name for s in self.configured)}"
         )
 
+    def runner_class(self, name: str) -> type:
+        """The runner class of the configured expert ``name``, imported now.
+
+        Raises:
+            UnknownExpert: not configured. ConfigError: no runner, or its class cannot be imported or is
+                not an expert runner (the message names the expert and the class).
+        """
+        from vila_m3.experts.runner import load_runner_class  # imports the runner module only when asked
+
+        return load_runner_class(self.configured_spec(name))
+
+    @staticmethod
+    def runner_class_of(spec: ExpertSpec) -> type:
+        """The runner class of ``spec``, imported now (ConfigError as :meth:`runner_class`)."""
+        from vila_m3.experts.runner import load_runner_class
+
+        return load_runner_class(spec)
+
     def model_card(self) -> str:
         """The model card text for the first user turn: only usable experts, in config order.
 
@@ -351,6 +394,30 @@ class ExpertRegistry:
 
 
 # --------------------------------------------------------------------------------------------- parsing
+
+
+def env_experts_files() -> tuple[Path, ...]:
+    """The extra experts files of ``$VILA_M3_EXPERTS`` (``os.pathsep``-separated; empty entries ignored)."""
+    return tuple(Path(p).expanduser() for p in os.environ.get(EXPERTS_ENV, "").split(os.pathsep) if p.strip())
+
+
+def _read_experts_file(path: Path, first_index: int) -> tuple[ExpertSpec, ...]:
+    """The experts of an extra experts file, with its ``python_path`` folders resolved against its folder."""
+    where = f"experts file {path.name}"
+    try:
+        raw = load_config(path.resolve())
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"{where}: {err}") from err
+    entries = raw.get("experts")
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"{where} needs a non-empty list 'experts'")
+    unknown = sorted(set(raw) - {"experts", "python_path"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {', '.join(unknown)} (an extra file has 'experts' and "
+                          "'python_path'; the card is experts.yaml's)")
+    folders = _str_list(raw.get("python_path"), f"{where}: python_path")
+    python_path = tuple(str((path.resolve().parent / folder).resolve()) for folder in folders)
+    return tuple(_parse_expert(entry, first_index + index, python_path) for index, entry in enumerate(entries))
 
 
 def _parse_card(raw: Any) -> CardFormat:
@@ -418,7 +485,7 @@ def _parse_rgb(value: Any, where: str) -> RGB:
     return (value[0], value[1], value[2])
 
 
-def _parse_expert(entry: Any, index: int) -> ExpertSpec:
+def _parse_expert(entry: Any, index: int, python_path: tuple[str, ...] = ()) -> ExpertSpec:
     if not isinstance(entry, Mapping):
         raise ConfigError(f"experts[{index}] must be a mapping")
     name = entry.get("name")
@@ -436,8 +503,8 @@ def _parse_expert(entry: Any, index: int) -> ExpertSpec:
             f"{where}: input_modality must be one of {', '.join(INPUT_MODALITIES)}, got {input_modality!r}"
         )
     runner = entry.get("runner")
-    if runner is not None and (not isinstance(runner, str) or not runner):
-        raise ConfigError(f"{where}: runner must be a name or null")
+    if runner is not None and (not isinstance(runner, str) or not _RUNNER_RE.match(runner)):
+        raise ConfigError(f"{where}: runner must be a class as package.module:Class, or null; got {runner!r}")
     output = entry.get("output")
     if output not in OUTPUT_KINDS:
         raise ConfigError(f"{where}: output must be one of {', '.join(OUTPUT_KINDS)}, got {output!r}")
@@ -546,6 +613,7 @@ def _parse_expert(entry: Any, index: int) -> ExpertSpec:
         subclasses=MappingProxyType(subclasses),
         display_colors=MappingProxyType(display_colors),
         classification=classification,
+        python_path=python_path,
     )
 
 

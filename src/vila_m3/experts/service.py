@@ -1,6 +1,10 @@
 """Run the experts for a server: each runner is built once, shared by all requests, released after
 a configurable idle time, and results are cached by (volume, expert, argument).
 
+Every expert is reached the same way: :meth:`ExpertService.run_expert` on a study and an argument, through
+the expert's runner (vila_m3.experts.runner.ExpertRunner), whose class the registry names. The runner checks
+the study, runs, and writes the result's text for the model (:meth:`ExpertService.feedback`).
+
 Volumes are identified by a content key (path, size and modification time of their files), so a
 repeated request on an unchanged study is served from the cache without reading it again.
 
@@ -21,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vila_m3.experts.registry import ExpertRegistry, ExpertSpec
+from vila_m3.experts.registry import ExpertRegistry, ExpertSpec, ResolvedArgument
+from vila_m3.experts.runner import ExpertRunner, StudyView, build_runner, explicit_labels, study_from_paths
 from vila_m3.imaging import Volume, read_volume
 from vila_m3.models.manifest import ModelManifest
 from vila_m3.work_queue import JobControl, WorkQueues, normalize_device
@@ -123,20 +128,17 @@ class ExpertService:
 
     # --- runners -------------------------------------------------------------------------------
 
-    def _build_runner(self, spec: ExpertSpec) -> Any:
-        if spec.runner == "vista3d":
-            from vila_m3.experts.vista3d import Vista3DRunner
+    def _build_runner(self, spec: ExpertSpec) -> ExpertRunner:
+        """The runner class experts.yaml names for ``spec``, built for this server's models folder and device."""
+        return build_runner(spec, self.models_dir, self.device)
 
-            return Vista3DRunner(self.manifest[spec.weights[0]].location(self.models_dir), device=self.device)
-        if spec.runner == "brats":
-            from vila_m3.experts.brats import BratsRunner
+    def runner(self, name: str) -> ExpertRunner:
+        """The runner of usable expert ``name``, built on first use (its weights load when it first runs).
 
-            return BratsRunner(self.manifest[spec.weights[0]].location(self.models_dir), device=self.device)
-        if spec.runner == "cxr":
-            from vila_m3.experts.cxr import CxrRunner
-
-            return CxrRunner(self.models_dir, device=self.device)
-        raise ValueError(f"expert {spec.name} has no runner in this product")
+        Raises:
+            UnknownExpert: not usable. ConfigError: its runner class cannot be imported or built.
+        """
+        return self._runner(name)[0]
 
     def _runner(self, name: str) -> tuple[Any, threading.Lock]:
         with self._registry_lock:
@@ -254,29 +256,47 @@ class ExpertService:
         runner, _ = self._runner(name)
         return all(callable(getattr(runner, step, None)) for step in ("prepare", "infer", "finish"))
 
+    def open_study(self, paths: Mapping[str, str | Path], expert: str) -> StudyView:
+        """The study of ``paths`` (``{"image": path}`` or named sequences) read through the volume cache, for
+        running ``expert`` on it: a volume that does not say its modality (NIfTI, NRRD, PNG) is taken as the
+        expert's input modality."""
+        spec = self.registry.get(expert)
+        hint = spec.input_modality if spec.input_modality in ("CT", "MRI", "CXR") else None
+        return study_from_paths(paths, self.load_volume, hint)
+
+    def run_expert(self, name: str, study: StudyView, argument: str | ResolvedArgument | None = None,
+                   control: JobControl | None = None) -> ExpertRun:
+        """Expert ``name`` on ``study`` through its runner: ``check``, the argument resolved (a trigger's
+        text, or an already resolved argument), then ``run`` (staged where the runner has ``prepare`` /
+        ``infer`` / ``finish``), cached by (study content, argument).
+
+        Raises:
+            UnknownExpert, UnknownArgument, ExpertInputError (the study does not fit), ExpertRunError,
+            QueueFull / JobCancelled (as :meth:`run`).
+        """
+        spec = self.registry.get(name)
+        runner = self.runner(name)
+        runner.check(study)
+        resolved = argument if isinstance(argument, ResolvedArgument) else spec.resolve_argument(argument)
+        key = (tuple(sorted(study.keys.items())), resolved.group, tuple(resolved.label_ids))
+        return self.run(name, key, lambda built: built.run(study, resolved), control, args=(study, resolved))
+
+    def feedback(self, name: str, result: Any, question: str | None, present_ids: list[int] | None = None) -> str:
+        """The text for the model of expert ``name``'s ``result`` (its runner's ``feedback``)."""
+        return self.runner(name).feedback(result, question, present_ids)
+
     def segment_ct(self, path: str | Path, argument: str | None = None, label_ids: list[int] | None = None,
                    expert: str = "VISTA3D", control: JobControl | None = None) -> ExpertRun:
         """VISTA3D on the CT at ``path`` for a group (``argument``) or explicit ``label_ids``."""
         spec = self.registry.get(expert)
-        if label_ids:
-            resolved_ids, group = sorted(set(int(i) for i in label_ids)), None
-        else:
-            resolved = spec.resolve_argument(argument)
-            resolved_ids, group = list(resolved.label_ids), resolved.group
-        key, volume = self.load_volume(path)
-        return self.run(expert, (key, group, tuple(resolved_ids)),
-                        lambda runner: runner.run(volume, resolved_ids, group), control,
-                        args=(volume, resolved_ids, group))
+        resolved = explicit_labels(spec, label_ids) if label_ids else spec.resolve_argument(argument)
+        return self.run_expert(expert, self.open_study({"image": path}, expert), resolved, control)
 
     def segment_brain(self, paths: Mapping[str, str | Path], expert: str = "BRATS",
                       control: JobControl | None = None) -> ExpertRun:
         """BRATS on four MRI sequences given as {sequence name: path}."""
-        loaded = {name: self.load_volume(path) for name, path in paths.items()}
-        key = tuple(sorted((name.lower(), volume_key) for name, (volume_key, _) in loaded.items()))
-        sequences = {name: volume for name, (_, volume) in loaded.items()}
-        return self.run(expert, key, lambda runner: runner.run(sequences), control)
+        return self.run_expert(expert, self.open_study(paths, expert), None, control)
 
     def classify_cxr(self, path: str | Path, expert: str = "CXR", control: JobControl | None = None) -> ExpertRun:
         """The chest X-ray ensemble on the image at ``path``."""
-        key, volume = self.load_volume(path)
-        return self.run(expert, (key,), lambda runner: runner.run(volume), control)
+        return self.run_expert(expert, self.open_study({"image": path}, expert), None, control)

@@ -37,9 +37,10 @@ from __future__ import annotations
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,12 +58,14 @@ from vila_m3.experts.bundle import (
     ras_affine,
     resample_input_dtype,
 )
-from vila_m3.experts.registry import ExpertSpec
+from vila_m3.experts.feedback import segmentation_feedback
+from vila_m3.experts.registry import ExpertSpec, ResolvedArgument
 from vila_m3.experts.result import ExpertInputError, ExpertRunError, SegmentationResult
+from vila_m3.experts.runner import BaseExpertRunner, StudyView, explicit_labels, primary_volume
 from vila_m3.imaging import Volume, labelmap_like
 from vila_m3.imaging.resample import axis_aligned, nearest_to_grid_zyx
 
-__all__ = ["EXPERT_NAME", "UNSUPPORTED_LABEL_IDS", "PreparedCT", "Vista3DRunner"]
+__all__ = ["EXPERT_NAME", "UNSUPPORTED_LABEL_IDS", "PreparedCT", "Vista3DExpert", "Vista3DRunner"]
 
 EXPERT_NAME = "VISTA3D"
 
@@ -385,3 +388,77 @@ def _label_array(labels: torch.Tensor) -> np.ndarray:
     """(z, y, x) label ids on any device → a C-contiguous uint8 / uint16 numpy array."""
     array = np.ascontiguousarray(labels.cpu().numpy())
     return array if array.dtype == np.uint8 else array.astype(np.uint16)
+
+
+class Vista3DExpert(BaseExpertRunner):
+    """VISTA3D as an :class:`~vila_m3.experts.runner.ExpertRunner`: the study's CT, the argument's label
+    ids as the class prompt; the run is split into ``prepare`` / ``infer`` / ``finish`` so a work queue holds
+    only the network's step. The bundle is ``configs/models.yaml``'s location of the expert's first weights.
+
+    Raises:
+        BundleError: the bundle folder is not complete (the message names the missing file).
+    """
+
+    def __init__(self, spec: ExpertSpec, models_dir: str | Path, device: str | None = None) -> None:
+        super().__init__(spec, models_dir, device)
+        self.network = Vista3DRunner(self.weights_path(), device=device, spec=spec)
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the network is in memory now."""
+        return self.network.loaded
+
+    @property
+    def load_count(self) -> int:
+        """How many times the network has been loaded."""
+        return self.network.load_count
+
+    def check(self, study: StudyView) -> None:
+        """The study must be a CT (the chat's detected or the client's modality); the volume itself is
+        checked by :meth:`Vista3DRunner.check_input` when it runs."""
+        if study.modality != "CT":
+            raise ExpertInputError(f"{self.spec.name} segments CT volumes; this study is {study.modality}")
+
+    def request_argument(self, params: Mapping[str, Any]) -> ResolvedArgument:
+        """``{"group": "hepatic tumor"}`` (one of the card's arguments, or an alias) or ``{"label_prompt": [1, 26]}``
+        (``label_ids`` also accepted): VISTA3D class ids of the expert's label table."""
+        group = params.get("group", params.get("argument"))
+        if group is not None and (not isinstance(group, str) or not group.strip()):
+            raise ExpertInputError(f"group must be one group name as text, e.g. 'hepatic tumor'; "
+                                   f"valid groups are {self.spec.valid_args_text()}")
+        label_ids = params.get("label_prompt") or params.get("label_ids")
+        if label_ids is None:
+            return self.spec.resolve_argument(group)
+        if not isinstance(label_ids, list) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                      for i in label_ids):
+            raise ExpertInputError("label_prompt must be a list of integer label ids, e.g. [1, 26]")
+        unknown = sorted(set(label_ids) - set(self.spec.labels))
+        if unknown:
+            raise ExpertInputError(f"unknown label ids {unknown}; valid ids are "
+                                   f"{min(self.spec.labels)}-{max(self.spec.labels)}")
+        return explicit_labels(self.spec, label_ids)
+
+    def run(self, study: StudyView, argument: ResolvedArgument) -> SegmentationResult:
+        """The labelmap of ``argument``'s label ids on the study's CT grid (:meth:`Vista3DRunner.run`)."""
+        return self.network.run(primary_volume(study), list(argument.label_ids), argument.group)
+
+    def prepare(self, study: StudyView, argument: ResolvedArgument) -> PreparedCT:
+        """Input checks and preprocessing (:meth:`Vista3DRunner.prepare`)."""
+        return self.network.prepare(primary_volume(study), list(argument.label_ids), argument.group)
+
+    def infer(self, prepared: PreparedCT) -> torch.Tensor:
+        """The network's logits (:meth:`Vista3DRunner.infer`)."""
+        return self.network.infer(prepared)
+
+    def finish(self, prepared: PreparedCT, logits: torch.Tensor) -> SegmentationResult:
+        """Labels on the input grid (:meth:`Vista3DRunner.finish`)."""
+        return self.network.finish(prepared, logits)
+
+    def feedback(self, result: SegmentationResult, question: str | None,
+                 present_ids: Sequence[int] | None = None) -> str:
+        """``The results are <image>. The colors in this image describe red: liver, ...`` (protocol §3)."""
+        return segmentation_feedback(present_ids or (), result.label_names, question)
+
+    def release(self) -> None:
+        """Free the network (and its GPU memory)."""
+        self.network.release()
