@@ -35,11 +35,13 @@ def git_blob_sha1(data: bytes) -> str:
 
 @dataclass
 class HubRepo:
-    """One model repository: its files (path → bytes) at one commit."""
+    """One model repository: its files (path → bytes) at one commit. ``cdn_tampered`` (path → bytes): what
+    the CDN serves instead of an LFS file's content, to test that a corrupted download is caught."""
 
     files: dict[str, bytes]
     commit: str = "0123456789abcdef0123456789abcdef01234567"
     revisions: tuple[str, ...] = ("main",)
+    cdn_tampered: dict[str, bytes] = field(default_factory=dict)
 
     @classmethod
     def from_folder(cls, folder: Path, **kwargs) -> HubRepo:
@@ -120,9 +122,10 @@ def _handler(hub: HubServer, cdn: bool) -> type[http.server.BaseHTTPRequestHandl
         def _cdn(self, parts: list[str]) -> None:
             if len(parts) == 2 and parts[0] == "blobs":
                 for repo in hub.repos.values():
-                    for data in repo.files.values():
+                    for path, data in repo.files.items():
                         if hashlib.sha256(data).hexdigest() == parts[1]:
-                            return self._send(200, data, {"Content-Type": "application/octet-stream"})
+                            served = repo.cdn_tampered.get(path, data)
+                            return self._send(200, served, {"Content-Type": "application/octet-stream"})
             self._send(404)
 
         def _handle(self) -> None:
