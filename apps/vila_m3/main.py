@@ -56,7 +56,7 @@ from lib.datastore import (
     not_in_datastore,
 )
 from lib.infer_route import install_request_routes
-from lib.infers import ExpertInferTask, expert_task_catalogue, use_experts_files
+from lib.infers import ExpertInferTask, use_experts_files
 from lib.ohif_route import ohif_router
 from lib.pacs_datastore import open_pacs_datastore
 from lib.server_hooks import replace_routes
@@ -99,7 +99,7 @@ class VilaM3App(MONAILabelApp):
         self.models_dir = resolve_models_dir(conf.get("models_dir"))
         self.vlm_id = conf.get("vlm") or load_config("app.yaml")["default_vlm"]
         use_experts_files(conf)  # extra experts (--conf experts_file), seen by every registry of this process
-        self.catalogue = expert_task_catalogue(task_catalogue(), ExpertRegistry.from_config())
+        self.catalogue = ExpertRegistry.from_config().with_expert_tasks(task_catalogue())
         self.task_statuses: list[TaskStatus] = task_statuses(
             select_tasks(conf.get("models"), self.catalogue), self.models_dir, vlm_id=self.vlm_id,
             remote_vlm=remote_settings(conf) is not None, catalogue=self.catalogue,

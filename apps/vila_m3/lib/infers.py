@@ -22,7 +22,6 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from lib.datastore import StudyFiles
 from vila_m3.experts.registry import (
     EXPERTS_ENV,
-    ExpertRegistry,
     ExpertSpec,
     UnknownArgument,
     env_experts_files,
@@ -166,13 +165,3 @@ def use_experts_files(conf: dict[str, str]) -> tuple[str, ...]:
     if files:
         os.environ[EXPERTS_ENV] = os.pathsep.join(files)
     return tuple(files)
-
-
-def expert_task_catalogue(catalogue: dict[str, dict], registry: ExpertRegistry) -> dict[str, dict]:
-    """``configs/app.yaml``'s tasks plus one task per configured expert with a runner that none of them names:
-    the expert's name in lower case, described by its card overview (an expert of an experts file)."""
-    named = {task.get("expert") for task in catalogue.values()}
-    extra = {spec.name.lower(): {"description": f"{spec.name}: {spec.overview}", "expert": spec.name}
-             for spec in registry.configured
-             if spec.runner and spec.name not in named and spec.name.lower() not in catalogue}
-    return {**catalogue, **extra}

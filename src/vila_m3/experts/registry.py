@@ -378,6 +378,16 @@ class ExpertRegistry:
 
         return load_runner_class(spec)
 
+    def with_expert_tasks(self, catalogue: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+        """The server's task catalogue (``configs/app.yaml`` tasks) plus one infer task per configured expert with
+        a runner that no task names: the expert's name in lower case, described by its card overview (the
+        experts of an extra experts file)."""
+        named = {task.get("expert") for task in catalogue.values()}
+        extra = {spec.name.lower(): {"description": f"{spec.name}: {spec.overview}", "expert": spec.name}
+                 for spec in self.configured
+                 if spec.runner and spec.name not in named and spec.name.lower() not in catalogue}
+        return {**{name: dict(task) for name, task in catalogue.items()}, **extra}
+
     def model_card(self) -> str:
         """The model card text for the first user turn: only usable experts, in config order.
 
