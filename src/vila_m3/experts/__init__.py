@@ -1,4 +1,5 @@
-"""Expert models: the registry built from ``configs/experts.yaml``, the trigger grammar, the result texts.
+"""Expert models: the registry built from ``configs/experts.yaml``, the runner interface every expert
+implements, the trigger grammar, the result texts.
 
 Importing this package loads no model and needs no GPU; the runners live in their own modules.
 """
@@ -33,6 +34,7 @@ from vila_m3.experts.registry import (
     UnknownExpert,
     normalize_argument,
 )
+from vila_m3.experts.runner import BaseExpertRunner, ExpertRunner, ExpertStudy, StudyView
 from vila_m3.experts.triggers import DEFAULT_MAX_TRIGGERS, Trigger, TriggerScan, find_triggers
 
 __all__ = [
@@ -42,12 +44,16 @@ __all__ = [
     "OVERLAY_COLORS_RGB",
     "OVERLAY_COLOR_NAMES",
     "RGB",
+    "BaseExpertRunner",
     "CardFormat",
     "ClassificationSpec",
     "ConfigError",
     "ExpertRegistry",
+    "ExpertRunner",
     "ExpertSpec",
+    "ExpertStudy",
     "ResolvedArgument",
+    "StudyView",
     "Trigger",
     "TriggerScan",
     "UnknownArgument",
