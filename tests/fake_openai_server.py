@@ -9,6 +9,7 @@ A scripted answer may be a tool call: :func:`tool_call_completion` puts ``messag
 JSON answer, :func:`tool_call_sse` streams them as vLLM and OpenAI do (the id, type and name in the
 first delta of each call, the arguments string split over several later deltas, then
 ``finish_reason: tool_calls``). :attr:`Recorded.tools` is the ``tools`` list a request offered.
+:meth:`FakeOpenAIServer.respond` answers from the request itself once the scripted replies run out.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -194,8 +196,9 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             body = raw
         owner = self.server.owner
-        owner._record(Recorded("POST", self.path, {k.lower(): v for k, v in self.headers.items()}, body))
-        self._send(owner._next_reply())
+        recorded = Recorded("POST", self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+        owner._record(recorded)
+        self._send(owner._next_reply(recorded))
 
     def _send(self, reply: Reply) -> None:
         if reply.delay_s:
@@ -263,6 +266,7 @@ class FakeOpenAIServer:
         self.events_sent = 0
         self.streams_completed = 0
         self._replies: deque[Reply] = deque()
+        self._responder: Callable[[Recorded], Reply] | None = None
         self._lock = threading.Lock()
         self._httpd = _Server(("127.0.0.1", 0), _Handler)
         self._httpd.owner = self
@@ -282,6 +286,12 @@ class FakeOpenAIServer:
             self._replies.extend(replies)
         return self
 
+    def respond(self, responder: Callable[[Recorded], Reply] | None) -> FakeOpenAIServer:
+        """Answer each POST that finds no scripted reply with ``responder(request)`` (None: stop)."""
+        with self._lock:
+            self._responder = responder
+        return self
+
     @property
     def posts(self) -> list[Recorded]:
         """The POST requests received."""
@@ -292,10 +302,13 @@ class FakeOpenAIServer:
         with self._lock:
             self.requests.append(recorded)
 
-    def _next_reply(self) -> Reply:
+    def _next_reply(self, recorded: Recorded) -> Reply:
         with self._lock:
             if self._replies:
                 return self._replies.popleft()
+            responder = self._responder
+        if responder is not None:
+            return responder(recorded)
         return error(500, "the fake server has no scripted reply left")
 
     def start(self) -> FakeOpenAIServer:

@@ -2,7 +2,8 @@
 
 ``vila-m3 train --base CKPT --data EXPORT --out RUN [--max-steps N ...] [--resume [STEP_DIR]]`` fine-tunes
 (also under ``accelerate launch``, see ``configs/accelerate/``); ``vila-m3 evaluate --model CKPT --data
-EXPORT`` prints the trigger-accuracy table; ``vila-m3 models demo`` builds and stages the demo model
+EXPORT`` prints the trigger-accuracy table (``--vlm-url URL --vlm-model NAME [--tools]``: of a remote model,
+``--tools`` scoring its OpenAI tool calls); ``vila-m3 models demo`` builds and stages the demo model
 (and demo experts) where no real weights are staged; ``vila-m3 models versions`` lists or switches
 the fine-tuned versions a server serves.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -52,16 +54,27 @@ def _evaluate(args: argparse.Namespace) -> int:
     from vila_m3.training.examples import DataError
     from vila_m3.vlm.errors import CheckpointError
     from vila_m3.vlm.generation import VilaChat
+    from vila_m3.vlm.remote import API_KEY_ENV, RemoteVLM, RemoteVLMError
 
+    if bool(args.model) == bool(args.vlm_url) or (args.vlm_url and not args.vlm_model) or (args.tools and not args.vlm_url):
+        print("error: give --model CKPT, or --vlm-url URL with --vlm-model NAME (and --tools for a tool-calling "
+              "model)", file=sys.stderr)
+        return 2
     try:
-        chat = VilaChat.from_pretrained(args.model, device=args.device)
+        if args.vlm_url:
+            chat = RemoteVLM(args.vlm_url, args.vlm_model, api_key=os.environ.get(API_KEY_ENV) or None,
+                             tool_calling=args.tools)
+        else:
+            chat = VilaChat.from_pretrained(args.model, device=args.device)
         report = evaluate_triggers(chat, args.data, split=args.split, limit=args.limit,
-                                   check_answers=not args.no_answers,
+                                   check_answers=not args.no_answers, tools=args.tools,
                                    progress=None if args.no_progress else lambda it: tqdm(it, desc="records"))
-    except (CheckpointError, DataError) as err:
+    except (CheckpointError, DataError, RemoteVLMError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if chat.is_stand_in:
+    if args.vlm_url:
+        print(f"model: {chat.describe()}")
+    elif chat.is_stand_in:
         print(f"note: {args.model} is marked as a stand-in ({getattr(chat.model.config, 'vila_m3_stand_in', '')})")
     evaluation = load_config("demo_model.yaml").get("evaluation") or {}
     targets = {"trigger_accuracy": float(evaluation.get("target_trigger_accuracy", 0.95)),
@@ -136,7 +149,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     train.set_defaults(handler=_train)
 
     evaluate = commands.add_parser("evaluate", help="trigger accuracy of a checkpoint on a data-engine export")
-    evaluate.add_argument("--model", required=True, help="checkpoint folder")
+    evaluate.add_argument("--model", help="checkpoint folder")
+    evaluate.add_argument("--vlm-url", help="instead: a remote OpenAI-compatible server's API root (key in "
+                                            "$VILA_M3_REMOTE_API_KEY)")
+    evaluate.add_argument("--vlm-model", help="the model name the remote server serves")
+    evaluate.add_argument("--tools", action="store_true",
+                          help="the remote model calls experts with OpenAI tool calls; score those as triggers")
     evaluate.add_argument("--data", required=True, help="export folder (e.g. `vila-m3 datagen --phrasings heldout`)")
     evaluate.add_argument("--split", default="val", choices=("val", "train", "all"))
     evaluate.add_argument("--limit", type=int, help="at most this many records")

@@ -12,10 +12,18 @@ trigger <CXR(...`` is right but not exact, a model that runs on past its answer 
 
 Held-out phrasings (``vila-m3 datagen --phrasings heldout``) measure generalisation to questions the
 model never saw in training.
+
+A model that speaks OpenAI tool calls (``tools=True``, a :class:`~vila_m3.vlm.remote.RemoteVLM`) is
+scored the same way: its first answer is asked with the experts as tools and without the model card,
+and its tool calls count as its triggers would (each call resolved as the trigger of the same expert
+and argument; a call that cannot run is no call, as a malformed trigger is). For the answer check it
+gets the record's expected calls as its own, the record's feedback as their tool result and the
+overlays after it, as in a tool-calling chat. The same decisions give the same table either way.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -26,6 +34,14 @@ from typing import Any, Protocol
 from PIL import Image
 
 from vila_m3.experts.registry import ExpertRegistry
+from vila_m3.experts.tools import (
+    ToolCallError,
+    expert_tools,
+    overlay_message_text,
+    resolve_tool_call,
+    tool_argument_name,
+    tool_result_text,
+)
 from vila_m3.experts.triggers import find_triggers
 from vila_m3.training.examples import read_records, record_images
 from vila_m3.vlm.prompting import as_turns, count_placeholders
@@ -133,6 +149,58 @@ def _calls(text: str, registry: ExpertRegistry) -> tuple[tuple[str, str | None],
     return tuple(trigger.key for trigger in find_triggers(text, registry).triggers)
 
 
+def _tool_calls(calls: Sequence[Any], registry: ExpertRegistry) -> tuple[tuple[str, str | None], ...]:
+    """The distinct (expert, argument) requests of tool calls, in order; calls that cannot run are left out."""
+    keys: dict[tuple[str, str | None], None] = {}
+    for call in calls:
+        try:
+            keys.setdefault(resolve_tool_call(call.name, call.arguments, registry).key)
+        except ToolCallError:
+            continue
+    return tuple(keys)
+
+
+def _without_card(text: str, registry: ExpertRegistry) -> str:
+    """A first user turn without its model card (header to footer), as a tool-calling model gets it."""
+    header, footer = registry.card.header, registry.card.footer
+    end = text.find(footer) if text.startswith(header) else -1
+    return text[end + len(footer):] if end >= 0 else text
+
+
+class _ToolAsker:
+    """The tool-calling form of the two questions asked per record."""
+
+    def __init__(self, model: Any, registry: ExpertRegistry, max_new_tokens: int):
+        self.model, self.registry, self.max_new_tokens = model, registry, max_new_tokens
+        self.tools = expert_tools(registry)
+
+    def first(self, user: str, images: Sequence[Any]) -> tuple[str, tuple[tuple[str, str | None], ...]]:
+        """The first answer (text, then its calls written out) and its expert requests."""
+        result = self.model.generate_with_tools([{"role": "user", "content": _without_card(user, self.registry)}],
+                                                images, self.tools, max_new_tokens=self.max_new_tokens)
+        written = " ".join([result.text, *(f"{call.name}({call.arguments})" for call in result.tool_calls)])
+        return written.strip(), _tool_calls(result.tool_calls, self.registry)
+
+    def final(self, user: str, expected: Sequence[tuple[str, str | None]], feedback: str,
+              images: Sequence[Any]) -> str:
+        """The answer after the record's expected calls were made by the model and answered with ``feedback``."""
+        from vila_m3.vlm.remote import ToolCall
+
+        key = tool_argument_name()
+        calls = [ToolCall(f"call_{i}", name, json.dumps({key: argument} if argument is not None else {}))
+                 for i, (name, argument) in enumerate(expected)]
+        messages: list[dict[str, Any]] = [{"role": "user", "content": _without_card(user, self.registry)},
+                                          {"role": "assistant", "content": "", "tool_calls": calls}]
+        for position, call in enumerate(calls):  # the record's feedback holds every result: it answers the first
+            text = tool_result_text(feedback) if position == 0 else f"The result is given with {calls[0].id}."
+            messages.append({"role": "tool", "tool_call_id": call.id, "content": text})
+        overlays = count_placeholders(feedback)
+        if overlays:
+            messages.append({"role": "user", "content": overlay_message_text(calls[0].name, calls[0].id) + "\n"
+                             + "<image>" * overlays + "\n"})
+        return self.model.generate_with_tools(messages, images, self.tools, max_new_tokens=self.max_new_tokens).text
+
+
 def _answer_matches(answer_type: str, produced: str, expected: str) -> bool:
     pattern = _YES_NO if answer_type == "yes/no" else _NUMBER
     want, got = pattern.search(expected), pattern.search(produced)
@@ -169,6 +237,7 @@ def evaluate_triggers(
     check_answers: bool = True,
     max_new_tokens: int = 64,
     progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
+    tools: bool = False,
 ) -> EvaluationReport:
     """Run the model on each record of ``<export_dir>/<split>.json`` once and score its expert calls.
 
@@ -181,6 +250,8 @@ def evaluate_triggers(
         check_answers: also score the final answers of yes/no and count questions.
         max_new_tokens: answer length limit per generation.
         progress: wraps the record iterator (e.g. ``tqdm``).
+        tools: ask in tool-calling mode and score the model's tool calls (the model needs
+            ``generate_with_tools``, e.g. ``RemoteVLM``); False scores the triggers in its text.
     """
     export = Path(export_dir)
     registry = registry or product_registry()
@@ -198,20 +269,29 @@ def evaluate_triggers(
         records = records[:limit]
 
     report = EvaluationReport()
+    if tools and not callable(getattr(model, "generate_with_tools", None)):
+        raise TypeError(f"{type(model).__name__} cannot answer with tool calls; use a remote model (RemoteVLM)")
+    asker = _ToolAsker(model, registry, max_new_tokens) if tools else None
     for record in progress(records) if progress else records:
         turns = as_turns(record["conversations"])
         images = [_open(export / path) for path in record_images(record)]
         first_images = count_placeholders(turns[0][1])
         expected = _calls(turns[1][1], registry)
-        answer = model.generate([turns[0]], images[:first_images], max_new_tokens=max_new_tokens).text
+        if asker is not None:
+            answer, called = asker.first(turns[0][1], images[:first_images])
+        else:
+            answer = model.generate([turns[0]], images[:first_images], max_new_tokens=max_new_tokens).text
+            called = _calls(answer, registry)
         meta = provenance.get(str(record.get("id")), {})
         kind = str(meta.get("kind", "?"))
-        outcome = RecordOutcome(str(record.get("id")), str(meta.get("category", "?")), kind, expected,
-                                _calls(answer, registry), answer)
+        outcome = RecordOutcome(str(record.get("id")), str(meta.get("category", "?")), kind, expected, called, answer)
         answer_type = ANSWER_KINDS.get(kind)
         if check_answers and answer_type and len(turns) >= 4:
             used = first_images + count_placeholders(turns[2][1])
-            final = model.generate(turns[:3], images[:used], max_new_tokens=max_new_tokens).text
+            if asker is not None and expected:
+                final = asker.final(turns[0][1], expected, turns[2][1], images[:used])
+            else:
+                final = model.generate(turns[:3], images[:used], max_new_tokens=max_new_tokens).text
             outcome.answer_type = answer_type
             outcome.final_answer = final
             outcome.answer_right = _answer_matches(answer_type, final, turns[3][1])
