@@ -467,6 +467,20 @@ class VilaM3Client:
             raise RequestRejected(f"image '{image_id}' is not in the server's datastore", 404)
         return dict(objects[image_id].get("labels") or {})
 
+    def download_image(self, image_id: str) -> str:
+        """The datastore image ``image_id`` as a temporary file (``GET /datastore/image``), named with the
+        file type the datastore lists for it; the caller deletes it. A DICOM series the server keeps as
+        a folder cannot be downloaded this way (the server answers 404)."""
+        what = f"downloading image '{image_id}'"
+        response = self._send("GET", "/datastore/", what, params={"output": "all"})
+        entry = (self._json(response, what).get("objects") or {}).get(image_id)
+        if entry is None:
+            raise RequestRejected(f"image '{image_id}' is not in the server's datastore", 404)
+        suffix = _known_suffix(str((entry.get("image") or {}).get("ext") or "")) or ".nii.gz"
+        response = self._send("GET", "/datastore/image", what, params={"image": image_id},
+                              read_timeout_s=self.turn_timeout_s)
+        return self._write_temp(response.content, suffix, prefix="vila_m3-image-")
+
     # --- volumes ----------------------------------------------------------------------------------
 
     def create_session(self, file_paths: Sequence[str], expiry_s: int = 0) -> str:
@@ -634,8 +648,8 @@ class VilaM3Client:
             suffix = _suffix(match.group(1))
         return self._write_temp(response.content, suffix)
 
-    def _write_temp(self, content: bytes, suffix: str) -> str:
-        handle, path = tempfile.mkstemp(suffix=suffix, prefix="vila_m3-labels-", dir=self.download_dir)
+    def _write_temp(self, content: bytes, suffix: str, prefix: str = "vila_m3-labels-") -> str:
+        handle, path = tempfile.mkstemp(suffix=suffix, prefix=prefix, dir=self.download_dir)
         with os.fdopen(handle, "wb") as out:
             out.write(content)
         return path

@@ -450,12 +450,13 @@ class ChatSceneLogic:
 
     @staticmethod
     def saveCorrection(client: VilaM3Client, imageId: str | None, volumeName: str, upload: str | None,
-                       labelPath: str, chatId: str | None, segmentNames: list) -> tuple:
+                       labelPath: str, chatId: str | None, segmentNames: list, source: str | None = None) -> tuple:
         """(worker) Add the volume to the datastore if needed, then save the label as final."""
         try:
             if imageId is None:
                 imageId = client.upload_image(upload, unique_image_id(volumeName, client.datastore_images()))
-            saved = client.save_final_label(imageId, labelPath, chatId, extra={"segments": list(segmentNames)})
+            extra = {"segments": list(segmentNames), **({"source": source} if source else {})}
+            saved = client.save_final_label(imageId, labelPath, chatId, extra=extra)
             return imageId, saved
         finally:
             ChatSceneLogic.removeFiles([path for path in (upload, labelPath) if path])

@@ -39,6 +39,7 @@ __all__ = [
     "grid_axes_map",
     "grids_match",
     "ras_axis_assignment",
+    "slice_centre",
     "slice_position",
     "view_axis",
 ]
@@ -214,6 +215,25 @@ def slice_position(slice_to_ras: Matrix, ijk_to_ras: Matrix, dimensions: Sequenc
         continuous = count - 1 - continuous
     index = min(max(round(continuous), 0), count - 1)
     return SlicePosition(axis, int(index), count, abs(continuous - index), round(oblique, 3))
+
+
+def slice_centre(ijk_to_ras: Matrix, dimensions: Sequence[int], axis: str, index: int) -> list[float]:
+    """The centre of slice ``index`` along ``axis`` as the server counts it (the inverse of
+    :func:`slice_position`): the RAS point (image frame, mm) at the middle of the other two voxel axes.
+    A view centred there (``vtkMRMLSliceNode.JumpSliceByCentering``) shows that slice."""
+    volume = _check_matrix(ijk_to_ras, "IJK-to-RAS")
+    dims = [int(n) for n in dimensions]
+    if axis not in RAS_BY_AXIS:
+        raise ValueError(f"axis must be one of {sorted(RAS_BY_AXIS)}, got {axis!r}")
+    axis_of, flips = ras_axis_assignment(volume)
+    patient_axis = RAS_BY_AXIS[axis]
+    index_axis = axis_of[patient_axis]
+    count = dims[index_axis]
+    if not 0 <= int(index) < count:
+        raise ValueError(f"{axis} slice {index} is outside the volume's {count} slices")
+    ijk = [(n - 1) / 2.0 for n in dims]
+    ijk[index_axis] = float(count - 1 - int(index) if flips[patient_axis] else int(index))
+    return [sum(volume[row][column] * ijk[column] for column in range(3)) + volume[row][3] for row in range(3)]
 
 
 def grids_match(ijk_to_ras_a: Matrix, dimensions_a: Sequence[int], ijk_to_ras_b: Matrix,
