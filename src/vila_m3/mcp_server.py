@@ -69,7 +69,7 @@ from mcp.server.lowlevel.helper_types import ReadResourceContents  # noqa: E402
 
 from vila_m3 import __version__  # noqa: E402
 from vila_m3.configs import load_config  # noqa: E402
-from vila_m3.experts.registry import EVERYTHING, EXPERTS_CONFIG, ConfigError, ExpertRegistry, ExpertSpec  # noqa: E402
+from vila_m3.experts.registry import EXPERTS_CONFIG, ConfigError, ExpertRegistry, ExpertSpec  # noqa: E402
 from vila_m3.experts.tools import ToolCallError, resolve_tool_call, tool_argument_name  # noqa: E402
 from vila_m3.experts.tools import expert_tools as openai_tools  # noqa: E402
 from vila_m3.label_client import LabelServerClient, ServerRefused  # noqa: E402
@@ -117,12 +117,10 @@ class ExpertTool:
 
     @property
     def classes(self) -> tuple[str, ...]:
-        """Label names a client may ask for one by one (the ``everything`` group, else every label); empty for
-        an expert without arguments."""
-        if not self.spec.args:
-            return ()
-        members = self.spec.groups.get(EVERYTHING) or {name: i for i, name in self.spec.labels.items()}
-        return tuple(members)
+        """Label names a client may ask for one by one: every label of the expert's argument groups, by id
+        (VISTA3D: ``everything`` and the tumours); empty for an expert without arguments."""
+        ids = {label_id for group in self.spec.args for label_id in self.spec.groups[group].values()}
+        return tuple(self.spec.labels[label_id] for label_id in sorted(ids))
 
     @property
     def argument(self) -> str:
