@@ -203,6 +203,11 @@ def test_plain_make_run_without_real_weights_says_in_one_line_how_to_get_them(tm
     assert lines.count(REAL_WEIGHTS_HINT) == 1 and lines[-1] == REAL_WEIGHTS_HINT
     assert "make run MODELS=real" in REAL_WEIGHTS_HINT and "huggingface.co" in REAL_WEIGHTS_HINT
 
+    from vila_m3.models.stand_ins import stage_stand_ins
+
+    stage_stand_ins(tmp_path / "models", ("brats",))  # stand-ins are no real weights: the line stays
+    assert make_run(tmp_path, env).stdout.splitlines()[-1] == REAL_WEIGHTS_HINT
+
     xrv = tmp_path / "models" / "torchxrayvision"  # with real weights of any model, no such line
     xrv.mkdir(parents=True)
     (xrv / "pc-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt").write_bytes(b"weights")

@@ -46,10 +46,10 @@ def _serve(args: argparse.Namespace) -> int:
 def _real_weights_hint(plan: ServePlan) -> str | None:
     """With no real weights staged and no remote VLM, the one line saying that the demo is served and how to get
     the real models (no network probe: just the line); None otherwise."""
+    from vila_m3.models.staging import real_models_staged
     from vila_m3.serve import REAL_WEIGHTS_HINT, remote_settings
-    from vila_m3.training.demo import real_weights_staged
 
-    if remote_settings(plan.conf) is not None or real_weights_staged(plan.models_dir):
+    if remote_settings(plan.conf) is not None or real_models_staged(plan.models_dir):
         return None
     return REAL_WEIGHTS_HINT
 

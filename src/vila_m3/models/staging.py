@@ -29,7 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from vila_m3.models.manifest import ModelEntry
+from vila_m3.models.manifest import ModelEntry, ModelManifest
 
 PULL_RECORD = ".vila_m3_pull.json"
 DOWNLOAD_TIMEOUT_S = 60
@@ -87,6 +87,18 @@ def _staged_files(entry: ModelEntry, models_dir: Path) -> dict[str, Path]:
         for path in sorted(location.rglob("*"))
         if path.is_file() and path.name != PULL_RECORD and ".cache" not in path.relative_to(location).parts
     }
+
+
+def real_models_staged(models_dir: Path, manifest: ModelManifest | None = None) -> list[str]:
+    """Ids of the manifest's models with real weights (anything that is not a stand-in) under ``models_dir``."""
+    manifest = manifest or ModelManifest.load()
+    staged = []
+    for model_id, entry in manifest.entries.items():
+        location = entry.location(models_dir)
+        present = location.is_file() or (location.is_dir() and any(location.iterdir()))
+        if present and not entry.is_stand_in(models_dir):
+            staged.append(model_id)
+    return staged
 
 
 def staged_bytes(entry: ModelEntry, models_dir: Path) -> int:
