@@ -31,8 +31,8 @@ def datagen_router(studies: str, chats_dir: Path, exports_dir: Path) -> APIRoute
         if not _NAME.fullmatch(name):
             raise HTTPException(422, "name: 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit")
         try:
-            def run() -> dict[str, Any]:  # a PACS is read through MONAI Label's datastore (lib/datastore_source.py)
-                source = app_source(app_instance().datastore(), studies)
+            def run() -> dict[str, Any]:  # folder or PACS: MONAI Label's datastore (lib/datastore_source.py)
+                source = app_source(app_instance().datastore())
                 return export_from_app(source, str(chats_dir), str(exports_dir / name), seed)
 
             return await run_in_threadpool(run)

@@ -37,6 +37,7 @@ from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.utils.app import app_instance
 from monailabel.utils.sessions import SessionInfo, Sessions
 
+from vila_m3.data.privacy import is_dicom_file
 from vila_m3.security.paths import (
     OutsideRootError,
     UnsafeNameError,
@@ -50,6 +51,14 @@ logger = logging.getLogger(__name__)
 BAD_NAME = 422
 NOT_FOUND = 404
 LABEL_SUFFIXES = (".json",)  # besides the image suffixes: a classification's findings (the CXR task's labels)
+
+
+def _holds_dicom(folder: Path) -> bool:
+    """Whether ``folder`` holds DICOM files (the first 50 entries are looked at)."""
+    try:
+        return any(is_dicom_file(path) for path in sorted(folder.iterdir())[:50] if path.is_file())
+    except OSError:
+        return False
 
 
 def _refuse(err: Exception, status: int = BAD_NAME) -> HTTPException:
@@ -107,6 +116,47 @@ class ContainedDatastore(LocalDatastore):
         if obj is None:
             raise HTTPException(NOT_FOUND, f"image '{image_id}' is not in the datastore")
         return obj
+
+    # --- what MONAI Label's scan misses: DICOM series folders, findings labels, orphan labels ---------
+
+    def _list_files(self, path: str, patterns: list[str]) -> dict[str, str]:
+        """MONAI Label's scan of ``path`` for ``patterns``, plus: in the images folder, sub-folders holding a
+        DICOM series (an image whose id is the folder name); in a label folder, findings labels (``*.json``)."""
+        files = super()._list_files(path, patterns)
+        real = os.path.realpath(path)
+        if real == os.path.realpath(self._datastore.image_path()):
+            labels = os.path.realpath(self._datastore.label_path(None))
+            for entry in sorted(os.scandir(real), key=lambda item: item.name):
+                if (entry.is_dir() and not entry.name.startswith(".") and is_valid_id(entry.name)
+                        and os.path.realpath(entry.path) != labels and _holds_dicom(Path(entry.path))):
+                    files.setdefault(entry.name, entry.name)
+        elif Path(real).is_relative_to(os.path.realpath(self._datastore.label_path(None))):
+            for name in sorted(os.listdir(real)):
+                if name.lower().endswith(LABEL_SUFFIXES) and not name.startswith("."):
+                    files.setdefault(name, name)
+        return files
+
+    def _to_id(self, file: str) -> tuple[str, str]:
+        """A DICOM series folder's id is its whole name (MONAI Label would cut a dotted name at the dot)."""
+        if os.path.isdir(os.path.join(self._datastore.image_path(), file)):
+            return file, ""
+        return super()._to_id(file)
+
+    def orphan_labels(self, tag: str = "final") -> list[str]:
+        """File names of ``tag`` labels whose image is not in the datastore (MONAI Label ignores them)."""
+        if not is_valid_id(tag):
+            return []
+        folder = os.path.join(self._datastore.label_path(None), tag)
+        if not os.path.isdir(folder):
+            return []
+        names = self._list_files(folder, self._extensions)
+        return sorted(name for name in names
+                      if self._to_id(name)[0] not in self._datastore.objects and not name.startswith("."))
+
+    @property
+    def location(self) -> str:
+        """Where the studies are (the studies folder), as an export's manifest names its source."""
+        return str(self._root)
 
     # --- writes and deletes ------------------------------------------------------------------------
 

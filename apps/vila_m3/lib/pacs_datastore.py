@@ -20,6 +20,8 @@ import logging
 import os
 import re
 import tempfile
+import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,12 @@ class PacsDatastore(DICOMWebDatastore):
         super().__init__(client, filters, cache_path=cache_path, fetch_by_frame=fetch_by_frame,
                          convert_to_nifti=True)
         self._problems: dict[str, str] = {}  # series id -> why it was refused
+        self._segs_cache: tuple[float | None, dict[str, tuple[str, float | None]] | None] = (None, None)
+
+    @property
+    def location(self) -> str:
+        """The DICOMweb URL (an export's manifest names its host only)."""
+        return self.name()
 
     @property
     def cache_root(self) -> str:
@@ -149,15 +157,62 @@ class PacsDatastore(DICOMWebDatastore):
         folder = Path(os.path.realpath(os.path.join(self._datastore.image_path(), image_id)))
         return folder if folder.is_dir() and folder.is_relative_to(self.cache_root) else None
 
+    def _final_label(self, label_id: str, image_id: str = "") -> tuple[str, str] | None:
+        """(image series, SEG series) of a final label named by its SEG series UID (MONAI Label's label id on a
+        DICOMweb datastore) or by its image series UID (the label id of a folder datastore); None if there is none."""
+        segs = self._final_segs()
+        if image_id:
+            return (image_id, label_id) if segs.get(image_id) == label_id else None
+        if label_id in segs:
+            return label_id, segs[label_id]
+        return next(((image, seg) for image, seg in segs.items() if seg == label_id), None)
+
+    def get_labels_by_image_id(self, image_id: str) -> dict[str, str]:
+        """{tag: label id}: ``final`` is the newest SEG series in the PACS referencing the series (its UID); other
+        tags are those kept in the cache."""
+        if not is_valid_id(image_id):
+            return {}
+        labels = {tag: label for tag, label in super().get_labels_by_image_id(image_id).items()
+                  if tag != DefaultLabelTag.FINAL}
+        seg = self._final_segs().get(image_id)
+        if seg:
+            labels[DefaultLabelTag.FINAL] = seg
+        return labels
+
     def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
+        """A final label (``label_id``: its SEG series, or the image series) is the SEG read back as a NIfTI
+        labelmap on the image's grid (:meth:`final_label_file`); other tags are files in the cache."""
         if not (is_valid_id(label_id) and is_valid_id(label_tag)) or (image_id and not is_valid_id(image_id)):
             return ""
-        return super().get_label_uri(label_id, label_tag, image_id)
+        if label_tag != DefaultLabelTag.FINAL:
+            return LocalDatastore.get_label_uri(self, label_id, label_tag)
+        found = self._final_label(label_id, image_id)
+        return self.final_label_file(*found) if found else ""
+
+    def get_label_info(self, label_id: str, label_tag: str) -> dict[str, Any]:
+        """A final label's SEG series, its time (``ts``, seconds since the epoch: the SEG's series date and time, else
+        its content date and time) and ``name`` (the labelmap's file name); other tags as MONAI Label keeps them."""
+        if not (is_valid_id(label_id) and is_valid_id(label_tag)):
+            return {}
+        if label_tag != DefaultLabelTag.FINAL:
+            return super().get_label_info(label_id, label_tag)
+        found = self._final_label(label_id)
+        if found is None:
+            return {}
+        image, seg = found
+        info: dict[str, Any] = {"SeriesInstanceUID": seg, "name": f"{image}.nii.gz"}
+        stamp = self._final_seg_times().get(image)
+        if stamp is not None:
+            info["ts"] = stamp
+        return info
 
     def get_image_info(self, image_id: str) -> dict[str, Any]:
-        """MONAI Label's image info without the cache path."""
+        """MONAI Label's image info without the cache path; ``name`` is the series UID (the image is the series,
+        its NIfTI copy in the cache is no file of the PACS)."""
         info = super().get_image_info(image_id) if is_valid_id(image_id) else {}
         info.pop("path", None)
+        if info or (is_valid_id(image_id) and image_id in self.list_images()):
+            info["name"] = image_id
         return info
 
     def json(self) -> dict[str, Any]:
@@ -204,12 +259,29 @@ class PacsDatastore(DICOMWebDatastore):
             raise HTTPException(422, f"final label: {scrub_paths(str(err))}") from None
         seg.SeriesDescription = "VILA-M3 final label"
         self._client.store_instances([seg])
+        self._segs_cache = (None, None)  # the next listing asks the PACS (the new SEG is the newest)
         logger.info("final label of series %s stored in the PACS as SEG series %s", image_id, seg.SeriesInstanceUID)
         info = {**label_info, "SeriesInstanceUID": str(seg.SeriesInstanceUID), "label_names": names}
         return LocalDatastore.save_label(self, image_id, label_filename, label_tag, info)
 
     def _final_segs(self) -> dict[str, str]:
-        """Image series -> the newest SEG series in the PACS that references it (image series of this datastore)."""
+        """Image series -> the newest SEG series in the PACS that references it (image series of this datastore);
+        the PACS is asked again after ``LIST_CACHE_S`` or a final label saved here."""
+        now = time.monotonic()
+        cached_at, found = self._segs_cache
+        if found is None or cached_at is None or now - cached_at > LIST_CACHE_S:
+            found = self._search_final_segs()
+            self._segs_cache = (now, found)
+        return {image: seg for image, (seg, _) in found.items()}
+
+    def _final_seg_times(self) -> dict[str, float]:
+        """Image series -> when its final label's SEG series was made (seconds since the epoch), where it says."""
+        self._final_segs()
+        return {image: stamp for image, (_, stamp) in self._segs_cache[1].items() if stamp is not None}
+
+    def _search_final_segs(self) -> dict[str, tuple[str, float | None]]:
+        """Image series -> (the newest SEG series referencing it, when it was made in seconds since the epoch: its
+        series date and time, else its content date and time)."""
         images = set(self.list_images())
         newest: dict[str, tuple[str, str]] = {}
         for item in self._client.search_for_series(search_filters={"Modality": "SEG"}):
@@ -220,10 +292,11 @@ class PacsDatastore(DICOMWebDatastore):
             except Exception:  # not a SEG of a series (or unreadable): not a final label
                 logger.info("PACS SEG series %s skipped: it references no series", seg_uid[:64])
                 continue
-            stamp = f"{meta.get('SeriesDate', '')}{meta.get('SeriesTime', '')}"
+            stamp = (f"{meta.get('SeriesDate', '')}{meta.get('SeriesTime', '')}" if meta.get("SeriesDate") else
+                     f"{meta.get('ContentDate', '')}{meta.get('ContentTime', '')}")
             if referenced in images and (referenced not in newest or stamp >= newest[referenced][0]):
                 newest[referenced] = (stamp, seg_uid)
-        return {image: seg_uid for image, (_, seg_uid) in newest.items()}
+        return {image: (seg_uid, _epoch(stamp)) for image, (stamp, seg_uid) in newest.items()}
 
     def final_label_file(self, image_id: str, seg_uid: str) -> str:
         """The final label of ``image_id`` read from PACS SEG series ``seg_uid`` as a NIfTI labelmap on the
@@ -303,6 +376,15 @@ class PacsDatastore(DICOMWebDatastore):
         """The PACS's QIDO-RS attributes of series ``series_uid``."""
         found = self._client.search_for_series(search_filters={"SeriesInstanceUID": series_uid})
         return Dataset.from_json(found[0])
+
+
+def _epoch(stamp: str) -> float | None:
+    """``YYYYMMDDHHMMSS[.ffffff]`` (a DICOM date and time, in this server's time zone as the SEGs it writes) as
+    seconds since the epoch, or None."""
+    try:
+        return datetime.strptime(stamp[:14], "%Y%m%d%H%M%S").timestamp()
+    except ValueError:
+        return None
 
 
 def _drop(filename: str) -> None:

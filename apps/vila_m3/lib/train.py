@@ -162,7 +162,7 @@ class VilaM3TrainTask(TrainTask):
         else:
             data = run / "data"
             print(f"{version}: exporting conversations from {self.studies}", flush=True)
-            source = app_source(datastore, self.studies)  # a PACS through MONAI Label's datastore
+            source = app_source(datastore)  # folder or PACS: MONAI Label's datastore (lib/datastore_source.py)
             export = export_from_app(source, str(self.chats_dir), str(data), int(request.get("seed", 0)))
             if not export.get("privacy", {}).get("passed"):
                 count = len(export.get("privacy", {}).get("findings", []))
