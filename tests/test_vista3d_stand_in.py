@@ -4,6 +4,7 @@ loss falls, the bundle then says what it learnt, and real weights are never touc
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -31,6 +32,12 @@ def test_training_lowers_the_loss_and_relabels_the_bundle(tmp_path):
     assert set(report.dice) == set(report.learned) == {1, 3, 5, 14, 26}
     assert all(0.0 <= value <= 1.0 for value in report.dice.values())
     assert "Dice on the held-out phantom (seed 0)" in lines[-1]
+    # off a terminal, progress is plain lines naming the step, with the time and the loss
+    assert "Training the demo's VISTA3D on synthetic phantom CTs: 12 steps to go" in lines
+    done = [line for line in lines if line.startswith("Training the demo's VISTA3D on synthetic phantom CTs: 12/12 steps")]
+    assert len(done) == 1 and " elapsed, done, loss " in done[0]
+    assert any(re.fullmatch(r"Training the demo's VISTA3D on synthetic phantom CTs: \d+/12 steps, .+ elapsed, "
+                            r"~.+ left, loss \d+\.\d{4}", line) for line in lines)
     # what it gives classes no phantom has is measured and said, not assumed to be nothing
     assert set(report.absent_voxels) == {4, 24}
     assert (f"classes no phantom has: pancreas {report.absent_voxels[4]}, "

@@ -36,6 +36,7 @@ from torch.nn.functional import binary_cross_entropy_with_logits
 
 from vila_m3.experts.bundle import MonaiBundle
 from vila_m3.imaging import Geometry, Volume
+from vila_m3.progress import progress
 from vila_m3.training.stand_in_training import (
     TRAINING_RECORD,
     PhantomRecipe,
@@ -70,6 +71,7 @@ class BratsStandInRecipe(PhantomRecipe):
     crop: tuple[int, int, int] = (64, 64, 64)
 
     expert = "BRATS"
+    trained_on = "synthetic phantom brain MRIs"
 
     @classmethod
     def _checked(cls, values: dict[str, Any]) -> dict[str, Any]:
@@ -124,7 +126,8 @@ def train_brats_stand_in(
         bundle_dir: a BRATS stand-in bundle (its metadata carries ``vila_m3_stand_in``); real weights
             are refused.
         recipe: the training recipe.
-        log: where progress lines go (every 25 steps and at the end).
+        log: where progress lines go off a terminal (every 10 % or 30 s, and at the end; on a terminal
+            a bar shows the progress) and the final summary.
 
     Returns:
         The report (``learned`` and ``dice`` keyed by channel: 0 tumour core, 1 whole tumour, 2 enhancing);
@@ -137,7 +140,9 @@ def train_brats_stand_in(
 
     started = time.perf_counter()
     bundle = open_stand_in(bundle_dir, "BRATS")
-    items = [training_item(bundle, *phantom_mri(seed)) for seed in recipe.study_seeds]
+    items = [training_item(bundle, *phantom_mri(seed))
+             for seed in progress(recipe.study_seeds, "Making the phantom brain MRIs the demo's BRATS learns from",
+                                  "MRIs", log=log)]
     crop = RandCropByPosNegLabeld(keys=("image", "label"), label_key="label", spatial_size=recipe.crop,
                                   pos=1.0, neg=1.0, num_samples=1, allow_smaller=True)
     crop.set_random_state(seed=recipe.seed)
@@ -157,6 +162,7 @@ def train_brats_stand_in(
 
     losses = train_network(bundle, recipe, step_loss, log)
 
+    log(f"Measuring the trained BRATS on the held-out phantom brain MRI (seed {recipe.evaluation_seed})")
     sequences, truth = phantom_mri(recipe.evaluation_seed)
     runner = BratsRunner(bundle.root, device="cpu")
     predicted = np.asarray(runner.run(sequences).labels.array)

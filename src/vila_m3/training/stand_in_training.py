@@ -22,6 +22,7 @@ from monai.transforms import Compose, ResampleToMatch
 
 from vila_m3.experts.bundle import METADATA_CONFIG, STAND_IN_FIELD, MonaiBundle, image_from_arrays
 from vila_m3.imaging import Geometry
+from vila_m3.progress import progress
 from vila_m3.training.reproducible import fixed_cpu_threads
 
 __all__ = ["TRAINING_RECORD", "TRAINING_REVISION", "PhantomRecipe", "StandInReport", "dice", "open_stand_in",
@@ -55,6 +56,8 @@ class PhantomRecipe:
 
     #: The expert's name in messages.
     expert = "stand-in"
+    #: What it is trained on, in progress messages ("Training the demo's <expert> on <trained_on>").
+    trained_on = "synthetic phantoms"
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]):
@@ -81,6 +84,11 @@ class PhantomRecipe:
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready."""
         return {**self.__dict__, "study_seeds": list(self.study_seeds)}
+
+    @property
+    def description(self) -> str:
+        """The training in words, for progress: ``Training the demo's VISTA3D on synthetic phantom CTs``."""
+        return f"Training the demo's {self.expert} on {self.trained_on}"
 
 
 @dataclass
@@ -135,7 +143,9 @@ def train_network(bundle: MonaiBundle, recipe: PhantomRecipe, step_loss: Callabl
 
     AdamW (no weight decay) with the recipe's learning rate, cosine decay over ``recipe.steps``, torch's
     random state seeded by ``recipe.seed`` (and restored afterwards). ``step_loss(network)`` draws one
-    training item and returns its loss. Progress goes to ``log`` every 25 steps and at the end.
+    training item and returns its loss. Progress (steps, elapsed and remaining time, the mean loss of the
+    last 25 steps) is a bar on a terminal, else lines to ``log`` every 10 % or 30 s
+    (:func:`vila_m3.progress.progress`).
 
     Training runs on one CPU thread (:func:`vila_m3.training.reproducible.fixed_cpu_threads`): these
     tiny networks gain little from more, and on another thread count which small class is learnt
@@ -158,17 +168,17 @@ def _optimise(network: torch.nn.Module, recipe: PhantomRecipe, step_loss: Callab
     optimizer = torch.optim.AdamW(network.parameters(), lr=recipe.learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.steps)
     losses: list[float] = []
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), progress(recipe.steps, recipe.description, "steps", log=log) as shown:
         torch.manual_seed(recipe.seed)
-        for step in range(1, recipe.steps + 1):
+        for _ in range(recipe.steps):
             loss = step_loss(network)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
             losses.append(float(loss.detach()))
-            if step % 25 == 0 or step == recipe.steps:
-                log(f"{recipe.expert} stand-in step {step}/{recipe.steps}: loss {np.mean(losses[-25:]):.4f}")
+            shown.set_postfix(f"loss {np.mean(losses[-25:]):.4f}")
+            shown.update()
     return losses
 
 

@@ -39,6 +39,7 @@ from torch.nn.functional import binary_cross_entropy_with_logits
 
 from vila_m3.experts.bundle import MonaiBundle
 from vila_m3.imaging import Geometry, Volume
+from vila_m3.progress import progress
 from vila_m3.training.stand_in_training import (
     TRAINING_RECORD,
     PhantomRecipe,
@@ -71,6 +72,7 @@ class Vista3DStandInRecipe(PhantomRecipe):
     class_weights: Mapping[str, float] = field(default_factory=dict)
 
     expert = "VISTA3D"
+    trained_on = "synthetic phantom CTs"
 
     @classmethod
     def _checked(cls, values: dict[str, Any]) -> dict[str, Any]:
@@ -160,7 +162,8 @@ def train_vista3d_stand_in(
         bundle_dir: a VISTA3D stand-in bundle (its metadata carries ``vila_m3_stand_in``); real weights
             are refused.
         recipe: the training recipe.
-        log: where progress lines go (every 25 steps and at the end).
+        log: where progress lines go off a terminal (every 10 % or 30 s, and at the end; on a terminal
+            a bar shows the progress) and the final summary.
         note: the new ``vila_m3_stand_in`` text (what every result of the bundle says it is).
 
     Returns:
@@ -184,7 +187,9 @@ def train_vista3d_stand_in(
     class_weight = torch.as_tensor([recipe.class_weights.get(learned.get(i, ""), 1.0) for i in ids])
     roi = [int(v) for v in bundle.get("patch_size") or bundle.get("inferer#roi_size")]
 
-    items = [_training_item(bundle, *phantom_ct(seed), roi) for seed in recipe.study_seeds]
+    items = [_training_item(bundle, *phantom_ct(seed), roi)
+             for seed in progress(recipe.study_seeds, "Making the phantom CTs the demo's VISTA3D learns from", "CTs",
+                                  log=log)]
     crop = RandSpatialCropd(keys=("image", "label"), roi_size=roi, random_size=False)
     rng = np.random.default_rng(recipe.seed)
     crop.set_random_state(seed=recipe.seed)
@@ -213,6 +218,7 @@ def train_vista3d_stand_in(
 
     losses = train_network(bundle, recipe, step_loss, log)
 
+    log(f"Measuring the trained VISTA3D on the held-out phantom CT (seed {recipe.evaluation_seed})")
     ct, truth = phantom_ct(recipe.evaluation_seed)
     runner = Vista3DRunner(bundle.root, device="cpu")
     result = runner.run(ct, list(learned))
