@@ -177,6 +177,7 @@ def test_make_run_models_real_pulls_the_real_set_then_serves_it_without_the_demo
         summary = next(line for line in out.splitlines() if line.startswith("Staged "))
         assert summary.startswith(f"Staged {len(real_set)} models in {tmp_path / 'models'} (vila_m3_3b, vista3d, ")
         assert f"{len(real_set)} downloaded, 0 already there" in summary
+        assert "Serve them with: make run MODELS=real VLM=vila_m3_3b" in out
         # then the server's plan: every task on the real weights, the 3B chosen, no demo staged, no hint
         plan = out.split("Infer tasks", 1)[1]
         assert "(4 of 4 available)" in plan  # the chat task too: it runs the 3B (app.yaml's default is the 8B)

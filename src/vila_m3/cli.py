@@ -104,7 +104,7 @@ def _chosen_entries(args: argparse.Namespace):
     if getattr(args, "real", False):  # every task's models, with the VLM `--real` pulls by default
         tasks += list(catalogue)
         default_vlm = load_config("models.yaml").get("real_default_vlm", default_vlm)
-    vlm = getattr(args, "vlm", None) or default_vlm
+    vlm = args.chosen_vlm = getattr(args, "vlm", None) or default_vlm
     if tasks and getattr(manifest.entries.get(vlm), "kind", None) != "vila_checkpoint":
         valid = ", ".join(mid for mid, entry in manifest.entries.items() if entry.kind == "vila_checkpoint")
         raise ValueError(f"--vlm {vlm} is not a VILA-M3 checkpoint of configs/models.yaml; valid ids are: {valid}")
@@ -168,6 +168,9 @@ def _models_pull(args: argparse.Namespace) -> int:
         how = "downloaded, checksums recorded" if report.downloaded else "already staged, checksums match"
         print(f"{entry.model_id}: {report.state} at {report.location} ({how})", flush=True)
     print(pull_summary(staged, fetched, failed, models_dir, time.monotonic() - started), flush=True)
+    if args.real and not failed:
+        print(f"Serve them with: make run MODELS=real VLM={args.chosen_vlm} (checks them again, downloads nothing), or "
+              f"vila-m3 serve --models-dir {models_dir} --conf vlm {args.chosen_vlm} --studies ...", flush=True)
     return 1 if failed else 0
 
 
