@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from expert_plugin import TOY_NAME, write_toy_expert
 from fake_openai_server import (
     FakeOpenAIServer,
     Reply,
@@ -68,6 +69,16 @@ def test_an_unavailable_expert_is_not_offered(registry):
     assert [tool["function"]["name"] for tool in expert_tools(partial)] == ["VISTA3D"]
     with pytest.raises(ToolCallError, match=r"the tool BRATS is not available \(weights not staged\); tools: VISTA3D"):
         resolve_tool_call("BRATS", "{}", partial)
+
+
+def test_an_expert_added_from_its_own_experts_file_is_a_tool(tmp_path):
+    registry = ExpertRegistry.from_config(experts_files=[write_toy_expert(tmp_path / "site")])
+    toy = {tool["function"]["name"]: tool["function"] for tool in expert_tools(registry)}[TOY_NAME]
+    spec = registry.get(TOY_NAME)
+    assert toy["parameters"]["properties"]["argument"]["enum"] == list(spec.args)
+    assert spec.overview in toy["description"]
+    trigger = find_triggers(f"<{TOY_NAME}({spec.args[-1]})>", registry).triggers[0]
+    assert resolve_tool_call(TOY_NAME, json.dumps({"argument": spec.args[-1]}), registry).key == trigger.key
 
 
 # ---- tool calls -> expert requests ------------------------------------------------------------------
