@@ -53,6 +53,9 @@ def test_training_lowers_the_loss_and_relabels_the_bundle(tmp_path):
     assert list(report.learned.values()) == ["tumor core", "whole tumor", "enhancing tumor"]
     assert set(report.dice) == {0, 1, 2} and all(0.0 <= v <= 1.0 for v in report.dice.values())
     assert "Dice on the held-out phantom (seed 0)" in lines[-1]
+    assert "Training the demo's BRATS on synthetic phantom brain MRIs: 12 steps to go" in lines
+    assert any(line.startswith("Training the demo's BRATS on synthetic phantom brain MRIs: 12/12 steps, ")
+               and " elapsed, done, loss " in line for line in lines)
 
     metadata = json.loads((bundle / METADATA_CONFIG).read_text(encoding="utf-8"))
     note = metadata[STAND_IN_FIELD]

@@ -4,6 +4,7 @@ the training record, trigger evaluation and the fine-tuned versions a server ser
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -58,10 +59,26 @@ def base(tmp_path_factory: pytest.TempPathFactory, export: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, base: Path, export: Path):
+def training_log() -> list[str]:
+    """The log lines of the ``trained`` run."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, base: Path, export: Path, training_log: list[str]):
     run = tmp_path_factory.mktemp("run") / "run"
     options = TrainingOptions.from_config({**QUICK, "save_steps": 3})
-    return fine_tune(base, export, run, options, progress=False, log=lambda line: None)
+    return fine_tune(base, export, run, options, progress=False, log=training_log.append)
+
+
+def test_without_a_bar_each_logged_step_says_the_loss_and_the_time_left(trained, training_log):
+    assert "Fine-tuning the VLM: 6 steps to go" in training_log
+    steps = [line for line in training_log if line.startswith("Fine-tuning the VLM: step ") and "; loss " in line]
+    assert [line.split(",")[0] for line in steps] == [f"Fine-tuning the VLM: step {n}/6" for n in range(1, 7)]
+    assert all(re.search(r", \d+ (s|min) elapsed, ~\d+ (s|min)( \d+ s)? left; loss \d", line) for line in steps[:-1])
+    assert " elapsed; loss " in steps[-1]  # nothing left to estimate at the last step
+    assert any("validation records before training" in line for line in training_log)
+    assert training_log[-1].startswith("saved the fine-tuned checkpoint")
 
 
 @pytest.mark.parametrize("template", ["llama_3", "vicuna_v1"])

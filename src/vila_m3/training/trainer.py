@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from transformers import AutoTokenizer, PrinterCallback, Trainer, TrainerCallbac
 from transformers.trainer_utils import get_last_checkpoint
 
 from vila_m3.data.privacy import export_privacy_problem
+from vila_m3.progress import duration_text, is_terminal
 from vila_m3.training.examples import ConversationDataset, DataError, collate
 from vila_m3.training.layout import MODEL_DIR, STEPS_DIR
 from vila_m3.training.options import TrainingOptions
@@ -128,15 +130,33 @@ def _with_lora(model: VilaForConditionalGeneration, options: TrainingOptions) ->
 
 
 class _LineLogger(TrainerCallback):
-    """One plain line per log event (for logs and MONAI Label's train status, where a bar is unreadable)."""
+    """One plain line per log event, with the time elapsed and left (for logs and MONAI Label's train
+    status, where a bar is unreadable): ``Fine-tuning the VLM: step 120/2000, 2 min 10 s elapsed, ~14 min
+    left; loss 1.234, ...``. Time left: the mean pace of this run's steps so far."""
 
-    def __init__(self, emit: Callable[[str], None]) -> None:
+    def __init__(self, emit: Callable[[str], None], description: str,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.emit = emit
+        self.description = description
+        self.clock = clock
+        self.started = clock()
+        self.first_step = 0
+
+    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        self.started, self.first_step = self.clock(), state.global_step  # a resumed run starts past 0
+        self.emit(f"{self.description}: {state.max_steps - state.global_step} steps to go")
 
     def on_log(self, args: TrainingArguments, state: Any, control: Any, logs: dict[str, Any] | None = None,
                **kwargs: Any) -> None:
         shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in (logs or {}).items())
-        self.emit(f"step {state.global_step}/{state.max_steps}: {shown}")
+        self.emit(f"{self.description}: step {state.global_step}/{state.max_steps}, {self._time(state)}; {shown}")
+
+    def _time(self, state: Any) -> str:
+        elapsed = self.clock() - self.started
+        done, left = state.global_step - self.first_step, state.max_steps - state.global_step
+        if done <= 0 or left <= 0:
+            return f"{duration_text(elapsed)} elapsed"
+        return f"{duration_text(elapsed)} elapsed, ~{duration_text(elapsed / done * left)} left"
 
 
 def fine_tune(
@@ -148,6 +168,7 @@ def fine_tune(
     note: str | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    description: str = "Fine-tuning the VLM",
 ) -> TrainingResult:
     """Fine-tune ``base`` on the export ``data``; write the run into ``run_dir``.
 
@@ -159,8 +180,10 @@ def fine_tune(
         resume: ``True`` continues from the newest checkpoint in ``run_dir/steps``; a path, from that one.
         note: when set, the saved checkpoint is marked as a stand-in with this text (demo models): the
             server then shows it with every answer. A base that is a stand-in keeps its mark.
-        progress: show a progress bar (else one log line per logging step).
+        progress: show a progress bar on a terminal (stderr is one); else, and with False, one log line
+            per logging step with the time elapsed and left.
         log: where log lines go (default: print).
+        description: the run in words, at the start of its progress lines.
 
     Raises:
         PrivacyCheckFailed: the export failed its privacy check (see :func:`require_private_export`);
@@ -198,6 +221,7 @@ def fine_tune(
         model.llm.enable_input_require_grads()  # checkpointed layers need inputs that carry gradients
 
     has_val = len(datasets["val"]) > 0
+    bar = progress and is_terminal(sys.stderr)
     interval = "steps" if options.save_steps else "epoch"
     args = TrainingArguments(
         output_dir=str(run / STEPS_DIR),
@@ -224,7 +248,7 @@ def fine_tune(
         remove_unused_columns=False,
         dataloader_num_workers=0,
         report_to="none",
-        disable_tqdm=not progress,
+        disable_tqdm=not bar,
         use_cpu=_on_cpu(options),
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -234,14 +258,18 @@ def fine_tune(
         data_collator=lambda batch: collate(batch, pad_id),
         train_dataset=datasets["train"],
         eval_dataset=datasets["val"] if has_val else None,
-        callbacks=[] if progress else [_LineLogger(emit)],
+        callbacks=[] if bar else [_LineLogger(emit, description)],
     )
-    if not progress:
+    if not bar:
         trainer.remove_callback(PrinterCallback)  # _LineLogger prints the same, readably
 
     started = time.time()
+    if has_val and resume_from is None:
+        emit(f"{description}: the loss on {len(datasets['val'])} validation records before training")
     before = trainer.evaluate() if has_val and resume_from is None else {}
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if has_val:
+        emit(f"{description}: the loss on {len(datasets['val'])} validation records after training")
     after = trainer.evaluate() if has_val else {}
     finished = time.time()
 
