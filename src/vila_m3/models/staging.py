@@ -5,8 +5,8 @@ Every pull records the SHA-256 of the files it wrote (``.vila_m3_pull.json`` in 
 ``<file>.vila_m3_pull.json`` beside a single-file model), so a copy carried to an air-gapped machine
 can be verified there. Checksums pinned in the manifest take precedence over the record.
 
-Downloads show a progress bar per file (size, elapsed and remaining time; the Hugging Face client
-draws its own). Hugging Face models are fetched at the commit the hub names for the manifest's
+Downloads show their progress per file (MB done of the size, elapsed and remaining time; the Hugging
+Face client draws its own bars). Hugging Face models are fetched at the commit the hub names for the manifest's
 revision, checked against the hub's own checksums (git SHA-1, or SHA-256 for LFS files), and the
 commit is kept in the record. The hub is ``$HF_ENDPOINT`` (read at each pull, so a site mirror or a
 test server can stand in for huggingface.co) or a manifest source's ``endpoint``.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -27,13 +28,12 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
 from vila_m3.models.manifest import ModelEntry, ModelManifest
 
 PULL_RECORD = ".vila_m3_pull.json"
 DOWNLOAD_TIMEOUT_S = 60
 CHUNK_BYTES = 1 << 20
+MEGABYTE = 1_000_000  # progress is counted in MB (the pull's summary gives GB of 10^9 bytes)
 
 
 class StagingError(RuntimeError):
@@ -152,24 +152,21 @@ def verify(entry: ModelEntry, models_dir: Path) -> VerifyReport:
     return VerifyReport(entry.model_id, location, "corrupt" if problems else "ready", problems)
 
 
-def _progress_bar(total: int | None, label: str) -> tqdm:
-    """A byte progress bar on stderr: size done of total, elapsed<remaining, rate. On a terminal it redraws
-    in place; in a log it writes a line every 30 s at most (and the final one)."""
-    interactive = sys.stderr.isatty()
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=label, file=sys.stderr,
-                leave=True, dynamic_ncols=interactive, ascii=not interactive,
-                mininterval=0.2 if interactive else 30.0)
-
-
 def _download(url: str, destination: Path, label: str) -> None:
-    """Stream ``url`` to ``destination`` with a progress bar; raises StagingError on failure."""
+    """Stream ``url`` to ``destination``, showing its progress in MB with the elapsed and remaining time (a bar
+    on a terminal, plain lines in a log: ``vila_m3.progress``); raises StagingError on failure."""
+    from vila_m3.progress import progress
+
     try:
         with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, destination.open("wb") as out:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with _progress_bar(total, label) as bar:
+            size = int(response.headers.get("Content-Length") or 0) or None
+            with progress(total=math.ceil(size / MEGABYTE) if size else None, description=label, unit="MB") as shown:
+                done = 0
                 while chunk := response.read(CHUNK_BYTES):
                     out.write(chunk)
-                    bar.update(len(chunk))
+                    done += len(chunk)
+                    shown.update(done // MEGABYTE - shown.n)
+                shown.update(math.ceil(done / MEGABYTE) - shown.n)
     except (urllib.error.URLError, OSError, TimeoutError) as err:
         reason = getattr(err, "reason", None) or err
         raise StagingError(str(reason)) from None
