@@ -269,6 +269,26 @@ def test_streamable_http_lists_runs_and_returns_the_labelmap(expert_server, samp
     assert foreign.status_code == 403 and "origin" in foreign.json()["detail"]
 
 
+def test_without_a_server_every_configured_expert_is_listed_and_calls_say_it_cannot_be_reached(tmp_path):
+    """Also: one HTTP MCP server serves session after session (mcp 1.9 stopped after the first one ended)."""
+    nowhere = RunningServer(f"http://127.0.0.1:{free_port()}", None, tmp_path / "none.log")  # type: ignore[arg-type]
+    process, url = start_http(nowhere, tmp_path)
+    try:
+        async def main() -> tuple[set[str], str]:
+            async with http_session(url) as session:
+                names = {tool.name for tool in (await session.list_tools()).tools}
+                return names, error_text(await session.call_tool("segment_ct", {"study": "ct_abdomen"}))
+
+        answers = [anyio.run(main) for _ in range(3)]
+    finally:
+        stop_process_group(process)
+    configured = {spec.name for spec in ExpertRegistry.from_config().configured if spec.runner is not None}
+    for names, message in answers:
+        assert names == EXPERT_TOOLS | FIXED and len(configured) == len(EXPERT_TOOLS)
+        assert "cannot be reached" in message and nowhere.url in message and "ct_abdomen" in message
+    assert "Traceback" not in (tmp_path / "mcp-http.log").read_text()
+
+
 # --- login on -------------------------------------------------------------------------------------------------
 
 

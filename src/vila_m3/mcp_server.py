@@ -472,9 +472,24 @@ def _json_text(value: Any) -> types.TextContent:
     return types.TextContent(type="text", text=json.dumps(value, indent=1))
 
 
+class _SessionServer(Server):
+    """The SDK's low-level server, where a session whose client has gone ends quietly.
+
+    With mcp 1.9 a streamable HTTP session that its client ends (``DELETE /mcp``) closes the session's streams
+    under the running session, which raises ``ClosedResourceError`` out of ``run`` and, through the session
+    manager's task group, stops every later request with HTTP 500. A closed stream is the session's end here.
+    """
+
+    async def run(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            await super().run(*args, **kwargs)
+        except* anyio.ClosedResourceError:
+            logger.debug("an MCP session ended with its client")
+
+
 def build_server(tools: VilaM3Tools) -> Server:
     """The MCP server (low-level SDK API: the tools' schemas come from the registry at each listing)."""
-    server: Server = Server(SERVER_NAME, version=__version__,
+    server: Server = _SessionServer(SERVER_NAME, version=__version__,
                             instructions="VILA-M3's expert models (segmentation, classification) on the studies "
                                          "of a VILA-M3 server. Call list_studies first; results name stand-ins.")
 
@@ -566,10 +581,19 @@ def http_app(server_url: str, token: str | None) -> Any:
     return Starlette(routes=[Route("/mcp", Endpoint())], lifespan=lifespan)
 
 
+class _EndedSessionFilter(logging.Filter):
+    """Drops the SDK's tracebacks of a closed stream when a client ends its HTTP session (mcp 1.9 logs them)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, anyio.ClosedResourceError)
+
+
 def serve_http(server_url: str, token: str | None, host: str, port: int) -> None:
     """Serve MCP over streamable HTTP at ``http://host:port/mcp`` until interrupted."""
     import uvicorn
 
+    logging.getLogger("mcp.server.streamable_http").addFilter(_EndedSessionFilter())
     uvicorn.run(http_app(server_url, token), host=host, port=port, log_level="warning")
 
 
