@@ -179,7 +179,7 @@ def test_make_run_models_real_pulls_the_real_set_then_serves_it_without_the_demo
         assert "vila_m3_8b" not in out.split("Infer tasks")[0] and "vila_m3_13b" not in out
         summary = next(line for line in out.splitlines() if line.startswith("Staged "))
         assert summary.startswith(f"Staged {len(real_set)} models in {tmp_path / 'models'} (vila_m3_3b, vista3d, ")
-        assert f"{len(real_set)} downloaded, 0 already there" in summary
+        assert re.search(rf"\): 0\.0\d GB on disk; {len(real_set)} downloaded, 0 already there; took \d+ (s|min)", summary)
         assert "Serve them with: make run MODELS=real VLM=vila_m3_3b" in out
         # then the server's plan: every task on the real weights, the 3B chosen, no demo staged, no hint
         plan = out.split("Infer tasks", 1)[1]

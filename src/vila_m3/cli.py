@@ -177,12 +177,12 @@ def _models_pull(args: argparse.Namespace) -> int:
 def pull_summary(staged: list, fetched: list[str], failed: list[str], models_dir: Path, seconds: float) -> str:
     """The one line ``models pull`` ends with: what is staged, its size on disk, how long it took, what failed."""
     from vila_m3.models.staging import staged_bytes
+    from vila_m3.progress import duration_text
 
     size = sum(staged_bytes(entry, models_dir) for entry in staged)
-    minutes, secs = divmod(round(seconds), 60)
     line = (f"Staged {len(staged)} model{'s' * (len(staged) != 1)} in {models_dir} "
             f"({', '.join(entry.model_id for entry in staged) or 'none'}): {size / 1e9:.2f} GB on disk; "
-            f"{len(fetched)} downloaded, {len(staged) - len(fetched)} already there; {minutes} min {secs:02d} s")
+            f"{len(fetched)} downloaded, {len(staged) - len(fetched)} already there; took {duration_text(seconds)}")
     if failed:
         line += f"; FAILED: {', '.join(failed)} (see the errors above)"
     return line
