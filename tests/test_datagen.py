@@ -302,9 +302,16 @@ def test_brats_and_cxr_answers_agree_with_the_final_labels(export, sample_data):
 # -------------------------------------------------------------------------- reproducibility, split
 
 
-def test_the_same_seed_gives_the_same_bytes_and_another_seed_other_draws(export, datastore, tmp_path):
-    again = export_dataset(datastore, tmp_path / "again", seed=0, progress=False).out_dir
-    assert all_files(again) == all_files(export)
+def test_the_same_seed_gives_the_same_bytes_and_another_seed_other_draws(export, datastore, tmp_path, capsys):
+    capsys.readouterr()
+    again = export_dataset(datastore, tmp_path / "again", seed=0, progress=True).out_dir
+    assert all_files(again) == all_files(export)  # showing the progress changes nothing
+    # off a terminal (captured stderr), the progress is plain lines with the time
+    shown = capsys.readouterr().err.splitlines()
+    assert shown[0] == "Writing conversations about the labelled studies (data engine): 3 volumes to go"
+    assert re.fullmatch(r"Writing conversations about the labelled studies \(data engine\): 1/3 volumes, \d+ s "
+                        r"elapsed, ~\d+ s left", shown[1])
+    assert re.fullmatch(r".*: 3/3 volumes, \d+ s elapsed, done", shown[-1])
     other = export_dataset(datastore, tmp_path / "other", seed=1, progress=False).out_dir
 
     def questions(folder: Path) -> list[str]:

@@ -36,8 +36,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from tqdm import tqdm
-
 from vila_m3 import __version__
 from vila_m3.chat.store import Chat
 from vila_m3.data.balance import TRAIN, VAL, Placed, deduplicate, listed, place
@@ -69,6 +67,7 @@ from vila_m3.data.sources import (
 from vila_m3.data.summary import draw_summary, format_summary, summarize
 from vila_m3.experts.registry import ExpertRegistry
 from vila_m3.imaging.sequences import SEQUENCE_ORDER, sequence_of
+from vila_m3.progress import progress as show_progress
 
 FORMAT = "vila-m3-datagen"
 FORMAT_VERSION = 1
@@ -135,7 +134,7 @@ def export_dataset(
         seed: question, slice and split draws (default: the config's).
         config: datagen settings (default: ``configs/datagen.yaml``).
         questions_dir: question pools (default: ``configs/questions``).
-        progress: show tqdm progress bars (stderr).
+        progress: show the progress (stderr: a bar on a terminal, else plain lines with the time left).
         token: bearer token for a server with authentication.
         identifiers: more values that must not appear (besides those of the source DICOM headers).
         phrasings: ``all``, ``train`` or ``heldout`` phrasings of the question pools (default: the
@@ -230,7 +229,8 @@ class _Engine:
     def datastore_records(self) -> tuple[list[Record], list[Skip]]:
         self.cases, skips = collect_cases(self.source)
         records: list[Record] = []
-        for case in tqdm(self.cases, desc="volumes", unit="volume", disable=not self.progress):
+        for case in show_progress(self.cases, "Writing conversations about the labelled studies (data engine)",
+                                  "volumes", disable=not self.progress):
             try:
                 loaded = load_case(case, self.source)
             except CaseError as err:
@@ -250,7 +250,8 @@ class _Engine:
     def chat_records(self, chats_dir: Path) -> tuple[list[Record], list[Skip], dict[str, int]]:
         converter = ChatConverter(self.config, self.registry, self.images, self.chat_study)
         count = len(list(chats_dir.glob("*/chat.json"))) if chats_dir.is_dir() else 0
-        with tqdm(total=count, desc="chats", unit="chat", disable=not self.progress) as bar:
+        with show_progress(count, "Writing conversations from the chats (data engine)", "chats",
+                           disable=not self.progress) as bar:
             outcome = converter.convert(chats_dir, progress=bar.update)
         notes = {"chats": len(outcome.records), "chat_expert_turns_corrected": outcome.corrected_turns,
                  "chat_expert_turns_changed_by_correction": outcome.changed_turns}
