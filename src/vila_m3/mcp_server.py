@@ -17,11 +17,13 @@ Design: the MCP server is a *client of the running VILA-M3 server* over its REST
 
 The cost is a network hop and the server having to run; both are small beside an expert's run time.
 
-Tools. The experts' tools come from the registry (``configs/experts.yaml``): one tool per expert that has a
-runner and an infer task (``configs/app.yaml``) served by the server, named by the expert's ``tool`` field
-(``segment_ct``, ``segment_brain_tumour``, ``classify_chest_xray``) or else its lower-case name. An expert with
-arguments takes ``group`` (one of its arguments, an enum) or ``classes`` (label names, an enum); one without
-takes only ``study``. So a new expert in the YAML appears here without code changes. Beside them:
+Tools. The experts' tools come from the registry (``configs/experts.yaml`` and extra experts files): one tool
+per expert that has a runner and whose infer task (``configs/app.yaml``'s, else its lower-case name) the server
+serves, named by the expert's ``tool`` field (``segment_ct``, ``segment_brain_tumour``, ``classify_chest_xray``)
+or else its lower-case name. Its arguments are ``study`` plus the chat's tool schema (:mod:`vila_m3.experts.tools`:
+``argument``, an enum of the card's arguments, for an expert that takes one) and, where the entry names the
+``/infer`` parameter for label ids (``tool_classes``), ``classes`` (label names, an enum). So a new expert in the
+YAML appears without code changes. Beside them:
 ``list_studies``, ``get_slice`` (a PNG in the display orientation the model sees; CT window 50/400) and
 ``get_labelmap`` (a segmentation result's labelmap as an embedded NIfTI resource, also readable as
 ``vila-m3://results/<id>/labelmap.nii.gz``). Results are JSON text: the labels found with voxel counts, the
@@ -69,7 +71,13 @@ from mcp.server.lowlevel.helper_types import ReadResourceContents  # noqa: E402
 
 from vila_m3 import __version__  # noqa: E402
 from vila_m3.configs import load_config  # noqa: E402
-from vila_m3.experts.registry import EXPERTS_CONFIG, ConfigError, ExpertRegistry, ExpertSpec  # noqa: E402
+from vila_m3.experts.registry import (  # noqa: E402
+    EXPERTS_CONFIG,
+    ConfigError,
+    ExpertRegistry,
+    ExpertSpec,
+    env_experts_files,
+)
 from vila_m3.experts.tools import ToolCallError, resolve_tool_call, tool_argument_name  # noqa: E402
 from vila_m3.experts.tools import expert_tools as openai_tools  # noqa: E402
 from vila_m3.label_client import LabelServerClient, ServerRefused  # noqa: E402
@@ -114,11 +122,14 @@ class ExpertTool:
     spec: ExpertSpec
     registry: ExpertRegistry
     parameters: Mapping[str, Any]
+    classes_param: str | None = None
 
     @property
     def classes(self) -> tuple[str, ...]:
         """Label names a client may ask for one by one: every label of the expert's argument groups, by id
-        (VISTA3D: ``everything`` and the tumours); empty for an expert without arguments."""
+        (VISTA3D: ``everything`` and the tumours); empty unless the expert takes label ids (``tool_classes``)."""
+        if self.classes_param is None:
+            return ()
         ids = {label_id for group in self.spec.args for label_id in self.spec.groups[group].values()}
         return tuple(self.spec.labels[label_id] for label_id in sorted(ids))
 
@@ -135,7 +146,8 @@ class ExpertTool:
         if spec.args:
             aliases = "".join(f" ('{a}' means '{t}')" for a, t in spec.aliases.items())
             text += (f" Give `{self.argument}` (one of {spec.valid_args_text()}{aliases}; default "
-                     f"'{spec.default_arg or spec.args[0]}') or `classes` (label names), not both.")
+                     f"'{spec.default_arg or spec.args[0]}')")
+            text += " or `classes` (label names), not both." if self.classes else "."
         if spec.output == "segmentation":
             text += " Answers with the labels found (voxel counts) and the labelmap's geometry; get_labelmap gives it."
         else:
@@ -148,7 +160,7 @@ class ExpertTool:
         properties: dict[str, Any] = {
             "study": {"type": "string", "description": "datastore image id (see list_studies)"},
             **copy.deepcopy(dict(self.parameters.get("properties") or {}))}
-        if self.spec.args:
+        if self.classes:
             properties["classes"] = {"type": "array", "items": {"type": "string", "enum": list(self.classes)},
                                      "minItems": 1, "uniqueItems": True,
                                      "description": f"which structures to segment, by label name (instead of "
@@ -174,35 +186,56 @@ class ExpertTool:
             if strangers:
                 raise ToolError(f"{self.name}: unknown class(es) {', '.join(repr(c) for c in strangers)}; "
                                 "see the tool's classes enum for the valid names")
-            return {"label_prompt": sorted({by_name[c.strip().casefold()] for c in classes})}
+            return {str(self.classes_param): sorted({by_name[c.strip().casefold()] for c in classes})}
         try:
             call = resolve_tool_call(self.spec.name, rest, self.registry)
         except ToolCallError as err:
             raise ToolError(f"{self.name}: {err}") from None
-        return {"group": call.argument} if call.argument is not None else {}
+        return {"argument": call.argument} if call.argument is not None else {}
 
 
-def tool_names(config: Mapping[str, Any] | None = None) -> dict[str, str]:
-    """``{expert name: tool name}`` from the ``tool`` fields of ``configs/experts.yaml`` (lower-case name else).
+@dataclass(frozen=True)
+class ToolFields:
+    """What an expert's entry says about its MCP tool.
+
+    Attributes:
+        name: ``tool``: the tool name; default: the expert's name in lower case.
+        classes_param: ``tool_classes``: the ``/infer`` parameter that takes a list of label ids (VISTA3D:
+            ``label_prompt``); the tool then offers ``classes``. None: it takes only its card argument.
+    """
+
+    name: str
+    classes_param: str | None = None
+
+
+def tool_fields(config: Mapping[str, Any] | None = None) -> dict[str, ToolFields]:
+    """``{expert name: ToolFields}`` from the ``tool`` and ``tool_classes`` fields of the experts' entries
+    (``configs/experts.yaml`` and the extra experts files of ``$VILA_M3_EXPERTS``).
 
     Raises:
         ConfigError: a tool name is not ``[a-z][a-z0-9_]*`` (at most 64 characters) or is used twice.
     """
-    config = config if config is not None else load_config(EXPERTS_CONFIG)
-    names: dict[str, str] = {}
-    for entry in config.get("experts") or []:
+    entries = list((config if config is not None else load_config(EXPERTS_CONFIG)).get("experts") or [])
+    if config is None:
+        for path in env_experts_files():
+            entries += list(load_config(path.resolve()).get("experts") or [])
+    fields: dict[str, ToolFields] = {}
+    for entry in entries:
         if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str):
             continue
         tool = entry.get("tool") or entry["name"].lower()
         if not isinstance(tool, str) or not _TOOL_NAME.match(tool):
             raise ConfigError(f"expert {entry['name']}: tool must be lower-case letters, digits or '_' "
                               f"(at most 64), got {tool!r}")
-        names[entry["name"]] = tool
-    used = list(names.values()) + list(FIXED_TOOLS)
+        classes_param = entry.get("tool_classes")
+        if classes_param is not None and (not isinstance(classes_param, str) or not classes_param):
+            raise ConfigError(f"expert {entry['name']}: tool_classes must name an /infer parameter")
+        fields[entry["name"]] = ToolFields(tool, classes_param)
+    used = [f.name for f in fields.values()] + list(FIXED_TOOLS)
     repeated = sorted({n for n in used if used.count(n) > 1})
     if repeated:
         raise ConfigError(f"tool names must be unique; repeated: {', '.join(repeated)}")
-    return names
+    return fields
 
 
 def expert_tools(served: Sequence[str] | None = None) -> list[ExpertTool]:
@@ -212,14 +245,14 @@ def expert_tools(served: Sequence[str] | None = None) -> list[ExpertTool]:
     registry = ExpertRegistry.from_config()
     task_of = {str(task["expert"]): name for name, task in task_catalogue().items() if task.get("expert")}
     parameters = {tool["function"]["name"]: tool["function"]["parameters"] for tool in openai_tools(registry)}
-    names = tool_names()
+    fields = tool_fields()
     tools = []
     for spec in registry.configured:
         task = task_of.get(spec.name, spec.name.lower())
         if spec.runner is None or spec.name not in parameters or (served is not None and task not in served):
             continue
-        name = getattr(spec, "tool", None) or names.get(spec.name) or spec.name.lower()
-        tools.append(ExpertTool(name, task, spec, registry, parameters[spec.name]))
+        own = fields.get(spec.name) or ToolFields(spec.name.lower())
+        tools.append(ExpertTool(own.name, task, spec, registry, parameters[spec.name], own.classes_param))
     return tools
 
 
