@@ -253,7 +253,11 @@ def test_trigger_evaluation_counts_right_calls_false_calls_and_answers(export):
     answered = [r for r in needs if len(r["conversations"]) >= 4 and _answer_of(unique, r["id"]) == "no"]
     rambling = frozenset({answered[0]["conversations"][0]["value"].rsplit("\n", 1)[-1]})
 
-    report = evaluate_triggers(_RoutingDouble(wrong, false_call, rambling), export, split="all")
+    shown: list[str] = []
+    report = evaluate_triggers(_RoutingDouble(wrong, false_call, rambling), export, split="all", log=shown.append)
+    total = len(report.outcomes)
+    assert shown[0] == f"Evaluating the model's expert calls: {total} records to go"  # off a terminal: lines
+    assert re.fullmatch(rf"Evaluating the model's expert calls: {total}/{total} records, \d+ s elapsed, done", shown[-1])
     n_wrong = sum(q in wrong for q in questions)
     assert report.trigger_accuracy == pytest.approx((len(needs) - n_wrong) / len(needs))
     n_false = sum(r["conversations"][0]["value"].rsplit("\n", 1)[-1] in false_call for r in no_need)

@@ -48,8 +48,6 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from vila_m3.training.evaluation import evaluate_triggers, format_report
     from vila_m3.training.examples import DataError
     from vila_m3.vlm.errors import CheckpointError
@@ -68,7 +66,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             chat = VilaChat.from_pretrained(args.model, device=args.device)
         report = evaluate_triggers(chat, args.data, split=args.split, limit=args.limit,
                                    check_answers=not args.no_answers, tools=args.tools,
-                                   progress=None if args.no_progress else lambda it: tqdm(it, desc="records"))
+                                   progress=not args.no_progress)
     except (CheckpointError, DataError, RemoteVLMError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -43,6 +43,7 @@ from vila_m3.experts.tools import (
     tool_result_text,
 )
 from vila_m3.experts.triggers import find_triggers
+from vila_m3.progress import progress as show_progress
 from vila_m3.training.examples import read_records, record_images
 from vila_m3.vlm.prompting import as_turns, count_placeholders
 
@@ -218,14 +219,20 @@ def _same_answer(produced: str, expected: str) -> bool:
     return norm(produced) == norm(expected)
 
 
-def _provenance(export_dir: Path) -> Mapping[str, Mapping[str, Any]]:
-    import json
-
+def _manifest(export_dir: Path) -> Mapping[str, Any]:
+    """The export's ``manifest.json`` ({} without one)."""
     path = export_dir / "manifest.json"
-    if not path.is_file():
-        return {}
-    manifest = json.loads(path.read_text(encoding="utf-8"))
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _provenance(manifest: Mapping[str, Any]) -> Mapping[str, Mapping[str, Any]]:
     return {entry["id"]: entry for entry in manifest.get("records", [])}
+
+
+def _description(manifest: Mapping[str, Any]) -> str:
+    """What the evaluation is, in words, for its progress (held-out phrasings named as such)."""
+    held_out = (manifest.get("phrasings") or {}).get("use") == "heldout"
+    return "Evaluating the model on held-out phrasings" if held_out else "Evaluating the model's expert calls"
 
 
 def evaluate_triggers(
@@ -236,8 +243,9 @@ def evaluate_triggers(
     limit: int | None = None,
     check_answers: bool = True,
     max_new_tokens: int = 64,
-    progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
+    progress: bool | Callable[[Iterable[Any]], Iterable[Any]] | None = True,
     tools: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> EvaluationReport:
     """Run the model on each record of ``<export_dir>/<split>.json`` once and score its expert calls.
 
@@ -249,13 +257,17 @@ def evaluate_triggers(
         limit: evaluate at most this many records.
         check_answers: also score the final answers of yes/no and count questions.
         max_new_tokens: answer length limit per generation.
-        progress: wraps the record iterator (e.g. ``tqdm``).
+        progress: True (default): the progress with the time left (stderr: a bar on a terminal, else plain
+            lines, :func:`vila_m3.progress.progress`); False or None: none; or a wrapper of the record
+            iterator (e.g. ``tqdm``).
         tools: ask in tool-calling mode and score the model's tool calls (the model needs
             ``generate_with_tools``, e.g. ``RemoteVLM``); False scores the triggers in its text.
+        log: where the plain progress lines go (default: stderr).
     """
     export = Path(export_dir)
     registry = registry or product_registry()
-    provenance = _provenance(export)
+    manifest = _manifest(export)
+    provenance = _provenance(manifest)
     seen: set[str] = set()
     records = []
     splits = ("train", "val") if split == "all" else (split,)
@@ -272,7 +284,12 @@ def evaluate_triggers(
     if tools and not callable(getattr(model, "generate_with_tools", None)):
         raise TypeError(f"{type(model).__name__} cannot answer with tool calls; use a remote model (RemoteVLM)")
     asker = _ToolAsker(model, registry, max_new_tokens) if tools else None
-    for record in progress(records) if progress else records:
+    shown: Iterable[dict[str, Any]] = records
+    if callable(progress):
+        shown = progress(records)
+    elif progress:
+        shown = show_progress(records, _description(manifest), "records", log=log)
+    for record in shown:
         turns = as_turns(record["conversations"])
         images = [_open(export / path) for path in record_images(record)]
         first_images = count_placeholders(turns[0][1])
