@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import hashlib
 import io
 import json
 import logging
@@ -290,15 +291,23 @@ FIXED_TOOLS: dict[str, types.Tool] = {
 
 @dataclass(frozen=True)
 class StoredResult:
-    """A segmentation result kept for ``get_labelmap``: the NIfTI bytes and the summary given with them."""
+    """A segmentation result kept for ``get_labelmap``: the NIfTI bytes, the summary given with them, and whose
+    it is (:func:`owner_of` the token it was made with: only calls with that token see it)."""
 
     result_id: str
     data: bytes
     summary: dict[str, Any]
+    owner: str
 
     @property
     def uri(self) -> str:
         return f"{RESULT_SCHEME}://results/{self.result_id}/labelmap.nii.gz"
+
+
+def owner_of(token: str | None) -> str:
+    """Who a cached result or study belongs to: a digest of the bearer token (``-`` without one). Over HTTP one
+    MCP server serves several users; what one token fetched is never given to a call with another."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()[:16] if token else "-"
 
 
 def geometry_of(volume: Any) -> dict[str, Any]:
@@ -378,7 +387,7 @@ class VilaM3Tools:
         self.client = client
         self.token = token or None
         self.results: OrderedDict[str, StoredResult] = OrderedDict()
-        self.volumes: OrderedDict[str, tuple[float, Any]] = OrderedDict()
+        self.volumes: OrderedDict[tuple[str, str], tuple[float, Any]] = OrderedDict()
 
     async def experts(self, token: str | None) -> list[ExpertTool]:
         """The expert tools the server serves now; every configured one when its ``/info/`` cannot be read
@@ -403,7 +412,7 @@ class VilaM3Tools:
             if name == "get_slice":
                 return await self.get_slice(arguments, token)
             if name == "get_labelmap":
-                return self.get_labelmap(arguments)
+                return self.get_labelmap(arguments, token)
             tools = {tool.name: tool for tool in expert_tools()}
             if name not in tools:
                 valid = ", ".join([*FIXED_TOOLS, *tools])
@@ -427,14 +436,14 @@ class VilaM3Tools:
 
     async def volume(self, study: str, token: str | None) -> Any:
         """The study as a Volume, downloaded from the server (the last few kept for a few minutes)."""
-        now = time.monotonic()
-        kept = self.volumes.get(study)
+        now, key = time.monotonic(), (owner_of(token), study)
+        kept = self.volumes.get(key)
         if kept is not None and now - kept[0] < VOLUME_TTL_S:
-            self.volumes.move_to_end(study)
+            self.volumes.move_to_end(key)
             return kept[1]
         image = await self.client.image(study, token)
         volume = await anyio.to_thread.run_sync(_read_image, image.data, image.file_name)
-        self.volumes[study] = (now, volume)
+        self.volumes[key] = (now, volume)
         while len(self.volumes) > MAX_VOLUMES:
             self.volumes.popitem(last=False)
         return volume
@@ -465,22 +474,23 @@ class VilaM3Tools:
         result_id = uuid.uuid4().hex[:12]
         summary["result"] = result_id
         summary.update(await anyio.to_thread.run_sync(_labelmap_summary, answer.file, reply.get("label_names") or {}))
-        stored = StoredResult(result_id, answer.file, summary)
+        stored = StoredResult(result_id, answer.file, summary, owner_of(token))
         summary["labelmap"] = stored.uri
         self.results[result_id] = stored
         while len(self.results) > MAX_RESULTS:
             self.results.popitem(last=False)
         return [_json_text(summary)]
 
-    def stored(self, result_id: Any) -> StoredResult:
-        if not isinstance(result_id, str) or result_id not in self.results:
-            kept = ", ".join(self.results) or "none yet"
-            raise ToolError(f"no result '{result_id}' here (this MCP server keeps the last {MAX_RESULTS} "
-                            f"segmentation results of its own calls; kept: {kept})")
-        return self.results[result_id]
+    def stored(self, result_id: Any, token: str | None) -> StoredResult:
+        """The kept result ``result_id`` made with ``token``; ToolError naming it otherwise."""
+        stored = self.results.get(result_id) if isinstance(result_id, str) else None
+        if stored is None or stored.owner != owner_of(token):
+            raise ToolError(f"no result '{result_id}' here: this MCP server keeps the last {MAX_RESULTS} "
+                            "segmentation results of its calls, each for the token it was made with")
+        return stored
 
-    def get_labelmap(self, arguments: Mapping[str, Any]) -> list[types.Content]:
-        stored = self.stored(arguments.get("result"))
+    def get_labelmap(self, arguments: Mapping[str, Any], token: str | None) -> list[types.Content]:
+        stored = self.stored(arguments.get("result"), token)
         resource = types.BlobResourceContents(uri=AnyUrl(stored.uri), mimeType=NIFTI_MIME,
                                               blob=base64.b64encode(stored.data).decode("ascii"))
         facts = {key: stored.summary[key] for key in ("result", "expert", "study", "labels_found", "geometry",
@@ -488,17 +498,19 @@ class VilaM3Tools:
         return [types.EmbeddedResource(type="resource", resource=resource),
                 _json_text({**facts, "labelmap": stored.uri, "format": "NIfTI-1, gzip", "bytes": len(stored.data)})]
 
-    def resources(self) -> list[types.Resource]:
+    def resources(self, token: str | None) -> list[types.Resource]:
+        """The kept labelmaps made with ``token``, newest first."""
+        owner = owner_of(token)
         return [types.Resource(uri=AnyUrl(stored.uri), name=f"labelmap {stored.result_id}",
                                description=f"{stored.summary.get('expert')} on {stored.summary.get('study')}",
                                mimeType=NIFTI_MIME, size=len(stored.data))
-                for stored in reversed(self.results.values())]
+                for stored in reversed(self.results.values()) if stored.owner == owner]
 
-    def read(self, uri: str) -> bytes:
+    def read(self, uri: str, token: str | None) -> bytes:
         match = re.fullmatch(rf"{RESULT_SCHEME}://results/([0-9a-f]+)/labelmap\.nii\.gz", uri)
         if match is None:
             raise ToolError(f"unknown resource {uri}; labelmaps are {RESULT_SCHEME}://results/<result>/labelmap.nii.gz")
-        return self.stored(match.group(1)).data
+        return self.stored(match.group(1), token).data
 
 
 def _json_text(value: Any) -> types.TextContent:
@@ -554,11 +566,11 @@ def build_server(tools: VilaM3Tools) -> Server:
 
     @server.list_resources()
     async def list_resources() -> list[types.Resource]:
-        return tools.resources()
+        return tools.resources(token())
 
     @server.read_resource()
     async def read_resource(uri: AnyUrl) -> list[ReadResourceContents]:
-        return [ReadResourceContents(tools.read(str(uri)), NIFTI_MIME)]
+        return [ReadResourceContents(tools.read(str(uri), token()), NIFTI_MIME)]
 
     return server
 
