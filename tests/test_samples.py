@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -64,9 +65,15 @@ def _world_centroid(image: sitk.Image, mask: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- determinism, manifest
 
 
-def test_same_seed_gives_byte_identical_files(samples: tuple[Path, dict], tmp_path: Path) -> None:
+def test_same_seed_gives_byte_identical_files(samples: tuple[Path, dict], tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
     out, _ = samples
-    generate_samples(tmp_path, seed=0)
+    capsys.readouterr()
+    generate_samples(tmp_path, seed=0, progress=True)  # showing the progress changes no byte
+    shown = capsys.readouterr().err.splitlines()
+    assert shown[0] == "Writing the synthetic sample studies: 3 studies to go"  # off a terminal: plain lines
+    assert re.fullmatch(r"Writing the synthetic sample studies: 1/3 studies, \d+ s elapsed, ~\d+ s left", shown[1])
+    assert re.fullmatch(r"Writing the synthetic sample studies: 3/3 studies, \d+ s elapsed, done", shown[-1])
     first, second = _files(out), _files(tmp_path)
     assert len(first) == 64 + 4 * 96 + 12  # CT slices, MRI slices of four series, the other files
     assert first.keys() == second.keys()
@@ -137,9 +144,11 @@ def test_existing_samples_are_reused_and_incomplete_ones_redone(tmp_path: Path) 
 def test_cli_reports_each_study(samples: tuple[Path, dict], capsys: pytest.CaptureFixture[str]) -> None:
     out, _ = samples
     assert main(["--out", str(out), "--seed", "0"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == [CT_ID, MRI_ID, CXR_ID]
     assert all("up to date" in line for line in lines)
+    assert captured.err == ""  # nothing to write, no progress
 
 
 # ----------------------------------------------------------------------------- abdominal CT

@@ -71,7 +71,7 @@ def _with_demo(plan: ServePlan, args: argparse.Namespace, conf: dict[str, str]) 
 def _samples(args: argparse.Namespace) -> int:
     from vila_m3.samples import generate_samples
 
-    manifest = generate_samples(Path(args.out), seed=args.seed, force=args.force)
+    manifest = generate_samples(Path(args.out), seed=args.seed, force=args.force, progress=True)
     studies = ", ".join(manifest["studies"])
     print(f"Sample studies (synthetic phantoms, seed {manifest['seed']}) in {Path(args.out).resolve()}: {studies}")
     return 0

@@ -29,6 +29,7 @@ import numpy as np
 import SimpleITK as sitk
 from PIL import Image
 
+from vila_m3.progress import progress as show_progress
 from vila_m3.samples import ct_phantom, cxr_phantom, mri_phantom
 from vila_m3.samples.dicom_writer import write_ct_series, write_dx_image, write_mr_series
 
@@ -211,11 +212,12 @@ def load_current_manifest(out_dir: Path | str, seed: int = 0) -> dict[str, Any] 
     return manifest
 
 
-def generate_samples(out_dir: Path, seed: int = 0, force: bool = False) -> dict:
+def generate_samples(out_dir: Path, seed: int = 0, force: bool = False, progress: bool = False) -> dict:
     """Write the sample studies under ``out_dir`` and return the manifest (also ``manifest.json``).
 
     If a manifest for the same seed and generator version is there with all its files, it is returned
     as it is, unless ``force``. The manifest is written last, so an interrupted run is redone.
+    ``progress``: show the progress of the writing (stderr: a bar on a terminal, else plain lines).
     """
     out_dir = Path(out_dir)
     if not force:
@@ -224,14 +226,13 @@ def generate_samples(out_dir: Path, seed: int = 0, force: bool = False) -> dict:
             return current
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    writers = ((CT_ID, _write_ct), (MRI_ID, _write_mri), (CXR_ID, _write_cxr))
     manifest = {
         "seed": seed,
         "generator_version": GENERATOR_VERSION,
-        "studies": {
-            CT_ID: _write_ct(out_dir, seed),
-            MRI_ID: _write_mri(out_dir, seed),
-            CXR_ID: _write_cxr(out_dir, seed),
-        },
+        "studies": {study_id: write(out_dir, seed)
+                    for study_id, write in show_progress(writers, "Writing the synthetic sample studies", "studies",
+                                                         disable=not progress)},
     }
     _write_json(out_dir / MANIFEST_NAME, manifest)
     return json.loads(json.dumps(manifest))
@@ -250,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     up_to_date = not args.force and load_current_manifest(args.out, args.seed) is not None
-    manifest = generate_samples(args.out, seed=args.seed, force=args.force)
+    manifest = generate_samples(args.out, seed=args.seed, force=args.force, progress=True)
     state = "up to date" if up_to_date else "written"
     for study_id, study in manifest["studies"].items():
         shape = "x".join(str(n) for n in study["shape"])
