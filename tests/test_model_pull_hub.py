@@ -149,6 +149,35 @@ def local_configs(tmp_path: Path, files_url: str, www: Path) -> Path:
     return configs
 
 
+def test_pull_real_replaces_the_demos_stand_ins_and_leaves_none_of_their_files(
+        hub, tiny_vila, file_server, tmp_path, monkeypatch):  # noqa: F811
+    from vila_m3.cli import main
+    from vila_m3.models.stand_ins import stage_stand_ins
+    from vila_m3.tasks import select_tasks, task_statuses
+
+    files_url, www = file_server
+    monkeypatch.setenv("VILA_M3_CONFIG_DIR", str(local_configs(tmp_path, files_url, www)))
+    models = tmp_path / "models"
+    stage_stand_ins(models, ("vila_m3", "vista3d", "cxr"), vlm_id="vila_m3_3b")  # what the demo leaves there
+    manifest = ModelManifest.load()
+    assert all(manifest[mid].is_stand_in(models) for mid in ("vila_m3_3b", "vista3d", "xrv_resnet50_res512_all"))
+
+    assert main(["models", "pull", "--real", "--models-dir", str(models)]) == 0
+
+    statuses = task_statuses(select_tasks("all"), models, vlm_id="vila_m3_3b")
+    assert [(s.name, s.available, s.stand_in) for s in statuses] == [
+        ("vila_m3", True, False), ("vista3d", True, False), ("brats", True, False), ("cxr", True, False)]
+    assert not (models / "torchxrayvision" / "VILA_M3_STAND_IN.txt").exists()
+    vila = models / "vila/Llama3-VILA-M3-3B"
+    staged = {p.relative_to(vila).as_posix() for p in vila.rglob("*")
+              if p.is_file() and ".cache" not in p.parts and p.name != PULL_RECORD}
+    assert staged == set(source_files(tiny_vila)), "no file of the stand-in stays beside the real ones"
+    assert {p.relative_to(models / "bundles/vista3d").as_posix() for p in (models / "bundles/vista3d").rglob("*")
+            if p.is_file() and p.name != PULL_RECORD} == set(BUNDLE_FILES)
+    for model_id in ("vila_m3_3b", "vista3d", "xrv_densenet121_res224_pc"):
+        assert verify(manifest[model_id], models).state == "ready"
+
+
 def make_run(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     """`make run ...` with the venv and the sample studies taken as made (-o), and `serve --check` (through
     CONF) so that it prints its plan instead of starting the server."""

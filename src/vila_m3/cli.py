@@ -150,7 +150,7 @@ def _models_pull(args: argparse.Namespace) -> int:
         return 2
     models_dir = resolve_models_dir(args.models_dir)
     try:
-        _, entries = _chosen_entries(args)
+        manifest, entries = _chosen_entries(args)
     except (KeyError, ValueError) as err:
         print(f"error: {err.args[0]}", file=sys.stderr)
         return 2
@@ -158,7 +158,7 @@ def _models_pull(args: argparse.Namespace) -> int:
     staged, fetched, failed = [], [], []
     for entry in entries:
         try:
-            report = pull(entry, models_dir)
+            report = pull(entry, models_dir, manifest)
         except StagingError as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
             failed.append(entry.model_id)

@@ -28,7 +28,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vila_m3.models.manifest import ModelEntry, ModelManifest
+from vila_m3.models.manifest import STAND_IN_MARKER, ModelEntry, ModelManifest
 
 PULL_RECORD = ".vila_m3_pull.json"
 DOWNLOAD_TIMEOUT_S = 60
@@ -213,9 +213,10 @@ def hub_endpoint(entry: ModelEntry) -> str | None:
     return entry.source.get("endpoint") or os.environ.get("HF_ENDPOINT") or None
 
 
-def _pull_huggingface(entry: ModelEntry, location: Path) -> str:
+def _pull_huggingface(entry: ModelEntry, location: Path, replace_stand_in: bool = False) -> str:
     """Fetch ``entry``'s repository into ``location`` at the commit its revision names now, and check every
-    file against the hub's checksums; returns the commit. A pull cut short resumes where it stopped."""
+    file against the hub's checksums; returns the commit. A pull cut short resumes where it stopped.
+    ``replace_stand_in``: ``location`` holds a stand-in (demo) checkpoint, removed once the hub answered."""
     from huggingface_hub import HfApi, constants, snapshot_download
 
     if constants.is_offline_mode():
@@ -225,6 +226,8 @@ def _pull_huggingface(entry: ModelEntry, location: Path) -> str:
         api = HfApi(endpoint=endpoint)
         commit = api.model_info(repo, revision=entry.source.get("revision") or "main").sha
         print(f"{entry.model_id}: huggingface {repo} at commit {commit}", file=sys.stderr, flush=True)
+        if replace_stand_in:  # no demo file may stay beside the real ones
+            shutil.rmtree(location)
         snapshot_download(repo_id=repo, revision=commit, local_dir=location, endpoint=endpoint)
         check = api.verify_repo_checksums(repo, revision=commit, local_dir=location)
     except Exception as err:  # the hub client raises many types; all mean "could not fetch"
@@ -247,21 +250,38 @@ def source_text(entry: ModelEntry) -> str:
     return source.get("url", str(source))
 
 
-def pull(entry: ModelEntry, models_dir: Path) -> VerifyReport:
+def _settle_stand_in_marker(entry: ModelEntry, models_dir: Path, manifest: ModelManifest) -> None:
+    """After real single-file weights replaced a stand-in: drop the folder's stand-in marker once every weight
+    file of the manifest in that folder is a pulled one (until then the folder still counts as stand-ins)."""
+    folder = entry.location(models_dir).parent
+    marker = folder / STAND_IN_MARKER
+    if not marker.is_file():
+        return
+    siblings = [e for e in manifest.entries.values() if e.is_single_file and e.location(models_dir).parent == folder]
+    if all(record_path(e, models_dir).is_file() or not e.location(models_dir).exists() for e in siblings):
+        marker.unlink()
+
+
+def pull(entry: ModelEntry, models_dir: Path, manifest: ModelManifest | None = None) -> VerifyReport:
     """Fetch ``entry`` into ``models_dir`` unless it is already staged and verified.
+
+    Stand-ins (the demo's or random ones) staged there are replaced, never kept beside the real files;
+    real weights that do not verify are fetched again. ``manifest``: the one ``entry`` comes from (default
+    ``configs/models.yaml``), for the other files that share a stand-in marker.
 
     Raises:
         StagingError: the download failed (e.g. no network); the one-line message names what to
             copy where from a machine that has it.
     """
     current = verify(entry, models_dir)
-    if current.state == "ready":
+    stand_in = entry.is_stand_in(models_dir)
+    if current.state == "ready" and not stand_in:
         return current
     location = entry.location(models_dir)
     commit = None
     try:
         if entry.source.get("hub") == "huggingface":
-            commit = _pull_huggingface(entry, location)
+            commit = _pull_huggingface(entry, location, replace_stand_in=stand_in and location.is_dir())
         elif "url" in entry.source:
             _pull_url(entry, location)
         else:
@@ -273,6 +293,8 @@ def pull(entry: ModelEntry, models_dir: Path) -> VerifyReport:
             f"run `vila-m3 models pull {entry.model_id}` and copy <models dir>/{relative} to {location}"
         ) from None
     write_record(entry, models_dir, commit)
+    if stand_in and entry.is_single_file:
+        _settle_stand_in_marker(entry, models_dir, manifest or ModelManifest.load())
     report = verify(entry, models_dir)
     if not report.ok:
         raise StagingError(f"{entry.model_id} was downloaded but is not usable: {'; '.join(report.problems)}")
