@@ -83,7 +83,10 @@ venv: $(STAMP)
 $(STAMP): setup.cfg requirements/constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	PIP_CONSTRAINT=$(CONSTRAINTS) $(BIN)/python -m pip install --quiet -e '.[test]'
+	@start=$$(date +%s); if [ -t 1 ]; then quiet=; note=; else quiet=--quiet; note="; pip's own progress shows on a terminal only"; fi; \
+		echo "Installing VILA-M3's Python packages into $(VENV) (pinned versions): about 9 min and 9.2 GB the first time, mostly PyTorch$$note"; \
+		PIP_CONSTRAINT=$(CONSTRAINTS) $(BIN)/python -m pip install $$quiet -e '.[test]' \
+		&& took=$$(( $$(date +%s) - start )) && echo "Installed in $$((took / 60)) min $$((took % 60)) s"
 	@touch $@
 
 clean-venv:
