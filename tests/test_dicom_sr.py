@@ -124,3 +124,26 @@ def test_no_report_without_turns_sources_or_the_referenced_seg(sample_data):
     turn = ReportTurn("q", "a", [ReportExpert("VISTA3D", seg=SegReference.of(seg))])
     with pytest.raises(ReportError, match="evidence"):
         build_report([turn], sources, ReportModel("m", "1"))
+
+
+def test_each_turn_names_the_model_the_chat_recorded_for_it(sample_data):
+    chat = _chat()
+    chat.messages = chat.messages[:4] + [Message("user", "Kidneys?", question="Kidneys?"),
+                                         Message("assistant", "Both look normal.")]
+    chat.models = {"1": {"name": "vila_m3_8b (local checkpoint)", "version": "base", "stand_in": False},
+                   "2": {"name": "remote model 'vila-m3' at http://gpu-7:8000/v1", "version": None, "stand_in": True}}
+    turns = chat_turns(chat)
+    assert [turn.model for turn in turns] == [ReportModel("vila_m3_8b (local checkpoint)", "base"),
+                                              ReportModel("remote model 'vila-m3'", "base", stand_in=True)]
+    served_now = ReportModel("vila_m3_8b (fine-tuned v0009)", "v0009")
+    report = build_report(turns, read_series(sample_data / "dicom" / "ct_abdomen"), served_now)
+    texts = report_texts(report)
+    assert "v0009" not in " ".join(texts) and "gpu-7" not in " ".join(texts)  # not the model served now, no host
+    findings = [[str(item.TextValue) for item in turn.ContentSequence if item.ValueType == "TEXT"]
+                for turn in report.ContentSequence if turn.ValueType == "CONTAINER"]
+    assert findings[0][2:] == ["vila_m3_8b (local checkpoint)", "base"]
+    assert findings[1][2:] == ["remote model 'vila-m3'", "base (stand-in)"]
+    assert any(text.startswith("The chat model ran on stand-in weights") for text in texts)
+    # a chat saved before models were recorded: its turns get the report's default, which the route makes "not recorded"
+    chat.models = {}
+    assert [turn.model for turn in chat_turns(chat)] == [None, None]

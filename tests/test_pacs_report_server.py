@@ -67,7 +67,7 @@ def test_a_report_is_stored_in_orthanc_and_its_references_resolve_there(site, or
     assert response.status_code == 200, response.text
     uids = response.json()
     study = uids["StudyInstanceUID"]
-    assert len(uids["segs"]) == 1
+    assert len(uids["segs"]) == 1 and uids["final_label"] is None  # no final label yet: the turn's own SEG
 
     found = requests.get(f"{orthanc.dicomweb_url}/series", params={"Modality": "SR"}, timeout=30).json()
     assert [item["0020000E"]["Value"][0] for item in found] == [uids["SeriesInstanceUID"]]
@@ -136,7 +136,7 @@ def test_the_slicer_client_writes_a_report_to_the_pacs_and_names_a_refusal(site,
     _chat(server, fake_vlm, {"image": orthanc.series["ct_abdomen"], "chat_id": "report-client"})
     client = VilaM3Client(server.url, download_dir=str(tmp_path))
     uids = client.write_report("report-client")
-    assert set(uids) == {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "segs"}
+    assert set(uids) == {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "segs", "final_label"}
     stored = requests.get(f"{orthanc.dicomweb_url}/instances", params={"SOPInstanceUID": uids["SOPInstanceUID"]},
                           timeout=30).json()
     assert [item["00080060"]["Value"][0] for item in stored] == ["SR"]
@@ -163,3 +163,69 @@ def test_the_audit_log_holds_pacs_study_ids_only_hashed(site, orthanc, sample_da
         uids |= {str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)}
     leaked = [uid for uid in uids if uid in text]
     assert leaked == []
+
+
+def test_a_result_saved_as_final_label_is_referenced_as_that_seg_and_each_turn_names_its_recorded_model(
+        site, orthanc, fake_vlm, tmp_path):  # noqa: F811
+    from vila_m3.experts.registry import ExpertRegistry
+    from vila_m3.imaging import read_labelmap
+
+    server = site["server"]
+    series = orthanc.series["ct_abdomen"]
+    _chat(server, fake_vlm, {"image": series, "chat_id": "report-final"})
+    # the annotator keeps the chat's result as the series' final label (as the Slicer panel saves it)
+    labels = requests.get(f"{server.url}/vila_m3/chat/report-final/labels", timeout=60)
+    assert labels.status_code == 200
+    path = tmp_path / "final.nii.gz"
+    path.write_bytes(labels.content)
+    names = {int(value): name for value, name in ExpertRegistry.from_config().get("VISTA3D").labels.items()}
+    present = {int(v) for v in set(read_labelmap(path).array.ravel().tolist())} - {0}
+    assert present
+    saved = requests.put(f"{server.url}/datastore/label", params={"image": series, "tag": "final"},
+                         data={"params": json.dumps({"label_names": {names[v]: v for v in present}})},
+                         files={"label": ("final.nii.gz", labels.content)}, timeout=120)
+    assert saved.status_code == 200, saved.text
+    finals = requests.get(f"{orthanc.dicomweb_url}/series", params={"Modality": "SEG"}, timeout=30).json()
+    final_series = {item["0020000E"]["Value"][0] for item in finals}
+
+    response = requests.post(f"{server.url}/vila_m3/chat/report-final/report", timeout=300)
+    assert response.status_code == 200, response.text
+    uids = response.json()
+    assert uids["segs"] == []  # the turn's result is in the PACS already: as the final label
+    final = uids["final_label"]
+    assert final is not None and final["SeriesInstanceUID"] in final_series
+    study = uids["StudyInstanceUID"]
+    wado = requests.get(f"{orthanc.dicomweb_url}/studies/{study}/series/{uids['SeriesInstanceUID']}/instances/"
+                        f"{uids['SOPInstanceUID']}", headers={"Accept": 'multipart/related; type="application/dicom"'},
+                        timeout=60)
+    body = wado.content
+    report = hd.sr.srread(io.BytesIO(body[body.index(b"DICM") - 128:]))
+    composite = [item for turn in report.ContentSequence if turn.ValueType == "CONTAINER"
+                 for run in turn.ContentSequence if run.ValueType == "CONTAINER"
+                 for item in run.ContentSequence if item.ValueType == "COMPOSITE"]
+    assert [item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for item in composite] == [final["SOPInstanceUID"]]
+    # the reference resolves to the final label's SEG instance in Orthanc
+    found = requests.get(f"{orthanc.dicomweb_url}/instances", params={"SOPInstanceUID": final["SOPInstanceUID"]},
+                         timeout=30).json()
+    assert [item["00080060"]["Value"][0] for item in found] == ["SEG"]
+    assert found[0]["0020000E"]["Value"][0] == final["SeriesInstanceUID"]
+    ct = requests.get(f"{orthanc.dicomweb_url}/studies/{study}/series/{series}/instances", timeout=30).json()
+    assert referenced_instances(report) == {item["00080018"]["Value"][0] for item in ct} | {final["SOPInstanceUID"]}
+    # the turn names the model the chat recorded for it (the scripted VLM, without its address)
+    texts = report_texts(report)
+    assert "remote model 'fake-vila-m3'" in texts and not any("127.0.0.1" in text for text in texts)
+
+    # a later report of the chat names what the chat recorded, not the model served now
+    stored = site["root"] / "chats" / "report-final" / "chat.json"
+    chat = json.loads(stored.read_text(encoding="utf-8"))
+    assert set(chat["models"]) == {"1"} and chat["models"]["1"]["name"].startswith("remote model 'fake-vila-m3'")
+    chat["models"]["1"] = {"name": "vila_m3_8b (fine-tuned v0002)", "version": "v0002", "stand_in": False}
+    stored.write_text(json.dumps(chat), encoding="utf-8")
+    again = requests.post(f"{server.url}/vila_m3/chat/report-final/report", timeout=300)
+    assert again.status_code == 200, again.text
+    wado = requests.get(f"{orthanc.dicomweb_url}/studies/{study}/series/{again.json()['SeriesInstanceUID']}/instances/"
+                        f"{again.json()['SOPInstanceUID']}",
+                        headers={"Accept": 'multipart/related; type="application/dicom"'}, timeout=60)
+    texts = report_texts(hd.sr.srread(io.BytesIO(wado.content[wado.content.index(b"DICM") - 128:])))
+    assert "vila_m3_8b (fine-tuned v0002)" in texts and "v0002" in texts
+    assert "remote model 'fake-vila-m3'" not in texts

@@ -1,10 +1,14 @@
 """``POST /vila_m3/chat/{chat_id}/report``: the chat's findings as a DICOM Structured Report
 (:mod:`vila_m3.reports.dicom_sr`), written only when a client asks for it.
 
-- On a DICOMweb datastore (a PACS): each turn's labelmap is written as a DICOM-SEG of the study's series
-  (:mod:`vila_m3.imaging.dicom_seg`) and stored with the SR by STOW-RS through the datastore's DICOMweb
-  client; the answer is the UIDs (``StudyInstanceUID``, ``SeriesInstanceUID``, ``SOPInstanceUID`` of the SR,
-  ``segs``: the SEGs' UIDs).
+- On a DICOMweb datastore (a PACS): a turn whose result became the series' final label (the final-label SEG in
+  the PACS was saved from this chat, or holds the turn's labelmap voxel for voxel) references that SEG; every
+  other turn's labelmap is written as a DICOM-SEG of the study's series (:mod:`vila_m3.imaging.dicom_seg`) and
+  stored with the SR by STOW-RS through the datastore's DICOMweb client. Every reference resolves in the PACS.
+  The answer is the UIDs (``StudyInstanceUID``, ``SeriesInstanceUID``, ``SOPInstanceUID`` of the SR, ``segs``:
+  the SEGs stored with it, ``final_label``: the final-label SEG referenced, or null).
+- Each turn names the chat model that answered it, as the chat recorded it (a turn of a chat saved before
+  models were recorded says so), never the model served now.
 - On the folder datastore (or a session) whose study is a DICOM series: the SR (``application/dicom``)
   referencing the series' instances; the experts are listed without a SEG (nothing stored to reference).
 - A NIfTI study: 422 "a structured report needs a DICOM study".
@@ -13,11 +17,12 @@
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from fastapi import HTTPException
+from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
 
 import vila_m3
@@ -39,6 +44,7 @@ from vila_m3.security.paths import scrub_paths
 
 logger = logging.getLogger(__name__)
 NEEDS_DICOM = "a structured report needs a DICOM study"
+SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage
 
 
 class ChatReports:
@@ -82,11 +88,10 @@ class ChatReports:
         except HTTPException:
             return self.files.session(study_id)
 
-    def model(self) -> ReportModel:
-        info = self.service.loop().vlm_info
-        version = f"{info.get('version') or 'base'}; VILA-M3 {vila_m3.__version__}"
-        name = re.sub(r"\s+at\s+\S+://\S*", "", str(info.get("name") or "VILA-M3"))  # never the VLM's host
-        return ReportModel(name, version, bool(info.get("stand_in")))
+    @staticmethod
+    def unrecorded_model() -> ReportModel:
+        """What a turn of a chat saved before models were recorded names (never the model served now)."""
+        return ReportModel("VILA-M3 (the model that answered was not recorded in the chat)", "unknown")
 
     def _expert_stand_in(self, name: str) -> bool:
         experts = self.service.experts
@@ -96,9 +101,13 @@ class ChatReports:
         except Exception:  # an expert no longer configured: nothing to say about its weights
             return False
 
+    def _labels_file(self, chat: Chat, turn: ReportTurn) -> Path:
+        """The labelmap the turn's experts left in the chat's folder (it may not exist)."""
+        return self.service.store.folder(chat.chat_id) / f"turn{turn.number:03d}_labels.nii.gz"
+
     def _turn_seg(self, chat: Chat, turn: ReportTurn, sources: list[Dataset]) -> tuple[Dataset | None, int]:
         """The SEG of the turn's labelmap (``turnNNN_labels.nii.gz``) and the index of the expert that made it."""
-        path = self.service.store.folder(chat.chat_id) / f"turn{turn.number:03d}_labels.nii.gz"
+        path = self._labels_file(chat, turn)
         runs = [(index, expert) for index, expert in enumerate(turn.experts) if not expert.error]
         specs = [(index, self.service.registry.get(expert.name)) for index, expert in runs
                  if expert.name in {spec.name for spec in self.service.registry.configured}]
@@ -115,27 +124,59 @@ class ChatReports:
                               names, colors, algorithm, series_number=902)
         return seg, index
 
+    def final_label(self, chat: Chat) -> tuple[Dataset, np.ndarray, bool] | None:
+        """The final label of the chat's PACS series, through the datastore's label methods: the SEG instance's
+        attributes (as the PACS holds them), its labelmap on the image's grid, and whether it was saved from this
+        chat on this server; None without one (or off a PACS)."""
+        pacs = self.pacs
+        study_id = str((chat.study or {}).get("image") or "")
+        seg_uid = (pacs.get_labels_by_image_id(study_id) or {}).get(DefaultLabelTag.FINAL) if pacs else None
+        if not seg_uid:
+            return None
+        path = pacs.get_label_uri(seg_uid, DefaultLabelTag.FINAL)
+        try:
+            study = str(pacs.series_info(seg_uid).StudyInstanceUID)
+            meta = Dataset.from_json(pacs._client.retrieve_series_metadata(study, seg_uid)[0])
+            labels = read_labelmap(path).array if path else None
+        except Exception as err:  # unreadable or gone: the report makes its own SEGs
+            logger.warning("final label SEG %s of the chat's series not usable: %s", seg_uid, str(err)[:200])
+            return None
+        if labels is None:
+            return None
+        saved_here = pacs.get_label_info(seg_uid, DefaultLabelTag.FINAL).get("chat_id") == chat.chat_id
+        return meta, labels, saved_here
+
     def build(self, chat: Chat) -> tuple[Dataset, list[Dataset], bool]:
-        """The SR of ``chat``, the SEGs it references (none off a PACS) and whether the study is a PACS series
-        (the report goes there). HTTP 422 with the reason."""
+        """The SR of ``chat``, the SEGs to store with it (none off a PACS; the final-label SEG it references is
+        in the PACS already) and whether the study is a PACS series (the report goes there). HTTP 422 with the
+        reason."""
         sources, on_pacs = self.sources(chat)
         turns = [ReportTurn(turn.question, turn.answer,
                             [ReportExpert(e.name, e.argument, self._expert_stand_in(e.name), None, e.error)
-                             for e in turn.experts], turn.number) for turn in chat_turns(chat)]
+                             for e in turn.experts], turn.number, turn.model) for turn in chat_turns(chat)]
         segs: list[Dataset] = []
+        final = self.final_label(chat) if on_pacs else None
+        final_used = False
         try:
             if on_pacs:
+                last_with_seg = max((turn.number for turn in turns if self._labels_file(chat, turn).is_file()),
+                                    default=None)
                 for position, turn in enumerate(turns):
                     seg, index = self._turn_seg(chat, turn, sources)
                     if seg is None:
                         continue
-                    segs.append(seg)
+                    reference = SegReference.of(seg)
+                    if final is not None and ((final[2] and turn.number == last_with_seg) or np.array_equal(
+                            read_labelmap(self._labels_file(chat, turn)).array, final[1])):
+                        reference, final_used = SegReference.of(final[0]), True  # the result became the final label
+                    else:
+                        segs.append(seg)
                     experts = list(turn.experts)
                     expert = experts[index]
-                    experts[index] = ReportExpert(expert.name, expert.argument, expert.stand_in,
-                                                  SegReference.of(seg), expert.error)
-                    turns[position] = ReportTurn(turn.question, turn.answer, experts, turn.number)
-            report = build_report(turns, sources, self.model(), segs=segs)
+                    experts[index] = ReportExpert(expert.name, expert.argument, expert.stand_in, reference, expert.error)
+                    turns[position] = ReportTurn(turn.question, turn.answer, experts, turn.number, turn.model)
+            evidence = [*segs, *([final[0]] if final is not None and final_used else [])]
+            report = build_report(turns, sources, self.unrecorded_model(), segs=evidence)
         except (ReportError, SegError, ValueError, OSError) as err:
             raise HTTPException(422, f"report: {scrub_paths(str(err))}") from None
         return report, segs, on_pacs
@@ -156,7 +197,20 @@ class ChatReports:
             "SOPInstanceUID": str(report.SOPInstanceUID),
             "segs": [{"SeriesInstanceUID": str(seg.SeriesInstanceUID), "SOPInstanceUID": str(seg.SOPInstanceUID)}
                      for seg in segs],
+            "final_label": _referenced_final_label(report, segs),
         }
+
+
+def _referenced_final_label(report: Dataset, stored: list[Dataset]) -> dict[str, str] | None:
+    """The UIDs of the SEG among the report's evidence that was not stored with it (the final label), or None."""
+    new = {str(seg.SOPInstanceUID) for seg in stored}
+    for study in getattr(report, "CurrentRequestedProcedureEvidenceSequence", []):
+        for series in study.ReferencedSeriesSequence:
+            for item in series.ReferencedSOPSequence:
+                if str(item.ReferencedSOPClassUID) == SEG_SOP_CLASS and str(item.ReferencedSOPInstanceUID) not in new:
+                    return {"SeriesInstanceUID": str(series.SeriesInstanceUID),
+                            "SOPInstanceUID": str(item.ReferencedSOPInstanceUID)}
+    return None
 
 
 def dicom_bytes(report: Dataset) -> bytes:

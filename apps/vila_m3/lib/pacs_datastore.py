@@ -191,7 +191,8 @@ class PacsDatastore(DICOMWebDatastore):
 
     def get_label_info(self, label_id: str, label_tag: str) -> dict[str, Any]:
         """A final label's SEG series, its time (``ts``, seconds since the epoch: the SEG's series date and time, else
-        its content date and time) and ``name`` (the labelmap's file name); other tags as MONAI Label keeps them."""
+        its content date and time) and ``name`` (the labelmap's file name), with what a save on this server recorded
+        (``chat_id``, ``label_names``); other tags as MONAI Label keeps them."""
         if not (is_valid_id(label_id) and is_valid_id(label_tag)):
             return {}
         if label_tag != DefaultLabelTag.FINAL:
@@ -200,7 +201,9 @@ class PacsDatastore(DICOMWebDatastore):
         if found is None:
             return {}
         image, seg = found
-        info: dict[str, Any] = {"SeriesInstanceUID": seg, "name": f"{image}.nii.gz"}
+        kept = LocalDatastore.get_label_info(self, image, DefaultLabelTag.FINAL)  # what a save here recorded
+        info: dict[str, Any] = {**(kept if kept.get("SeriesInstanceUID") == seg else {}),
+                                "SeriesInstanceUID": seg, "name": f"{image}.nii.gz"}
         stamp = self._final_seg_times().get(image)
         if stamp is not None:
             info["ts"] = stamp
@@ -323,9 +326,11 @@ class PacsDatastore(DICOMWebDatastore):
         folder.mkdir(parents=True, exist_ok=True)
         partial = folder / f".{image_id}.partial.nii.gz"
         write_labelmap(labels, geometry, partial)
+        kept = LocalDatastore.get_label_info(self, image_id, DefaultLabelTag.FINAL)  # saved here: chat_id, segments
+        kept = kept if kept.get("SeriesInstanceUID") == seg_uid else {}
         try:
             LocalDatastore.save_label(self, image_id, str(partial), DefaultLabelTag.FINAL,
-                                      {"SeriesInstanceUID": seg_uid, "label_names": names})
+                                      {**kept, "SeriesInstanceUID": seg_uid, "label_names": names})
         finally:
             partial.unlink(missing_ok=True)
         marker.write_text(seg_uid, encoding="utf-8")

@@ -301,6 +301,8 @@ class ChatLoop:
         user = self._user_message(chat, study, request.question, axis, index)
         logger.debug("chat turn: question %s", fingerprint(request.question))  # never the words (privacy)
         chat.messages.append(user)
+        number = str(sum(message.role == "user" for message in chat.messages))  # the turn's labelmap number
+        chat.models[number] = {key: self.vlm_info.get(key) for key in ("name", "version", "stand_in")}
         self.store.save(chat)
         step("render", began)
 

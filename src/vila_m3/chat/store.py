@@ -179,6 +179,8 @@ class Chat:
         turn: the last turn while it is not done: ``{"state": "running", "first_message": n, "boot": ...,
             "started": ...}`` during a turn, ``{"state": "interrupted", ...}`` once the process that ran
             it is gone; None (and not stored: older chat.json files have none) when it finished.
+        models: the chat model that answered each turn, by turn number (1-based, as a string; every user
+            message counts): ``{"name", "version", "stand_in"}``; not stored while empty (older chats).
     """
 
     chat_id: str
@@ -188,6 +190,7 @@ class Chat:
     labels: str | None = None
     owner: str | None = None
     turn: dict[str, Any] | None = None
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         data = {
@@ -200,6 +203,8 @@ class Chat:
         }
         if self.turn is not None:
             data["turn"] = dict(self.turn)
+        if self.models:
+            data["models"] = {key: dict(value) for key, value in self.models.items()}
         return data
 
     @property
@@ -286,6 +291,7 @@ class ChatStore:
             messages=[Message.from_dict(item) for item in data.get("messages", [])],
             owner=data.get("owner"),
             turn=data.get("turn") if isinstance(data.get("turn"), dict) else None,
+            models=data.get("models") if isinstance(data.get("models"), dict) else {},
         )
         chat.mark_interrupted()  # a turn left running by a process that is gone (stored by the next save)
         if not may_open(chat, user, write):

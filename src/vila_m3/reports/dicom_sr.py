@@ -6,11 +6,13 @@ text-based content tree in a Comprehensive SR (SOP class 1.2.840.10008.5.1.4.1.1
 - root CONTAINER *Diagnostic imaging report* (LOINC 18748-4), with the observation context: observer type
   DEVICE (DCM 121007), the device's UID, name ``VILA-M3``, the model as model name;
 - IMAGE *Source* (SCT 260753009) per instance of the source series;
-- TEXT *Algorithm* (the model and its version; ``stand-in`` said in words when the weights are one) and,
-  for a stand-in, TEXT *Comment* saying its findings are not a medical model's;
+- TEXT *Algorithm* (each model that answered a turn, as the chat recorded it, and its version; ``stand-in``
+  said in words when the weights are one) and, for a stand-in, TEXT *Comment* saying its findings are not a
+  medical model's;
 - per finished turn (interrupted turns are left out) a CONTAINER *Finding* holding TEXT *Request*
-  (the annotator's question) and TEXT *Finding* (the model's answer), and per expert run a CONTAINER
-  *Algorithm* with its name, argument, stand-in note and a COMPOSITE reference to the DICOM-SEG it produced.
+  (the annotator's question), TEXT *Finding* (the model's answer) and TEXT *Algorithm Name* / *Version* of the
+  model that answered it, and per expert run a CONTAINER *Algorithm* with its name, argument, stand-in note and
+  a COMPOSITE reference to the DICOM-SEG it produced (the turn's result, or the final label it became).
 
 Every source instance and every referenced SEG is listed as evidence (Current Requested Procedure Evidence
 Sequence), so a viewer finds the images the report speaks of. No file paths ever go into the report.
@@ -18,6 +20,7 @@ Sequence), so a viewer finds the images the report speaks of. No file paths ever
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -69,6 +72,7 @@ class ReportTurn:
     answer: str
     experts: list[ReportExpert] = field(default_factory=list)
     number: int = 0  # 1-based turn number in the chat (the turn's labelmap is ``turnNNN_labels.nii.gz``)
+    model: ReportModel | None = None  # the chat model that answered it (None: not recorded; the report's default)
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,7 @@ def chat_turns(chat: Chat) -> list[ReportTurn]:
 
     def close() -> None:
         if question is not None:
-            turns.append(ReportTurn(question, answer.strip(), list(experts), users))
+            turns.append(ReportTurn(question, answer.strip(), list(experts), users, recorded_model(chat, users)))
 
     for message in chat.messages:
         if message.role == "user" and message.question is not None:
@@ -112,6 +116,16 @@ def chat_turns(chat: Chat) -> list[ReportTurn]:
     return turns
 
 
+def recorded_model(chat: Chat, number: int) -> ReportModel | None:
+    """The chat model that answered turn ``number`` as the chat recorded it (name without a server address,
+    version, stand-in), or None for a turn of a chat saved before models were recorded."""
+    entry = chat.models.get(str(number)) if isinstance(chat.models, dict) else None
+    if not isinstance(entry, dict) or not entry.get("name"):
+        return None
+    name = re.sub(r"\s+at\s+\S+://\S*", "", str(entry["name"]))  # never the VLM's host
+    return ReportModel(name, str(entry.get("version") or "base"), bool(entry.get("stand_in")))
+
+
 def _code(value: str, scheme: str, meaning: str):
     import highdicom as hd
 
@@ -127,8 +141,8 @@ def _text(name, value: str, relationship: str = "CONTAINS"):
 def build_report(turns: Sequence[ReportTurn], sources: Sequence[Dataset], model: ReportModel,
                  segs: Sequence[Dataset] = (), series_number: int = 950) -> Dataset:
     """The Comprehensive SR of ``turns`` on the source series ``sources`` (its instances are the evidence and
-    give patient and study); ``segs``: the SEG datasets the experts' references name (evidence too).
-    Raises ReportError without turns or sources."""
+    give patient and study); ``model``: the model of turns that recorded none; ``segs``: the SEG datasets the
+    experts' references name (evidence too). Raises ReportError without turns or sources."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -136,11 +150,13 @@ def build_report(turns: Sequence[ReportTurn], sources: Sequence[Dataset], model:
         raise ReportError("the chat has no finished turn to report")
     if not sources:
         raise ReportError("a structured report needs the study's DICOM instances")
+    models = list(dict.fromkeys(turn.model or model for turn in turns))  # who answered, in order of first turn
     device_uid = hd.UID()
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=device_uid, name=DEVICE_NAME, manufacturer_name=MANUFACTURER, model_name=model.name[:64]),
+            uid=device_uid, name=DEVICE_NAME, manufacturer_name=MANUFACTURER,
+            model_name="; ".join(dict.fromkeys(used.name for used in models))[:64]),
     )
     context = hd.sr.ObservationContext(observer_device_context=observer)
     root = hd.sr.ContainerContentItem(name=_code("18748-4", "LN", "Diagnostic imaging report"))
@@ -148,11 +164,14 @@ def build_report(turns: Sequence[ReportTurn], sources: Sequence[Dataset], model:
     algorithm = _code("111001", "DCM", "Algorithm Name")
     version = _code("111003", "DCM", "Algorithm Version")
     comment = _code("121106", "DCM", "Comment")
-    model_version = f"{model.version} (stand-in)" if model.stand_in else model.version
-    items.append(_text(algorithm, model.name))
-    items.append(_text(version, model_version))
-    if model.stand_in:
-        items.append(_text(comment, f"The chat model ran on {STAND_IN_TEXT}."))
+
+    def model_items(used: ReportModel) -> list:
+        return [_text(algorithm, used.name), _text(version, f"{used.version} (stand-in)" if used.stand_in else used.version)]
+
+    for used in models:
+        items += model_items(used)
+        if used.stand_in:
+            items.append(_text(comment, f"The chat model ran on {STAND_IN_TEXT}."))
     source = _code("260753009", "SCT", "Source")
     for ds in sorted(sources, key=lambda ds: int(ds.get("InstanceNumber") or 0)):
         items.append(hd.sr.ImageContentItem(name=source, referenced_sop_class_uid=str(ds.SOPClassUID),
@@ -162,7 +181,7 @@ def build_report(turns: Sequence[ReportTurn], sources: Sequence[Dataset], model:
     for turn in turns:
         finding = hd.sr.ContainerContentItem(name=_code("121071", "DCM", "Finding"), relationship_type="CONTAINS")
         children = [_text(_code("121062", "DCM", "Request"), turn.question),
-                    _text(_code("121071", "DCM", "Finding"), turn.answer)]
+                    _text(_code("121071", "DCM", "Finding"), turn.answer), *model_items(turn.model or model)]
         for expert in turn.experts:
             run = hd.sr.ContainerContentItem(name=_code("111001", "DCM", "Algorithm Name"),
                                              relationship_type="CONTAINS")
@@ -189,7 +208,7 @@ def build_report(turns: Sequence[ReportTurn], sources: Sequence[Dataset], model:
         evidence=[*sources, *segs], content=root, series_instance_uid=hd.UID(), series_number=series_number,
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer=MANUFACTURER, is_complete=True,
     )
-    report.SeriesDescription = SERIES_DESCRIPTION + (" (stand-in)" if model.stand_in or any(
+    report.SeriesDescription = SERIES_DESCRIPTION + (" (stand-in)" if any(used.stand_in for used in models) or any(
         expert.stand_in for turn in turns for expert in turn.experts) else "")
     return report
 
