@@ -34,7 +34,7 @@ PACS_PACKAGES := orthanc orthanc-dicomweb
 PACS_PORT ?= 8042
 PACS_DIR ?= .pacs
 
-.PHONY: run demo test samples lint venv clean-venv pacs pacs-deps
+.PHONY: run demo demo-rebuild test samples lint venv clean-venv pacs pacs-deps
 
 # With no real weights in MODELS_DIR, the first run builds the demo model (cached; DEMO=no skips it).
 run: $(STAMP) samples
@@ -47,6 +47,12 @@ run: $(STAMP) samples
 demo: $(STAMP) samples
 	@test -f models-demo/.staged || { $(BIN)/vila-m3 models stand-ins --models-dir models-demo && touch models-demo/.staged; }
 	@$(BIN)/vila-m3 serve --host $(HOST) --port $(PORT) --studies $(STUDIES) --models-dir models-demo --app $(APP) $(CONF)
+
+# For maintainers: build the shipped demo (demo/) again from its recipes (about 40 min on two CPU cores) and
+# compare it with what is shipped (equal bits, or the held-out table and the Dice side by side); SHIP=yes
+# then makes the rebuild the shipped build (commit demo/ with it).
+demo-rebuild: $(STAMP)
+	$(BIN)/vila-m3 models demo-rebuild $(if $(filter yes,$(SHIP)),--ship)
 
 # The PACS tests need Orthanc: pacs-deps installs it where it can, else names the packages (tests then skip, saying so).
 test: $(STAMP) pacs-deps

@@ -3,8 +3,9 @@
 ``vila-m3 train --base CKPT --data EXPORT --out RUN [--max-steps N ...] [--resume [STEP_DIR]]`` fine-tunes
 (also under ``accelerate launch``, see ``configs/accelerate/``); ``vila-m3 evaluate --model CKPT --data
 EXPORT`` prints the trigger-accuracy table (``--vlm-url URL --vlm-model NAME [--tools]``: of a remote model,
-``--tools`` scoring its OpenAI tool calls); ``vila-m3 models demo`` builds and stages the demo model
-(and demo experts) where no real weights are staged; ``vila-m3 models versions`` lists or switches
+``--tools`` scoring its OpenAI tool calls); ``vila-m3 models demo`` stages the demo model (and demo experts)
+where no real weights are staged, from the shipped build when it is of the current recipe;
+``vila-m3 models demo-rebuild`` builds the shipped demo again and compares; ``vila-m3 models versions`` lists or switches
 the fine-tuned versions a server serves.
 """
 
@@ -98,6 +99,29 @@ def _models_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models_demo_rebuild(args: argparse.Namespace) -> int:
+    from vila_m3.training.shipped_demo import (
+        SHIPPED_DEMO_DIR,
+        compare_builds,
+        read_build_record,
+        rebuild,
+        replace_shipped,
+    )
+
+    rebuilt = rebuild(Path(args.work_dir), progress=not args.no_progress)
+    shipped = read_build_record()
+    if shipped is None:
+        print("no shipped demo build to compare with (demo/build.json)")
+        equal = False
+    else:
+        equal, text = compare_builds(shipped, rebuilt)
+        print(text)
+    if args.ship:
+        replace_shipped(Path(args.work_dir) / "demo")
+        print(f"the rebuild is now the shipped build ({SHIPPED_DEMO_DIR}); commit it with its build.json")
+    return 0 if equal or args.ship or shipped is None else 1
+
+
 def _models_versions(args: argparse.Namespace) -> int:
     from vila_m3.models.manifest import resolve_models_dir
     from vila_m3.training.versions import ModelVersions, VersionError
@@ -176,6 +200,12 @@ def add_model_commands(model_commands: argparse._SubParsersAction) -> None:
                            "(e.g. fewer steps for a quick look)")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(handler=_models_demo)
+    rebuilding = model_commands.add_parser(
+        "demo-rebuild", help="build the shipped demo (demo/) again from its recipes and compare (about 40 min)")
+    rebuilding.add_argument("--work-dir", default="build/demo-rebuild", help="where the rebuild goes (replaced)")
+    rebuilding.add_argument("--ship", action="store_true", help="then make the rebuild the shipped build (demo/)")
+    rebuilding.add_argument("--no-progress", action="store_true")
+    rebuilding.set_defaults(handler=_models_demo_rebuild)
     versions = model_commands.add_parser("versions", help="fine-tuned versions of the chat's VLM; switch with --use")
     versions.add_argument("--vlm", help="checkpoint id (default: configs/app.yaml default_vlm)")
     versions.add_argument("--use", help="serve this version (or 'base')")

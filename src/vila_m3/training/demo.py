@@ -32,6 +32,7 @@ from vila_m3.data.config import DatagenConfig, parse_datagen_config
 from vila_m3.training.evaluation import EvaluationReport, evaluate_triggers, format_report
 from vila_m3.training.options import TrainingOptions
 from vila_m3.training.reproducible import checked_thread_count, fixed_cpu_threads
+from vila_m3.training.shipped_demo import shipped_parts, stage_shipped_part
 
 __all__ = ["DEMO_EVALUATION", "DemoBuild", "build_demo_vlm", "demo_config", "demo_datagen_config", "load_demo_recipe",
            "demo_cpu_threads", "real_weights_staged", "stage_demo"]
@@ -181,18 +182,34 @@ class DemoError(RuntimeError):
     """The demo cannot be staged (e.g. something that is not a stand-in lies where it would go)."""
 
 
+#: Revision of the demo VLM's build code (the untrained checkpoint, the fine-tuning, the evaluation), part
+#: of its fingerprint: raise it when a change there changes what an unchanged recipe learns.
+DEMO_TRAINING_REVISION = 1
+
+#: The fields of ``configs/experts.yaml`` that make the model card the demo learns from.
+_CARD_FIELDS = ("name", "modality", "task", "overview", "accuracy", "args", "default_arg", "aliases")
+
+
+def _model_card_fields() -> dict[str, Any]:
+    """What of ``configs/experts.yaml`` the demo VLM sees: the card format and each expert's card fields
+    (a runner class or display colour changing does not change what the model learns)."""
+    experts = load_config("experts.yaml")
+    return {"card": experts.get("card"),
+            "experts": [{key: entry.get(key) for key in _CARD_FIELDS} for entry in experts.get("experts") or []]}
+
+
 def demo_fingerprint(overrides: Mapping[str, Any] | None = None) -> str:
     """sha256 of everything a demo build depends on: its recipe (``configs/demo_model.yaml`` with
     ``overrides``, by content: the same recipe however written gives the same build), the data engine's
-    and training's configs, the question pools and the package version. A build with another one is rebuilt."""
+    and training's configs, the model card, the question pools and :data:`DEMO_TRAINING_REVISION`. A build
+    with another one is rebuilt (the shipped build, ``demo/``, is staged only when it has this one)."""
     import hashlib
 
-    from vila_m3 import __version__
-
-    digest = hashlib.sha256(__version__.encode())
+    digest = hashlib.sha256(f"demo-vlm-revision-{DEMO_TRAINING_REVISION}".encode())
     digest.update(json.dumps(demo_config(overrides), sort_keys=True).encode())
-    for name in ("datagen.yaml", "training.yaml", "experts.yaml"):
-        digest.update(config_path(name).read_bytes())
+    for name in ("datagen.yaml", "training.yaml"):
+        digest.update(json.dumps(load_config(name), sort_keys=True).encode())
+    digest.update(json.dumps(_model_card_fields(), sort_keys=True).encode())
     for path in sorted(config_path("questions").glob("*.y*ml")):
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()
@@ -230,6 +247,11 @@ def stage_demo_vlm(models_dir: Path, vlm_id: str | None = None, rebuild: bool = 
         return f"{vlm_id}: real weights staged at {location}; the demo model is not needed"
     if state == f"demo:{fingerprint}" and not rebuild:
         return f"{vlm_id}: demo model already built at {location}"
+    if not rebuild and stage_shipped_part("vlm", location, fingerprint):
+        evaluation = shipped_parts()["vlm"].record.get("evaluation") or {}
+        return (f"{vlm_id}: the shipped demo model staged at {location}; on held-out phrasings it calls the right "
+                f"expert and argument for {_pct(evaluation.get('trigger_accuracy'))} of the questions that need one "
+                f"and an expert for {_pct(evaluation.get('false_call_rate'))} of those that need none")
     build = build_demo_vlm(location, models_dir / ".demo-build", overrides=overrides, progress=progress, log=log)
     (location / DEMO_BUILD).write_text(json.dumps({"fingerprint": fingerprint, "seconds": round(build.seconds, 1)},
                                                   indent=2) + "\n", encoding="utf-8")
@@ -238,6 +260,10 @@ def stage_demo_vlm(models_dir: Path, vlm_id: str | None = None, rebuild: bool = 
     return (f"{vlm_id}: demo model built in {build.seconds:.0f} s at {location}; on held-out phrasings it calls the "
             f"right expert and argument for {100 * (accuracy or 0):.1f} % of the questions that need one and an "
             f"expert for {100 * (false_calls or 0):.1f} % of those that need none")
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f} %"
 
 
 def demo_experts_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -274,15 +300,13 @@ class _TrainableExpert:
 
     def fingerprint(self, config: Mapping[str, Any]) -> str:
         """sha256 of what a trained stand-in depends on: the recipe, the stand-in bundle's
-        ``inference.json``, the package version and training code's revision, and the phantoms (the
-        sample generator's version)."""
+        ``inference.json``, the training code's revision, and the phantoms (the sample generator's version)."""
         import hashlib
 
-        from vila_m3 import __version__
         from vila_m3.samples.generate import GENERATOR_VERSION
         from vila_m3.training.stand_in_training import TRAINING_REVISION
 
-        text = json.dumps({"recipe": {k: v for k, v in config.items() if k != "train"}, "version": __version__,
+        text = json.dumps({"recipe": {k: v for k, v in config.items() if k != "train"},
                            "training": TRAINING_REVISION, "phantoms": GENERATOR_VERSION,
                            "bundle": self._load(self.inference_config)()}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
@@ -317,6 +341,10 @@ def _stage_trained_expert(models_dir: Path, task: str, recipe_config: Mapping[st
     build = location / "docs" / DEMO_BUILD
     if not rebuild and build.is_file() and json.loads(build.read_text(encoding="utf-8")).get("fingerprint") == fingerprint:
         return f"{task}: demo stand-in already trained on {expert.trained_on}"
+    if not rebuild and stage_shipped_part(task, location, fingerprint):
+        dice = shipped_parts()[task].record.get("dice") or {}
+        return (f"{task}: the shipped demo stand-in, trained on {expert.trained_on} (its results say so); Dice on "
+                f"{expert.measured_on}, which it never saw: {', '.join(f'{k} {v:.2f}' for k, v in dice.items())}")
     try:
         stage_stand_ins(models_dir, (task,))
     except (ValueError, FileExistsError) as err:
@@ -361,15 +389,9 @@ def stage_demo_experts(models_dir: Path, overrides: Mapping[str, Any] | None = N
 
 def real_weights_staged(models_dir: Path) -> list[str]:
     """Ids of the manifest's models that have real weights (anything that is not a stand-in) staged."""
-    from vila_m3.models.manifest import ModelManifest
+    from vila_m3.models.staging import real_models_staged
 
-    staged = []
-    for model_id, entry in ModelManifest.load().entries.items():
-        location = entry.location(models_dir)
-        present = location.is_file() or (location.is_dir() and any(location.iterdir()))
-        if present and not entry.is_stand_in(models_dir):
-            staged.append(model_id)
-    return staged
+    return real_models_staged(models_dir)
 
 
 def load_demo_recipe(path: str | Path) -> dict[str, Any]:
@@ -400,6 +422,20 @@ def load_demo_recipe(path: str | Path) -> dict[str, Any]:
     return loaded
 
 
+def _say_why_not_shipped(overrides: Mapping[str, Any] | None, log: Callable[[str], None]) -> None:
+    """One line when a part will be built here rather than staged from the shipped build (``demo/``)."""
+    from vila_m3.training.shipped_demo import current_fingerprints
+
+    shipped = {name: part.fingerprint for name, part in shipped_parts().items()}
+    stale = [name for name, fingerprint in current_fingerprints(overrides).items() if shipped.get(name) != fingerprint]
+    if not stale:
+        return
+    why = ("the demo recipe given (DEMO_RECIPE) differs from the shipped build's" if overrides else
+           "the shipped demo build (demo/) is not of the recipes in configs/ (rebuild and ship it: make demo-rebuild "
+           "SHIP=yes)" if shipped else "no demo build is shipped (demo/build.json)")
+    log(f"{why}: building {', '.join(stale)} here, once (the full recipes take about 40 min on two CPU cores)")
+
+
 def stage_demo(models_dir: Path, rebuild: bool = False, progress: bool = True,
                log: Callable[[str], None] = print, only_without_weights: bool = False,
                overrides: Mapping[str, Any] | None = None) -> list[str]:
@@ -416,6 +452,8 @@ def stage_demo(models_dir: Path, rebuild: bool = False, progress: bool = True,
             return [f"real weights staged in {models_dir} ({', '.join(real)}): the demo model is not staged "
                     "(`vila-m3 models demo` stages it beside them)"]
     models_dir.mkdir(parents=True, exist_ok=True)
+    if not rebuild:
+        _say_why_not_shipped(overrides, log)
     overrides = dict(overrides or {})
     lines = stage_demo_experts(models_dir, overrides=overrides.pop("experts", None), rebuild=rebuild, log=log)
     lines.append(stage_demo_vlm(models_dir, rebuild=rebuild, progress=progress, log=log, overrides=overrides or None))
