@@ -189,10 +189,10 @@ class VilaM3App(MONAILabelApp):
         return Path(self.conf.get("chats_dir") or Path(self.app_dir) / "chats")
 
     def _add_datagen_route(self) -> None:
-        """``POST /vila_m3/datagen/``: the data engine for admins (local studies folders)."""
+        """``POST /vila_m3/datagen/``: the data engine for admins (the app's datastore: a studies folder or a PACS)."""
         from monailabel.app import app as server
 
-        server.include_router(datagen_router(self.studies, self._chats_dir(), self._exports_dir()))
+        server.include_router(datagen_router(self._chats_dir(), self._exports_dir()))
 
     def _chat_task(self, registry: ExpertRegistry, description: str) -> ChatInferTask:
         """The chat infer task, and its streaming routes on this server."""

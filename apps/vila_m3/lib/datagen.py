@@ -1,5 +1,6 @@
 """``POST /vila_m3/datagen/?name=NAME&seed=0``: an admin exports expert-training conversations from
-the datastore's final labels and the stored chats (the data engine, ``vila_m3.data``)."""
+the datastore's final labels and the stored chats (the data engine, ``vila_m3.data``), reading the app's
+MONAI Label datastore, folder or PACS, through ``lib.datastore_source.MonaiDatastoreSource``."""
 
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ from vila_m3.security.paths import scrub_paths
 _NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # \Z: "$" would let a trailing newline through
 
 
-def datagen_router(studies: str, chats_dir: Path, exports_dir: Path) -> APIRouter:
-    """The export route; exports go to ``exports_dir/<name>``."""
+def datagen_router(chats_dir: Path, exports_dir: Path) -> APIRouter:
+    """The export route: the app's MONAI Label datastore (a studies folder or a PACS) and the chats in
+    ``chats_dir``; exports go to ``exports_dir/<name>``."""
     router = APIRouter(prefix="/vila_m3/datagen", tags=["VILA-M3 data engine"])
     admin_role = RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN)
 
