@@ -63,7 +63,7 @@ def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def expert_config() -> dict:
     """The CXR entry of configs/experts.yaml, read directly (independently of the registry)."""
-    return next(e for e in load_config("experts.yaml")["experts"] if e.get("runner") == "cxr")
+    return next(e for e in load_config("experts.yaml")["experts"] if e.get("name") == "CXR")
 
 
 class Recorded:
