@@ -28,6 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the page's port (default: $WEB_PORT or 8080)")
     parser.add_argument("--username", default=os.environ.get("VILA_M3_USERNAME", ""),
                         help="login at the server when its auth is on (password: $VILA_M3_PASSWORD)")
+    parser.add_argument("--encoder", default=None, choices=["jpeg", "turbo-jpeg", "png", "webp", "avif"],
+                        help="image encoding of the views (default trame-slicer's; png is lossless)")
     parser.add_argument("--config", default=None, help="a web_viewer.yaml (default: configs/web_viewer.yaml)")
     return parser.parse_args(argv)
 
@@ -43,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     from vila_m3_viewer.settings import load_settings
 
     viewer = ChatViewer(args.server, username=args.username, password=os.environ.get("VILA_M3_PASSWORD", ""),
-                        token=os.environ.get("VILA_M3_TOKEN", ""), settings=load_settings(args.config))
+                        token=os.environ.get("VILA_M3_TOKEN", ""), settings=load_settings(args.config),
+                        encoder=args.encoder)
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     print(f"VILA-M3 viewer: http://{shown}:{args.port}/ (server {viewer.client.server_url})", flush=True)
     viewer.server.start(host=args.host, port=args.port, open_browser=False, show_connection_info=False)

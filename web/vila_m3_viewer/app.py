@@ -53,15 +53,17 @@ class ChatViewer(TrameApp):
         username, password, token: its login, used only when the server has auth on.
         settings: presets and defaults (``configs/web_viewer.yaml``).
         server: a trame server (default: trame's own).
+        encoder: how views travel to the browser (``jpeg``, ``turbo-jpeg``, ``png``, ``webp``, ``avif``;
+            default trame-slicer's); ``png`` is lossless (the browser tests compare pixels).
     """
 
     def __init__(self, server_url: str, username: str = "", password: str = "", token: str = "",
-                 settings: ViewerSettings | None = None, server=None):
+                 settings: ViewerSettings | None = None, server=None, encoder: str | None = None):
         super().__init__(server)
         self.settings = settings or load_settings()
         self.server.enable_module(trame_slicer_module)
         self.slicer_app = SlicerApp()
-        register_rca_factories(self.slicer_app.view_manager, self.server)
+        register_rca_factories(self.slicer_app.view_manager, self.server, rca_encoder=encoder)
         self.layout_manager = LayoutManager(self.slicer_app.scene, self.slicer_app.view_manager, self.server)
         self.layout_manager.register_layout(LAYOUT_ID, Layout(LayoutDirection.Horizontal, [
             ViewLayoutDefinition.axial_view(), ViewLayoutDefinition.coronal_view(),
@@ -292,14 +294,15 @@ class ChatViewer(TrameApp):
         with self.state:
             self.state.transcript_html = self._chat_state(chat_id).to_html() if chat_id else ""
 
-    def send(self) -> None:
-        """Ask the question about the slice on screen (streamed)."""
+    def send(self, question: str | None = None) -> None:
+        """Ask ``question`` (the page sends what its field holds; default the state's) about the slice
+        on screen; the answer streams in."""
         try:
             if self.turn is not None:
                 raise ValueError("A question is being answered; wait for it or press Stop.")
             if self.volume is None:
                 raise ValueError("Pick a study first.")
-            question = str(self.state.question or "").strip()
+            question = str(self.state.question if question is None else question).strip()
             position = self.logic.slicePosition(self.volume, SLICE_VIEW)
             chat_id = self.logic.chatId(self.volume)
             params = turn_params(question, chat_id, position.axis, position.index)
@@ -347,6 +350,8 @@ class ChatViewer(TrameApp):
         self._render_chat()
         try:
             message = "Stopped." if answer.cancelled else "Answered."
+            if answer.slice.get("axis") is not None and answer.slice.get("index") is not None:
+                message = message[:-1] + f" about {answer.slice['axis']} slice {answer.slice['index']}."
             if answer.labelmap_path and turn.get("volume") is self.volume and self.volume is not None:
                 node = self.logic.loadLabelmap(answer, self.volume, chat_id)
                 self._show_segments(node)
@@ -566,8 +571,8 @@ class ChatViewer(TrameApp):
                  role="status")
         with html.Div(classes="d-flex ga-2"):
             v3.VTextField(v_model=("question",), label="Ask about the slice on screen", density="compact",
-                          hide_details=True, id="question", keydown_enter=self.send, disabled=("busy",))
-            v3.VBtn("Send", click=self.send, disabled=("busy || !study",), color="primary", id="send")
+                          hide_details=True, id="question", keydown_enter=(self.send, "[question]"), disabled=("busy",))
+            v3.VBtn("Send", click=(self.send, "[question]"), disabled=("busy || !study",), color="primary", id="send")
         with html.Div(classes="d-flex ga-2 align-center flex-wrap"):
             v3.VBtn("Stop", click=self.stop, disabled=("!busy",), size="small", id="stop")
             v3.VBtn("New chat", click=self.new_chat, disabled=("busy || !study",), size="small", id="new-chat")
@@ -581,14 +586,14 @@ class ChatViewer(TrameApp):
         with html.Div(v_if=("segments.length",), id="segments"):
             html.Div("{{ segmentation_name }}", classes="text-subtitle-2")
             with html.Div(v_for="seg in segments", key="seg.id", classes="d-flex align-center ga-2 segment",
-                          data_segment=("seg.name",)):
+                          raw_attrs=[':data-segment="seg.name"']):
                 html.Input(type="checkbox", checked=("seg.visible",), click=(self.toggle_segment, "[seg.id]"),
-                           aria_label=("'show ' + seg.name",))
+                           raw_attrs=[':aria-label="\'show \' + seg.name"'])
                 html.Span(classes="swatch", style=("{ background: seg.color }",))
                 html.Span("{{ seg.name }}", classes="segment-name flex-grow-1")
                 html.Span("{{ seg.value }}", classes="text-caption")
                 v3.VBtn(icon="mdi-delete", size="x-small", variant="text", click=(self.remove_segment, "[seg.id]"),
-                        aria_label=("'remove ' + seg.name",), classes="remove-segment")
+                        raw_attrs=[':aria-label="\'remove \' + seg.name"'], classes="remove-segment")
             with html.Div(classes="d-flex align-center ga-2"):
                 html.Label("Opacity", classes="text-body-2")
                 v3.VSlider(v_model=("opacity",), min=0, max=1, step=0.05, hide_details=True, density="compact",
