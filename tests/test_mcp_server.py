@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (the expert_server fixture imported from test_expert_tasks_server is a test argument of that name)
 """``vila-m3 mcp`` with the MCP SDK's own client, over stdio and streamable HTTP, against a real server with
 stand-in weights: the tools come from the registry, each runs, labelmaps keep the study's geometry, refusals
 are tool errors in words."""
@@ -22,6 +23,7 @@ import pytest
 import requests
 from PIL import Image
 from server_harness import RunningServer, free_port, isolated_env, start_monailabel, stop_process_group
+from test_expert_tasks_server import expert_server  # noqa: F401  (a server with stand-in experts)
 
 # isort: off
 import vila_m3.mcp_server  # noqa: F401  (before mcp: its compatibility name for mcp 1.9)
@@ -41,20 +43,6 @@ VILA_M3 = shutil.which("vila-m3", path=str(Path(sys.executable).parent)) or "vil
 EXPERT_TOOLS = {"segment_ct", "segment_brain_tumour", "classify_chest_xray"}
 FIXED = {"list_studies", "get_slice", "get_labelmap"}
 Session = Callable[[ClientSession], Awaitable[Any]]
-
-
-@pytest.fixture(scope="module")
-def expert_server(tmp_path_factory: pytest.TempPathFactory, sample_data: Path) -> Iterator[RunningServer]:
-    """A server with stand-in VISTA3D, BRATS and CXR weights and a copy of the sample studies."""
-    workdir = tmp_path_factory.mktemp("mcp-server")
-    stage_stand_ins(workdir / "models", ("vista3d", "brats", "cxr"))
-    studies = workdir / "studies"
-    shutil.copytree(sample_data / "studies", studies)
-    server = start_monailabel(workdir, studies, conf={"models": "vista3d,brats,cxr"})
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def mcp_env(workdir: Path, token: str | None = None) -> dict[str, str]:
