@@ -22,6 +22,11 @@ VLM ?= vila_m3_3b
 CONF ?=
 # Extra pytest arguments (make test lints with ruff first), e.g. make test PYTEST_ARGS="-k samples"
 PYTEST_ARGS ?=
+# The web viewer (web/viewer.py) that `make run` starts beside the server; WEB=no skips it. WEB_HOST=0.0.0.0
+# serves the page to other machines.
+WEB ?= yes
+WEB_HOST ?= 127.0.0.1
+WEB_PORT ?= 8080
 
 BIN := $(VENV)/bin
 # Python's UTF-8 mode: text I/O stays UTF-8 even after a library switches the C locale (GDCM does).
@@ -37,9 +42,9 @@ PACS_DIR ?= .pacs
 .PHONY: run demo demo-rebuild test samples lint venv clean-venv pacs pacs-deps
 
 # With no real weights in MODELS_DIR, the first run builds the demo model (cached; DEMO=no skips it).
-run: $(STAMP) samples
+run: $(STAMP) samples $(if $(filter no,$(WEB)),,web-deps)
 	$(if $(filter real,$(MODELS)),@$(BIN)/vila-m3 models pull --real --vlm $(VLM) --models-dir $(MODELS_DIR))
-	@$(BIN)/vila-m3 serve --host $(HOST) --port $(PORT) --studies $(STUDIES) --models-dir $(MODELS_DIR) --app $(APP) \
+	@$(if $(filter no,$(WEB)),,$(WEB_START)) $(BIN)/vila-m3 serve --host $(HOST) --port $(PORT) --studies $(STUDIES) --models-dir $(MODELS_DIR) --app $(APP) \
 		$(if $(filter real,$(MODELS)),--conf vlm $(VLM),$(if $(filter no,$(DEMO)),,--demo-if-no-weights \
 		$(if $(DEMO_RECIPE),--demo-recipe $(DEMO_RECIPE)))) $(CONF)
 
@@ -55,7 +60,7 @@ demo-rebuild: $(STAMP)
 	$(BIN)/vila-m3 models demo-rebuild $(if $(filter yes,$(SHIP)),--ship)
 
 # The PACS tests need Orthanc: pacs-deps installs it where it can, else names the packages (tests then skip, saying so).
-test: $(STAMP) pacs-deps
+test: $(STAMP) pacs-deps web-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -74,6 +79,27 @@ pacs-deps:
 		echo "note: Orthanc is missing: install Debian's packages $(PACS_PACKAGES) (sudo apt-get install -y $(PACS_PACKAGES)); the PACS tests are skipped without them"; \
 	fi
 
+# The web viewer's system packages (Debian): Mesa's EGL for offscreen rendering, Chromium for the browser
+# tests. Installed with apt-get where missing and we are root; otherwise says what to install (the browser
+# tests are then reported as skipped, naming the package).
+WEB_PACKAGES := chromium libegl1 libegl-mesa0 libgl1-mesa-dri
+.PHONY: web-deps
+web-deps:
+	@missing=""; for pkg in $(WEB_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$pkg 2>/dev/null | grep -q "ok installed" || missing="$$missing $$pkg"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing$$missing (Debian packages)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	else \
+		echo "note: the web viewer needs Debian's packages$$missing (sudo apt-get install -y$$missing); the browser tests are skipped without chromium"; \
+	fi
+
+# The viewer in the background, stopped when the server stops; its page asks the server over HTTP.
+WEB_START = echo "Web viewer: http://$(if $(filter 0.0.0.0,$(WEB_HOST)),<this machine>,$(WEB_HOST)):$(WEB_PORT)/ (WEB=no skips it)"; \
+	$(BIN)/python web/viewer.py --server http://$(if $(filter 0.0.0.0,$(HOST)),127.0.0.1,$(HOST)):$(PORT) \
+		--host $(WEB_HOST) --port $(WEB_PORT) & viewer=$$!; trap 'kill $$viewer 2>/dev/null' EXIT INT TERM;
+
 # An Orthanc on 127.0.0.1:$(PACS_PORT) holding the sample studies (storage in $(PACS_DIR)/); Ctrl-C stops it.
 # Then, in another terminal: make run STUDIES=http://127.0.0.1:$(PACS_PORT)/dicom-web
 pacs: $(STAMP) samples pacs-deps
@@ -91,7 +117,7 @@ $(STAMP): setup.cfg requirements/constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@start=$$(date +%s); if [ -t 1 ]; then quiet=; note=; else quiet=--quiet; note="; pip's own progress shows on a terminal only"; fi; \
 		echo "Installing VILA-M3's Python packages into $(VENV) (pinned versions): about 9 min and 9.2 GB the first time, mostly PyTorch$$note"; \
-		PIP_CONSTRAINT=$(CONSTRAINTS) $(BIN)/python -m pip install $$quiet -e '.[test]' \
+		PIP_CONSTRAINT=$(CONSTRAINTS) $(BIN)/python -m pip install $$quiet -e '.[test,web]' \
 		&& took=$$(( $$(date +%s) - start )) && echo "Installed in $$((took / 60)) min $$((took % 60)) s"
 	@touch $@
 
