@@ -26,7 +26,14 @@ from trame_slicer.core import LayoutManager, SlicerApp, VolumeWindowLevel
 from trame_slicer.rca_view import register_rca_factories
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 from VILAM3ChatLib.chat_state import ChatState
-from VILAM3ChatLib.client import StreamAborted, StudyRef, TurnAnswer, VilaM3Client, turn_params
+from VILAM3ChatLib.client import (
+    ChatTaskUnavailable,
+    StreamAborted,
+    StudyRef,
+    TurnAnswer,
+    VilaM3Client,
+    turn_params,
+)
 from VILAM3ChatLib.scene import ATTR_CHAT_ID, SLICE_VIEW, ChatSceneLogic
 from VILAM3ChatLib.slice_mapping import slice_centre
 from VILAM3ChatLib.worker import BackgroundJobs, Job
@@ -131,10 +138,17 @@ class ChatViewer(TrameApp):
         self.refresh_server()
 
     async def _poll_jobs(self) -> None:
+        """Deliver the workers' results on the page's loop; while the server cannot be reached, try
+        again every ``reconnect_s`` seconds (``make run`` starts the viewer before the server answers)."""
+        last_try = asyncio.get_running_loop().time()
         while True:
             try:
                 if self.jobs.poll():
                     self.state.flush()
+                now = asyncio.get_running_loop().time()
+                if self.state.server_error and now - last_try >= self.settings.reconnect_s:
+                    last_try = now
+                    self.refresh_server()
             except Exception:  # a callback's own error is shown by it; keep polling
                 logger.exception("viewer callback failed")
             await asyncio.sleep(self.settings.poll_interval_s)
@@ -145,23 +159,30 @@ class ChatViewer(TrameApp):
             return
 
         def work(job: Job):
-            self.client.require_chat_task()
-            return self.client.info(refresh=True), self.client.datastore_images()
+            info, images = self.client.info(refresh=True), self.client.datastore_images()
+            try:
+                self.client.require_chat_task()
+            except ChatTaskUnavailable as err:
+                return info, images, str(err)
+            return info, images, ""
 
         def done(result) -> None:
-            info, images = result
+            info, images, no_chat = result
             with self.state:
                 self.state.server_error = ""
                 self.state.studies = images
                 self.state.stand_in_notice = self._stand_in_text(info)
                 self.state.status = (f"Connected to {self.client.server_url}: {len(images)} studies."
                                      if images else f"The server at {self.client.server_url} has no studies.")
-                self.state.status_error = False
+                if no_chat:  # the studies can still be viewed
+                    self.state.status = f"{self.state.status} No chat: {no_chat}"
+                self.state.status_error = bool(no_chat)
 
         def failed(err: BaseException) -> None:
             with self.state:
                 self.state.server_error = (f"The VILA-M3 server at {self.client.server_url} cannot be reached: "
-                                           f"{err}. Start it (make run) or check the address, then press Retry.")
+                                           f"{err}. Start it (make run) or check the address; the page tries "
+                                           "again every few seconds (or press Retry).")
                 self.state.status = str(err)
                 self.state.status_error = True
 
