@@ -229,3 +229,12 @@ def test_a_result_saved_as_final_label_is_referenced_as_that_seg_and_each_turn_n
     texts = report_texts(hd.sr.srread(io.BytesIO(wado.content[wado.content.index(b"DICM") - 128:])))
     assert "vila_m3_8b (fine-tuned v0002)" in texts and "v0002" in texts
     assert "remote model 'fake-vila-m3'" not in texts
+    # the audit log of every request of this module holds PACS ids only hashed: no series, SEG or SR UID
+    audit = Path(site["audit"]).read_text(encoding="utf-8")
+    lines = [json.loads(line) for line in audit.splitlines()]
+    assert any(line["route"] == "/vila_m3/chat/report" and line["study"] == hashed(series) for line in lines)
+    seg_uids = {item["0020000E"]["Value"][0] for item in requests.get(
+        f"{orthanc.dicomweb_url}/series", params={"Modality": "SEG"}, timeout=30).json()}
+    ids = {series, study, final["SOPInstanceUID"], uids["SeriesInstanceUID"], uids["SOPInstanceUID"], *seg_uids,
+           *(item["00080018"]["Value"][0] for item in ct)}
+    assert [uid for uid in ids if uid in audit] == []

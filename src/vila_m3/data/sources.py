@@ -1,5 +1,10 @@
 """Where the annotations come from: a MONAI Label datastore, as a local folder or a running server.
 
+These are the offline CLI's readers (``vila-m3 datagen``). Inside the app, the data engine reads the
+``Datastore`` object MONAI Label hands the app, a studies folder and a PACS alike, through the app's adapter
+behind the same :class:`DatastoreSource` protocol (``apps/vila_m3/lib/datastore_source.py``); this module
+never imports MONAI Label.
+
 The layout is MONAI Label's local datastore: images in the studies folder (``<studies>/<id><ext>``),
 the annotator's corrected labels in ``<studies>/labels/final/<id><ext>`` (same file name as the
 image, possibly another extension), and ``datastore_v2.json`` (``images_dir``, ``labels_dir`` and
