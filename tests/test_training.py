@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -273,6 +274,22 @@ def test_trigger_evaluation_counts_right_calls_false_calls_and_answers(export):
         sum(o.final_answer == _answer_of(unique, o.record_id) for o in checked) / len(checked))
     table = format_report(report, {"trigger_accuracy": 0.95, "false_call_rate": 0.05})
     assert "right expert and argument" in table and "NOT met" in table and "whole answers exact" in table
+
+
+def test_the_evaluation_of_a_held_out_export_is_named_so_in_its_progress(export, tmp_path):
+    heldout = tmp_path / "heldout"
+    shutil.copytree(export, heldout)
+    manifest = json.loads((heldout / "manifest.json").read_text(encoding="utf-8"))
+    manifest["phrasings"]["use"] = "heldout"
+    (heldout / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    shown: list[str] = []
+    report = evaluate_triggers(_RoutingDouble(set(), set()), heldout, limit=2, check_answers=False, log=shown.append)
+    assert len(report.outcomes) == 2
+    assert shown[0] == "Evaluating the model on held-out phrasings: 2 records to go"
+    assert shown[-1].startswith("Evaluating the model on held-out phrasings: 2/2 records, ")
+    evaluate_triggers(_RoutingDouble(set(), set()), heldout, limit=2, check_answers=False, log=shown.append,
+                      progress=False)
+    assert len(shown) == 3  # the start and each record; nothing more without progress
 
 
 def _answer_of(unique: dict, record_id: str) -> str:

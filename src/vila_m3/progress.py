@@ -149,11 +149,6 @@ class Progress(Generic[T]):
 
     # the plain line
 
-    @property
-    def elapsed(self) -> float:
-        """Seconds since the step started."""
-        return self._clock() - self._started
-
     def remaining(self, now: float | None = None) -> float | None:
         """Seconds left at the mean pace so far; None without a total or before the first unit."""
         if not self.total or self.n <= 0:
