@@ -181,3 +181,14 @@ def test_a_folder_and_a_pacs_give_the_same_conversations_through_the_same_adapte
     assert scan_export(from_pacs.out_dir, identifiers) == []
     blob = b"".join(files_of(from_pacs.out_dir).values())
     assert b"PHANTOM" not in blob.upper() and series.encode() not in blob and str(tmp_path).encode() not in blob
+
+
+def test_a_series_folder_linked_in_from_outside_the_studies_folder_is_no_image(tmp_path, sample_data):
+    studies = folder_studies(tmp_path, sample_data, nifti=False)
+    shutil.copytree(sample_data / "dicom" / "ct_abdomen", tmp_path / "elsewhere")
+    (studies / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (studies / "notes").mkdir()  # a folder without DICOM files is no image either
+    (studies / "notes" / "readme.txt").write_text("not an image", encoding="utf-8")
+    store = ContainedDatastore(str(studies), extensions=EXTENSIONS)
+    assert store.list_images() == ["ct_series"]
+    assert store.get_image_uri("linked") == ""

@@ -121,14 +121,17 @@ class ContainedDatastore(LocalDatastore):
 
     def _list_files(self, path: str, patterns: list[str]) -> dict[str, str]:
         """MONAI Label's scan of ``path`` for ``patterns``, plus: in the images folder, sub-folders holding a
-        DICOM series (an image whose id is the folder name); in a label folder, findings labels (``*.json``)."""
+        DICOM series (an image whose id is the folder name; not the labels folder, hidden ones, or a link out of
+        the studies folder); in a label folder, findings labels (``*.json``)."""
         files = super()._list_files(path, patterns)
         real = os.path.realpath(path)
         if real == os.path.realpath(self._datastore.image_path()):
             labels = os.path.realpath(self._datastore.label_path(None))
             for entry in sorted(os.scandir(real), key=lambda item: item.name):
+                inside = Path(os.path.realpath(entry.path))
                 if (entry.is_dir() and not entry.name.startswith(".") and is_valid_id(entry.name)
-                        and os.path.realpath(entry.path) != labels and _holds_dicom(Path(entry.path))):
+                        and inside.is_relative_to(self._root) and str(inside) != labels
+                        and _holds_dicom(Path(entry.path))):
                     files.setdefault(entry.name, entry.name)
         elif Path(real).is_relative_to(os.path.realpath(self._datastore.label_path(None))):
             for name in sorted(os.listdir(real)):
