@@ -10,12 +10,15 @@ import errno
 import os
 import socket
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vila_m3.chat.vlm_backend import remote_settings
+from vila_m3.experts.registry import EXPERTS_ENV, ExpertRegistry, env_experts_files
 from vila_m3.models.manifest import resolve_models_dir
-from vila_m3.tasks import TaskStatus, format_statuses, select_tasks, task_statuses
+from vila_m3.tasks import TaskStatus, format_statuses, select_tasks, task_catalogue, task_statuses
 
 DEFAULT_APP_DIR = Path(__file__).resolve().parents[2] / "apps" / "vila_m3"
 APP_DIR_ENV = "VILA_M3_APP_DIR"
@@ -50,6 +53,11 @@ class ServePlan:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
+    @property
+    def experts_files(self) -> tuple[str, ...]:
+        """The extra experts files in effect: ``$VILA_M3_EXPERTS`` then ``--conf experts_file`` (absolute)."""
+        return experts_files_of(self.conf)
+
     def command(self) -> list[str]:
         """The ``monailabel start_server`` command line, run with this Python."""
         argv = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(self.app_dir)]
@@ -64,6 +72,32 @@ def parse_conf_pairs(pairs: list[str]) -> dict[str, str]:
     if len(pairs) % 2:
         raise ServeError(f"--conf values come in KEY VALUE pairs; '{pairs[-1]}' has no value")
     return {pairs[i]: pairs[i + 1] for i in range(0, len(pairs), 2)}
+
+
+def experts_files_of(conf: dict[str, str]) -> tuple[str, ...]:
+    """The extra experts files the server will read, as it reads them: those of ``$VILA_M3_EXPERTS`` then those
+    of ``--conf experts_file`` (comma-separated), as absolute paths, each once."""
+    files = [str(path) for path in env_experts_files()]
+    for given in str(conf.get("experts_file") or "").split(","):
+        if given.strip() and (path := str(Path(given.strip()).expanduser().resolve())) not in files:
+            files.append(path)
+    return tuple(files)
+
+
+@contextmanager
+def experts_env(files: tuple[str, ...]) -> Iterator[None]:
+    """``$VILA_M3_EXPERTS`` set to ``files`` while the block runs (every expert registry built in it reads them),
+    restored afterwards."""
+    before = os.environ.get(EXPERTS_ENV)
+    if files:
+        os.environ[EXPERTS_ENV] = os.pathsep.join(files)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(EXPERTS_ENV, None)
+        else:
+            os.environ[EXPERTS_ENV] = before
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -117,10 +151,17 @@ def plan_server(
     models = resolve_models_dir(models_dir or conf.get("models_dir"))
     conf["models_dir"] = str(models)
     conf.setdefault("models", "all")
+    given = [str(Path(p.strip()).expanduser().resolve()) for p in str(conf.get("experts_file") or "").split(",")
+             if p.strip()]
+    if given:  # absolute: the server reads them whatever its working folder
+        conf["experts_file"] = ",".join(dict.fromkeys(given))
     try:
-        names = select_tasks(conf["models"])
-        statuses = task_statuses(names, models, vlm_id=conf.get("vlm"), remote_vlm=remote_settings(conf) is not None)
-    except (ValueError, KeyError) as err:
+        with experts_env(experts_files_of(conf)):  # the catalogue and the statuses see the extra experts, as the app does
+            catalogue = ExpertRegistry.from_config().with_expert_tasks(task_catalogue())
+            names = select_tasks(conf["models"], catalogue)
+            statuses = task_statuses(names, models, vlm_id=conf.get("vlm"), catalogue=catalogue,
+                                     remote_vlm=remote_settings(conf) is not None)
+    except (ValueError, KeyError) as err:  # ConfigError (a bad experts file) is a ValueError
         raise ServeError(str(err).strip("'\"")) from None
     check_port_free(host, port)
     return ServePlan(host, port, resolved_studies, app, models, conf, statuses)
@@ -148,5 +189,7 @@ def serve(plan: ServePlan) -> None:
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     env.setdefault("PYTHONUTF8", "1")  # text I/O stays UTF-8 even after a library switches the C locale
+    if plan.experts_files:
+        env[EXPERTS_ENV] = os.pathsep.join(plan.experts_files)
     command = plan.command()
     os.execve(command[0], command, env)
