@@ -26,7 +26,7 @@ from web_harness import launch_chromium, missing_for_browser_tests, start_viewer
 
 from vila_m3.imaging import read_labelmap
 from vila_m3.imaging.slices import extract_slice
-from vila_m3.models.stand_ins import stage_stand_ins
+from vila_m3.standins.stand_ins import stage_stand_ins
 
 pytestmark = [pytest.mark.web, pytest.mark.server]
 _MISSING = missing_for_browser_tests()
@@ -197,12 +197,17 @@ def test_ask_about_the_tumour_slice_see_the_segments_and_save_a_correction(viewe
     # a new chat starts empty; the old one reopens with its transcript and segmentation
     page.click("#new-chat")
     page.wait_for_function(f"!document.querySelector('#chat-id').innerText.includes('{chat_id}')", timeout=30_000)
-    assert QUESTION not in page.inner_text("#transcript")
+    page.wait_for_function(f"!document.querySelector('#transcript').innerText.includes('{QUESTION}')",
+                           timeout=30_000)
     page.select_option("#old-chat", chat_id)
     page.click("#reopen")
     page.wait_for_function(f"document.querySelector('#chat-id').innerText.includes('{chat_id}')", timeout=60_000)
-    page.wait_for_selector("#segments .segment", timeout=60_000)
-    assert QUESTION in page.inner_text("#transcript")
+    # the chat's last labelmap comes back from the server as a new segmentation: both segments again
+    page.wait_for_function("document.querySelectorAll('#segments .segment').length == 2", timeout=60_000)
+    page.wait_for_function(f"document.querySelector('#transcript').innerText.includes('{QUESTION}')",
+                           timeout=30_000)
+    assert sorted(page.locator("#segments .segment").evaluate_all("rows => rows.map(r => r.dataset.segment)")) \
+        == ["hepatic tumor", "liver"]
     page.close()
 
 

@@ -435,10 +435,11 @@ class ChatViewer(TrameApp):
             self._show_error(ValueError("A question is being answered; wait for it or press Stop."))
             return
         chat_id = self.logic.newChat(self.volume)
-        with self.state:
+        with self.state:  # the id and the (empty) transcript reach the page together
             self.state.chat_id = chat_id
-        self._render_chat()
-        self._set_status(f"New chat {chat_id}.")
+            self.state.transcript_html = self._chat_state(chat_id).to_html()
+            self.state.status = f"New chat {chat_id}."
+            self.state.status_error = False
 
     def reopen_chat(self) -> None:
         """Reopen ``old_chat`` (a chat id): its transcript and its last segmentation, from the server."""
@@ -458,7 +459,7 @@ class ChatViewer(TrameApp):
             self.chat_states[chat_id] = state
             with self.state:
                 self.state.chat_id = chat_id
-            self._render_chat()
+                self.state.transcript_html = state.to_html()
             if node is not None:
                 self._show_segments(node)
             self._set_status(f"Chat {chat_id} reopened.")
