@@ -106,7 +106,7 @@ from vila_m3.experts.registry import ExpertRegistry  # noqa: E402
 from vila_m3.experts.service import ExpertService  # noqa: E402
 from vila_m3.imaging import render_overlay, render_slice, write_labelmap  # noqa: E402
 from vila_m3.models.manifest import STAND_IN_FIELD, ModelManifest  # noqa: E402
-from vila_m3.models.stand_ins import stage_stand_ins  # noqa: E402
+from vila_m3.standins.stand_ins import stage_stand_ins  # noqa: E402
 from vila_m3.vlm.remote import build_messages, image_data_url  # noqa: E402
 
 TRIGGER = "This looks like a CT image. Let me trigger <VISTA3D(hepatic tumor)>."
@@ -173,7 +173,7 @@ def stage_checkpoint(models_dir: Path, checkpoint: Path | None) -> tuple[Path, s
     location = ModelManifest.load()[VLM_ID].location(models_dir)
     location.parent.mkdir(parents=True, exist_ok=True)
     if checkpoint is None:
-        from vila_m3.models.tiny_vila import make_tiny_vila_checkpoint
+        from vila_m3.standins.tiny_vila import make_tiny_vila_checkpoint
 
         make_tiny_vila_checkpoint(location, template="llama_3")
         return location, "tiny random stand-in written by make_tiny_vila_checkpoint(template='llama_3')"

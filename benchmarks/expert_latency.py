@@ -87,9 +87,9 @@ from vila_m3.experts.vista3d import PreparedCT, Vista3DRunner
 from vila_m3.imaging import Volume, labelmap_like, read_volume, save_labelmap, write_labelmap
 from vila_m3.imaging.overlay import render_overlay
 from vila_m3.models.manifest import ModelManifest
-from vila_m3.models.stand_ins import stage_stand_ins
-from vila_m3.models.tiny_bundles import make_tiny_brats_bundle, make_tiny_vista3d_bundle
 from vila_m3.samples import CT_ID, MRI_ID, MRI_SEQUENCES, generate_samples
+from vila_m3.standins.stand_ins import stage_stand_ins
+from vila_m3.standins.tiny_bundles import make_tiny_brats_bundle, make_tiny_vista3d_bundle
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chat_overhead import write_ct  # noqa: E402  (the same synthetic CT as the chat benchmark)

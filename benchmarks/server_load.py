@@ -53,8 +53,8 @@ from fake_openai_server import FakeOpenAIServer, Reply, _Handler, stream_events 
 from server_harness import start_monailabel  # noqa: E402
 from vlm_process import VLMProcess  # noqa: E402
 
-from vila_m3.models.stand_ins import stage_stand_ins  # noqa: E402
 from vila_m3.samples import CT_ID, generate_samples  # noqa: E402
+from vila_m3.standins.stand_ins import stage_stand_ins  # noqa: E402
 
 VLM_MODEL = "bench-vila-m3"
 GROUPS = ("hepatic tumor", "pancreatic tumor", "organs", "lung tumor")

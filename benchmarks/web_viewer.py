@@ -26,8 +26,8 @@ from fake_openai_server import FakeOpenAIServer, sse  # noqa: E402
 from server_harness import start_monailabel  # noqa: E402
 from web_harness import launch_chromium, start_viewer  # noqa: E402
 
-from vila_m3.models.stand_ins import stage_stand_ins  # noqa: E402
 from vila_m3.samples import generate_samples  # noqa: E402
+from vila_m3.standins.stand_ins import stage_stand_ins  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from vila_m3.imaging import Geometry, Volume, read_volume
-from vila_m3.models.tiny_bundles import make_tiny_brats_bundle, make_tiny_vista3d_bundle
+from vila_m3.standins.tiny_bundles import make_tiny_brats_bundle, make_tiny_vista3d_bundle
 
 MRI_SEQUENCES = ("t1c", "t1", "t2", "flair")
 

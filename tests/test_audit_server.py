@@ -25,7 +25,7 @@ from fake_openai_server import FakeOpenAIServer, sse
 from server_harness import RunningServer, start_monailabel
 
 from vila_m3.audit import FIELDS, hashed
-from vila_m3.models.stand_ins import stage_stand_ins
+from vila_m3.standins.stand_ins import stage_stand_ins
 
 pytestmark = pytest.mark.server
 

@@ -26,8 +26,8 @@ from fake_openai_server import FakeOpenAIServer, error, sse
 from server_harness import RunningServer, start_monailabel
 
 from vila_m3.models.manifest import ModelManifest
-from vila_m3.models.stand_ins import stage_stand_ins
-from vila_m3.models.tiny_vila import make_tiny_vila_checkpoint
+from vila_m3.standins.stand_ins import stage_stand_ins
+from vila_m3.standins.tiny_vila import make_tiny_vila_checkpoint
 
 pytestmark = [pytest.mark.server, pytest.mark.security]
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from vila_m3.experts.bundle import METADATA_CONFIG, STAND_IN_FIELD, MonaiBundle
-from vila_m3.models.tiny_bundles import make_tiny_brats_bundle
+from vila_m3.standins.tiny_bundles import make_tiny_brats_bundle
 from vila_m3.training.brats_stand_in import (
     REGIONS,
     TRAINING_RECORD,

@@ -37,7 +37,7 @@ from vila_m3.chat.store import (
 from vila_m3.chat.transcript import Message, vlm_conversation
 from vila_m3.data import export_dataset
 from vila_m3.experts.service import ExpertService
-from vila_m3.models.stand_ins import stage_stand_ins
+from vila_m3.standins.stand_ins import stage_stand_ins
 
 TRIGGER = "This looks like a CT image. Let me trigger <VISTA3D(hepatic tumor)>."
 FIRST_QUESTION = "Is the liver enlarged?"

@@ -17,7 +17,7 @@ from vila_m3.experts.registry import ExpertRegistry
 from vila_m3.experts.service import ExpertService
 from vila_m3.imaging import read_labelmap, read_volume
 from vila_m3.imaging.slices import render_label_slice
-from vila_m3.models.stand_ins import stage_stand_ins
+from vila_m3.standins.stand_ins import stage_stand_ins
 
 QUESTION = "Is there a liver tumor?"
 TRIGGER = "This looks like a CT image. Let me trigger <VISTA3D(hepatic tumor)>."

@@ -20,7 +20,7 @@ from server_harness import RunningServer, start_monailabel
 
 from vila_m3.imaging import read_labelmap, read_volume
 from vila_m3.imaging.slices import render_label_slice
-from vila_m3.models.stand_ins import stage_stand_ins
+from vila_m3.standins.stand_ins import stage_stand_ins
 
 pytestmark = pytest.mark.server
 

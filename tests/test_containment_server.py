@@ -21,7 +21,7 @@ import requests
 from fake_openai_server import FakeOpenAIServer, sse
 from server_harness import RunningServer, start_monailabel
 
-from vila_m3.models.stand_ins import stage_stand_ins
+from vila_m3.standins.stand_ins import stage_stand_ins
 
 pytestmark = [pytest.mark.server, pytest.mark.security]
 

@@ -25,7 +25,7 @@ from test_chat_server import read_events
 
 from vila_m3.chat.store import TURN_MARKER, Chat, ChatStore
 from vila_m3.chat.transcript import Message
-from vila_m3.models.stand_ins import stage_stand_ins
+from vila_m3.standins.stand_ins import stage_stand_ins
 
 pytestmark = pytest.mark.server
 

@@ -30,7 +30,7 @@ from vila_m3.experts.cxr import (
 from vila_m3.experts.result import ExpertInputError, ExpertRunError
 from vila_m3.imaging import Geometry, Volume, read_volume
 from vila_m3.models.manifest import ModelManifest
-from vila_m3.models.stand_in_xrv import (
+from vila_m3.standins.stand_in_xrv import (
     STAND_IN_MARKER,
     STAND_IN_NOTE,
     XRV_FOLDER,

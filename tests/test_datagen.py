@@ -52,7 +52,7 @@ from vila_m3.experts.service import ExpertService
 from vila_m3.imaging import labelmap_like, read_labelmap, read_volume, write_labelmap
 from vila_m3.imaging.overlay import render_overlay
 from vila_m3.imaging.slices import render_label_slice, render_slice
-from vila_m3.models.stand_ins import stage_stand_ins
+from vila_m3.standins.stand_ins import stage_stand_ins
 
 SEQUENCES = ("t1c", "t1", "t2", "flair")
 CT_TRIGGER = "This looks like a CT image. Let me trigger <VISTA3D({group})>. "

@@ -22,8 +22,8 @@ from server_harness import RunningServer, start_monailabel
 from test_pacs_server import multipart
 
 from vila_m3.imaging import read_labelmap
-from vila_m3.models.stand_ins import stage_stand_ins
 from vila_m3.reports.dicom_sr import referenced_instances, report_texts
+from vila_m3.standins.stand_ins import stage_stand_ins
 
 pytestmark = pytest.mark.server
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from vila_m3.experts.service import ExpertService, LruCache
-from vila_m3.models.stand_ins import stage_stand_ins
+from vila_m3.standins.stand_ins import stage_stand_ins
 
 
 @pytest.fixture(scope="module")

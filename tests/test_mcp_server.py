@@ -35,7 +35,7 @@ from vila_m3.chat.study import detect_modality
 from vila_m3.experts.registry import ExpertRegistry
 from vila_m3.imaging import read_labelmap, read_volume, render_slice
 from vila_m3.mcp_server import TOKEN_ENV
-from vila_m3.models.stand_ins import stage_stand_ins
+from vila_m3.standins.stand_ins import stage_stand_ins
 
 pytestmark = pytest.mark.server
 

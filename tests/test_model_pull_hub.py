@@ -31,7 +31,7 @@ VILA_3B_REPO = "MONAI/Llama3-VILA-M3-3B"
 def tiny_vila(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny VILA checkpoint folder in the released layout (sharded LLM, tokenizer.model, vision tower,
     projector), written as real weights (no stand-in note), as the hub would serve it."""
-    from vila_m3.models.tiny_vila import make_tiny_vila_checkpoint
+    from vila_m3.standins.tiny_vila import make_tiny_vila_checkpoint
 
     return make_tiny_vila_checkpoint(tmp_path_factory.mktemp("hub") / "vila3b", template="vicuna_v1", note="")
 
@@ -152,7 +152,7 @@ def local_configs(tmp_path: Path, files_url: str, www: Path) -> Path:
 def test_pull_real_replaces_the_demos_stand_ins_and_leaves_none_of_their_files(
         hub, tiny_vila, file_server, tmp_path, monkeypatch):  # noqa: F811
     from vila_m3.cli import main
-    from vila_m3.models.stand_ins import stage_stand_ins
+    from vila_m3.standins.stand_ins import stage_stand_ins
     from vila_m3.tasks import select_tasks, task_statuses
 
     files_url, www = file_server
@@ -236,7 +236,7 @@ def test_plain_make_run_without_real_weights_says_in_one_line_how_to_get_them(tm
     assert lines.count(REAL_WEIGHTS_HINT) == 1 and lines[-1] == REAL_WEIGHTS_HINT
     assert "make run MODELS=real" in REAL_WEIGHTS_HINT and "huggingface.co" in REAL_WEIGHTS_HINT
 
-    from vila_m3.models.stand_ins import stage_stand_ins
+    from vila_m3.standins.stand_ins import stage_stand_ins
 
     stage_stand_ins(tmp_path / "models", ("brats",))  # stand-ins are no real weights: the line stays
     assert make_run(tmp_path, env).stdout.splitlines()[-1] == REAL_WEIGHTS_HINT

@@ -207,7 +207,7 @@ def test_cli_pull_by_task_names_the_task_and_fails_offline_without_traceback(tmp
 
 
 def test_stand_ins_are_flagged_in_the_task_report(tmp_path):
-    from vila_m3.models.stand_ins import stage_stand_ins
+    from vila_m3.standins.stand_ins import stage_stand_ins
     from vila_m3.tasks import format_statuses
 
     stage_stand_ins(tmp_path / "models", ("brats",))
@@ -219,7 +219,7 @@ def test_stand_ins_are_flagged_in_the_task_report(tmp_path):
 
 
 def test_stand_ins_never_overwrite_real_weights(tmp_path):
-    from vila_m3.models.stand_ins import stage_stand_ins
+    from vila_m3.standins.stand_ins import stage_stand_ins
 
     real = tmp_path / "models" / "bundles" / "vista3d" / "configs"
     real.mkdir(parents=True)

@@ -21,8 +21,8 @@ from server_harness import RunningServer, start_monailabel
 from test_pacs_server import multipart, orthanc  # noqa: F401  (the module's Orthanc fixture)
 
 from vila_m3.audit import hashed
-from vila_m3.models.stand_ins import stage_stand_ins
 from vila_m3.reports.dicom_sr import referenced_instances, report_texts
+from vila_m3.standins.stand_ins import stage_stand_ins
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "slicer_extension" / "VILAM3Chat"))
 from VILAM3ChatLib.client import RequestRejected, VilaM3Client  # noqa: E402

@@ -18,7 +18,7 @@ from requests_toolbelt.multipart.decoder import MultipartDecoder
 from server_harness import RunningServer, start_monailabel
 
 from vila_m3.imaging import read_labelmap, read_volume
-from vila_m3.models.stand_ins import stage_stand_ins
+from vila_m3.standins.stand_ins import stage_stand_ins
 
 pytestmark = [pytest.mark.server, pytest.mark.pacs]
 

@@ -38,7 +38,7 @@ from vila_m3.experts.registry import ExpertRegistry
 from vila_m3.experts.service import ExpertService
 from vila_m3.logtext import fingerprint
 from vila_m3.models.manifest import ModelManifest
-from vila_m3.models.tiny_vila import make_tiny_vila_checkpoint
+from vila_m3.standins.tiny_vila import make_tiny_vila_checkpoint
 from vila_m3.training.trainer import PrivacyCheckFailed, fine_tune
 
 pytestmark = pytest.mark.security

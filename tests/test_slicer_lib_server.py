@@ -37,7 +37,7 @@ from slicer_core_fixture import slicer_core  # noqa: F401
 
 from vila_m3.imaging import read_labelmap, read_volume, write_labelmap
 from vila_m3.imaging.slices import slice_index_at
-from vila_m3.models.stand_ins import stage_stand_ins
+from vila_m3.standins.stand_ins import stage_stand_ins
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "slicer_extension" / "VILAM3Chat"))

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from vila_m3.experts.bundle import METADATA_CONFIG, STAND_IN_FIELD
-from vila_m3.models.tiny_bundles import make_tiny_brats_bundle, make_tiny_vista3d_bundle
+from vila_m3.standins.tiny_bundles import make_tiny_brats_bundle, make_tiny_vista3d_bundle
 from vila_m3.training.brats_stand_in import BratsStandInRecipe, train_brats_stand_in
 from vila_m3.training.vista3d_stand_in import Vista3DStandInRecipe, train_vista3d_stand_in
 

@@ -17,7 +17,7 @@ from test_chat_server import ask, expected_feedback, parts
 from vila_m3.experts.registry import ExpertRegistry
 from vila_m3.experts.tools import expert_tools
 from vila_m3.imaging import read_labelmap, read_volume
-from vila_m3.models.stand_ins import stage_stand_ins
+from vila_m3.standins.stand_ins import stage_stand_ins
 
 pytestmark = pytest.mark.server
 

@@ -15,8 +15,8 @@ from server_harness import free_port, isolated_env, start_monailabel
 
 from vila_m3.data.export import export_dataset
 from vila_m3.models.manifest import ModelManifest
-from vila_m3.models.tiny_vila import make_tiny_vila_checkpoint
 from vila_m3.samples.annotated import annotated_studies
+from vila_m3.standins.tiny_vila import make_tiny_vila_checkpoint
 from vila_m3.vlm.modeling import VilaForConditionalGeneration
 
 pytestmark = pytest.mark.server

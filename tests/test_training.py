@@ -14,8 +14,8 @@ from transformers import AutoTokenizer
 
 from vila_m3.data.export import export_dataset
 from vila_m3.experts.triggers import find_triggers
-from vila_m3.models.tiny_vila import make_tiny_vila_checkpoint
 from vila_m3.samples.annotated import annotated_studies
+from vila_m3.standins.tiny_vila import make_tiny_vila_checkpoint
 from vila_m3.training.evaluation import evaluate_triggers, format_report, product_registry
 from vila_m3.training.examples import ConversationDataset, DataError, collate, encode_conversation
 from vila_m3.training.options import TrainingOptions, TrainingOptionsError

@@ -30,7 +30,7 @@ from monailabel.client import MONAILabelClient
 from server_harness import RunningServer, copy_app, free_port, isolated_env, start_process
 
 from vila_m3.imaging import read_labelmap
-from vila_m3.models.stand_ins import stage_stand_ins
+from vila_m3.standins.stand_ins import stage_stand_ins
 
 pytestmark = [pytest.mark.server, pytest.mark.security]
 

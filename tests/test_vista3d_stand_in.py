@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from vila_m3.experts.bundle import METADATA_CONFIG, STAND_IN_FIELD
-from vila_m3.models.tiny_bundles import make_tiny_vista3d_bundle
+from vila_m3.standins.tiny_bundles import make_tiny_vista3d_bundle
 from vila_m3.training.vista3d_stand_in import (
     TRAINING_RECORD,
     Vista3DStandInRecipe,

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from vlm_fixtures import chat_llama3, chat_vicuna, make_images, tiny_llama3, tiny_vicuna  # noqa: F401
 from vlm_reference import reference_logits, reference_merge_2x2, reference_prompt
 
-from vila_m3.models.tiny_vila import make_tiny_vila_checkpoint
+from vila_m3.standins.tiny_vila import make_tiny_vila_checkpoint
 from vila_m3.vlm import (
     IMAGE_TOKEN_INDEX,
     CheckpointError,

@@ -215,7 +215,7 @@ def test_devices_queue_independently():
 
 @pytest.fixture(scope="module")
 def vista3d_models(tmp_path_factory: pytest.TempPathFactory):
-    from vila_m3.models.stand_ins import stage_stand_ins
+    from vila_m3.standins.stand_ins import stage_stand_ins
 
     root = tmp_path_factory.mktemp("queue-models")
     stage_stand_ins(root, ("vista3d",))

@@ -16,7 +16,7 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from vila_m3.models.tiny_vila import make_tiny_vila_checkpoint  # noqa: E402
+from vila_m3.standins.tiny_vila import make_tiny_vila_checkpoint  # noqa: E402
 from vila_m3.vlm import VilaChat  # noqa: E402
 
 

@@ -190,7 +190,7 @@ def pull_summary(staged: list, fetched: list[str], failed: list[str], models_dir
 
 def _models_stand_ins(args: argparse.Namespace) -> int:
     from vila_m3.models.manifest import resolve_models_dir
-    from vila_m3.models.stand_ins import STAND_IN_TASKS, stage_stand_ins
+    from vila_m3.standins.stand_ins import STAND_IN_TASKS, stage_stand_ins
 
     models_dir = resolve_models_dir(args.models_dir)
     tasks = tuple(args.task or STAND_IN_TASKS)

@@ -173,7 +173,7 @@ class BratsRunner(BundleRunner):
 
     Args:
         bundle_dir: the ``brats_mri_segmentation`` bundle folder (real, or a stand-in from
-            :func:`vila_m3.models.tiny_bundles.make_tiny_brats_bundle`).
+            :func:`vila_m3.standins.tiny_bundles.make_tiny_brats_bundle`).
         device: torch device; None: CUDA if available, else CPU.
         spec: the BRATS expert of the registry (label names); None reads it from ``configs/experts.yaml``.
         trusted_sha256: SHA-256 sums of ``models/model.pt`` the caller vouches for.

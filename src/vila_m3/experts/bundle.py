@@ -1,7 +1,7 @@
 """MONAI bundles loaded offline from a local folder, with MONAI's own bundle API.
 
 A bundle folder (as the MONAI model zoo ships it, or a tiny stand-in from
-:mod:`vila_m3.models.tiny_bundles`) holds::
+:mod:`vila_m3.standins.tiny_bundles`) holds::
 
     configs/inference.json   network_def, preprocessing transforms, inferer, ... (MONAI bundle syntax)
     configs/metadata.json    version, label dictionaries, and, for a stand-in, ``vila_m3_stand_in``

@@ -60,8 +60,7 @@ from vila_m3.experts.registry import (
 from vila_m3.experts.result import ExpertInputError, ExpertRunError
 from vila_m3.experts.runner import BaseExpertRunner, StudyView, primary_volume
 from vila_m3.imaging import Volume, read_volume
-from vila_m3.models.manifest import ModelManifest
-from vila_m3.models.stand_in_xrv import STAND_IN_MARKER, XRV_FOLDER
+from vila_m3.models.manifest import STAND_IN_MARKER, XRV_FOLDER, ModelManifest
 
 __all__ = [
     "MAXVAL",

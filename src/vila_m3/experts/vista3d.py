@@ -105,7 +105,7 @@ class Vista3DRunner(BundleRunner):
 
     Args:
         bundle_dir: the ``vista3d`` bundle folder (real, or a stand-in from
-            :func:`vila_m3.models.tiny_bundles.make_tiny_vista3d_bundle`).
+            :func:`vila_m3.standins.tiny_bundles.make_tiny_vista3d_bundle`).
         device: torch device; None: CUDA if available, else CPU.
         spec: the VISTA3D expert of the registry (label names and subclasses); None reads it from
             ``configs/experts.yaml``.

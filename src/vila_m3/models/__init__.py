@@ -1,2 +1,3 @@
-"""Model weights: the manifest of real weights (source, revision, where they go) and generators of
-tiny stand-ins in the exact on-disk layout of the real ones, for tests and the offline demo."""
+"""Model weights: the manifest of real weights (source, revision, where they go) and their staging.
+
+The generators of tiny stand-ins in the same layout live in :mod:`vila_m3.standins`."""

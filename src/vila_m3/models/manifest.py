@@ -18,6 +18,8 @@ from vila_m3.configs import load_config
 MODELS_DIR_ENV = "VILA_M3_MODELS_DIR"
 STAND_IN_FIELD = "vila_m3_stand_in"  # in a stand-in's config.json / configs/metadata.json
 STAND_IN_MARKER = "VILA_M3_STAND_IN.txt"  # beside stand-in single-file weights
+XRV_FOLDER = "torchxrayvision"
+"""Folder under the models directory that holds the TorchXRayVision weight files (xrv's ``cache_dir``)."""
 
 
 def resolve_models_dir(explicit: str | os.PathLike[str] | None = None) -> Path:

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vila_m3.models.manifest import STAND_IN_MARKER, ModelEntry, ModelManifest
+from vila_m3.models.manifest import STAND_IN_MARKER, XRV_FOLDER, ModelEntry, ModelManifest
 
 __all__ = [
     "STAND_IN_MARKER",
@@ -54,8 +54,6 @@ __all__ = [
     "xrv_entries",
 ]
 
-XRV_FOLDER = "torchxrayvision"
-"""Folder under the models directory that holds the xrv weight files (xrv's ``cache_dir``)."""
 STAND_IN_NOTE = "tiny random weights for tests; not a medical model"
 XRV_KIND = "xrv_weights"
 

@@ -24,20 +24,20 @@ def stage_stand_ins(models_dir: Path, tasks: tuple[str, ...] = STAND_IN_TASKS, v
     written: list[Path] = []
     for task in tasks:
         if task == "vista3d":
-            from vila_m3.models.tiny_bundles import make_tiny_vista3d_bundle
+            from vila_m3.standins.tiny_bundles import make_tiny_vista3d_bundle
 
             written.append(make_tiny_vista3d_bundle(_fresh(manifest["vista3d"].location(models_dir)), seed=seed))
         elif task == "brats":
-            from vila_m3.models.tiny_bundles import make_tiny_brats_bundle
+            from vila_m3.standins.tiny_bundles import make_tiny_brats_bundle
 
             location = _fresh(manifest["brats_mri_segmentation"].location(models_dir))
             written.append(make_tiny_brats_bundle(location, seed=seed))
         elif task == "cxr":
-            from vila_m3.models.stand_in_xrv import make_stand_in_xrv_weights
+            from vila_m3.standins.stand_in_xrv import make_stand_in_xrv_weights
 
             written.extend(make_stand_in_xrv_weights(models_dir, seed=seed, manifest=manifest))
         elif task == "vila_m3":
-            from vila_m3.models.tiny_vila import make_tiny_vila_checkpoint
+            from vila_m3.standins.tiny_vila import make_tiny_vila_checkpoint
 
             entry = manifest[vlm_id]
             template = "llama_3" if vlm_id == "vila_m3_8b" else "vicuna_v1"

@@ -15,7 +15,8 @@ Layout written (as the model zoo ships the bundles)::
     docs/README.md
     scripts/                 VISTA3D only, because its inference.json names ``scripts.inferer`` and
                              ``scripts.evaluator``: a small inferer and evaluator of our own, so that
-                             ``python -m monai.bundle run`` works on the stand-in as on the real bundle.
+                             ``python -m monai.bundle run`` works on the stand-in as on the real bundle
+                             (copied from ``vila_m3/standins/bundle_scripts/vista3d/``).
 
 What differs from the real bundles, on purpose:
 
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import json
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -469,96 +471,12 @@ bundle's architecture family, made tiny, with random weights (seed {seed}); its 
 Replace this folder with the real bundle to get real results: `vila-m3 models pull {model_id}`.
 """
 
-_SCRIPTS_INIT = '''"""Python helpers of the VISTA3D stand-in bundle, named by configs/inference.json."""
-'''
-
-_SCRIPTS_INFERER = '''"""Sliding-window inferer of the VISTA3D stand-in bundle (``inferer`` in configs/inference.json)."""
-
-from __future__ import annotations
-
-import torch
-from monai.apps.vista3d.inferer import point_based_window_inferer
-from monai.inferers import Inferer, SlidingWindowInfererAdapt
-
-
-class Vista3dInferer(Inferer):
-    """Class prompts: sliding windows over the whole image (``SlidingWindowInfererAdapt``, patch
-    coordinates passed to the network). Point prompts with ``use_point_window``: windows around the
-    points only (``point_based_window_inferer``). The network output is (1, B, H, W, D) logits.
-    """
-
-    def __init__(self, roi_size, overlap, use_point_window=False, sw_batch_size=1) -> None:
-        super().__init__()
-        self.roi_size = roi_size
-        self.overlap = overlap
-        self.use_point_window = use_point_window
-        self.sw_batch_size = sw_batch_size
-
-    def __call__(self, inputs, network, point_coords=None, point_labels=None, class_vector=None,
-                 labels=None, label_set=None, prev_mask=None):
-        prompt_class = None if class_vector is None else class_vector.clone()
-        head = getattr(network, "point_head", None) or network.module.point_head
-        if class_vector is not None and bool(torch.any(class_vector > head.last_supported)):
-            class_vector = None  # classes the class head was not trained on go through the point head
-        extra = dict(point_coords=point_coords, point_labels=point_labels, class_vector=class_vector,
-                     prompt_class=prompt_class, prev_mask=prev_mask, labels=labels, label_set=label_set)
-        if self.use_point_window and point_coords is not None:
-            return point_based_window_inferer(
-                inputs=inputs, roi_size=self.roi_size, sw_batch_size=self.sw_batch_size, transpose=True,
-                with_coord=True, predictor=network, mode="gaussian", sw_device=inputs.device,
-                device=inputs.device, overlap=self.overlap, **extra)
-        window = SlidingWindowInfererAdapt(
-            roi_size=self.roi_size, sw_batch_size=self.sw_batch_size, overlap=self.overlap, with_coord=True)
-        return window(inputs, network, transpose=True, **extra)
-'''
-
-_SCRIPTS_EVALUATOR = '''"""Evaluator of the VISTA3D stand-in bundle (``evaluator`` in configs/inference.json).
-
-Runs user prompts only: ``label_prompt`` (a list of class ids) from the input dict, or, when none is
-given, ``hyper_kwargs["everything_labels"]``. Point prompts are not supported by the stand-in.
-"""
-
-from __future__ import annotations
-
-import torch
-from monai.engines import SupervisedEvaluator
-from monai.engines.utils import IterationEvents
-from monai.transforms import reset_ops_id
-from monai.utils.enums import CommonKeys
-
-
-class Vista3dEvaluator(SupervisedEvaluator):
-    def __init__(self, *args, hyper_kwargs=None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.hyper_kwargs = dict(hyper_kwargs or {})
-
-    def _iteration(self, engine, batchdata):
-        if batchdata is None:
-            raise ValueError("no batch data")
-        if batchdata.get("points") is not None:
-            raise NotImplementedError("the VISTA3D stand-in bundle takes label prompts only")
-        prompt = batchdata.get("label_prompt")
-        if prompt is None:
-            prompt = self.hyper_kwargs.get("everything_labels")
-        if prompt is None:
-            raise ValueError("a label_prompt is needed")
-        inputs = batchdata[CommonKeys.IMAGE].to(engine.state.device)
-        ids = torch.as_tensor([int(v) for v in torch.as_tensor(prompt).reshape(-1)], device=inputs.device)
-        class_vector = ids.unsqueeze(-1)
-        engine.state.output = {CommonKeys.IMAGE: inputs, CommonKeys.LABEL: None}
-        with engine.mode(engine.network):
-            if engine.amp and inputs.device.type == "cuda":
-                with torch.autocast("cuda", **engine.amp_kwargs):
-                    pred = engine.inferer(inputs=inputs, network=engine.network, class_vector=class_vector)
-            else:
-                pred = engine.inferer(inputs=inputs, network=engine.network, class_vector=class_vector)
-        reset_ops_id(inputs)  # Invertd undoes the preprocessing with a copy of those transforms
-        engine.state.output[CommonKeys.PRED] = pred
-        engine.state.output["label_prompt"] = class_vector.unsqueeze(0)
-        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        return engine.state.output
-'''
+def _bundle_scripts(bundle: str) -> dict[str, bytes]:
+    """The ``scripts/`` files of stand-in bundle ``bundle`` (a folder of :mod:`vila_m3.standins.bundle_scripts`):
+    file name → its bytes, copied unchanged."""
+    folder = resources.files("vila_m3.standins.bundle_scripts") / bundle
+    return {item.name: item.read_bytes() for item in sorted(folder.iterdir(), key=lambda item: item.name)
+            if item.is_file() and item.name.endswith(".py")}
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -582,16 +500,16 @@ def _write_bundle(
     inference: dict[str, Any],
     metadata: dict[str, Any],
     seed: int,
-    scripts: dict[str, str] | None = None,
+    scripts: dict[str, bytes] | None = None,
 ) -> Path:
     root = Path(out_dir)
     _write_json(root / "configs" / "inference.json", copy.deepcopy(inference))
     _write_json(root / "configs" / "metadata.json", metadata)
     _save_random_network(inference, root / "models" / "model.pt", seed)
-    for name, text in (scripts or {}).items():
+    for name, content in (scripts or {}).items():
         target = root / "scripts" / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text, encoding="utf-8")
+        target.write_bytes(content)
     readme = _README.format(
         name=metadata["name"],
         note=STAND_IN_NOTE[0].upper() + STAND_IN_NOTE[1:],
@@ -618,7 +536,7 @@ def make_tiny_vista3d_bundle(out_dir: str | Path, seed: int = 0, real_sizes: boo
         vista3d_inference_config(real_sizes),
         _vista3d_metadata(),
         seed,
-        scripts={"__init__.py": _SCRIPTS_INIT, "inferer.py": _SCRIPTS_INFERER, "evaluator.py": _SCRIPTS_EVALUATOR},
+        scripts=_bundle_scripts("vista3d"),
     )
 
 

@@ -1,6 +1,6 @@
 """Teach the tiny BRATS stand-in bundle the tumour sub-regions of the synthetic phantom brain MRIs.
 
-A random stand-in (:func:`vila_m3.models.tiny_bundles.make_tiny_brats_bundle`) returns noise. For the
+A random stand-in (:func:`vila_m3.standins.tiny_bundles.make_tiny_brats_bundle`) returns noise. For the
 demo, its network is trained here on phantom MRIs of several seeds (the four sequences T1c, T1, T2,
 FLAIR with their BRATS labels), so that a question about the sample MRI comes back with a labelmap
 that outlines its tumour. Everything goes through the bundle as :class:`~vila_m3.experts.brats.BratsRunner`

@@ -102,8 +102,8 @@ def build_demo_vlm(
         log: where progress lines go.
     """
     from vila_m3.data.export import export_dataset
-    from vila_m3.models.tiny_vila import make_tiny_vila_checkpoint
     from vila_m3.samples.annotated import annotated_studies
+    from vila_m3.standins.tiny_vila import make_tiny_vila_checkpoint
     from vila_m3.training.trainer import fine_tune
     from vila_m3.vlm.generation import VilaChat
 
@@ -320,11 +320,11 @@ TRAINABLE_EXPERTS: dict[str, _TrainableExpert] = {
     "vista3d": _TrainableExpert(
         "vista3d", "vila_m3.training.vista3d_stand_in:Vista3DStandInRecipe",
         "vila_m3.training.vista3d_stand_in:train_vista3d_stand_in",
-        "vila_m3.models.tiny_bundles:vista3d_inference_config", "synthetic phantom CTs", "the sample CT"),
+        "vila_m3.standins.tiny_bundles:vista3d_inference_config", "synthetic phantom CTs", "the sample CT"),
     "brats": _TrainableExpert(
         "brats_mri_segmentation", "vila_m3.training.brats_stand_in:BratsStandInRecipe",
         "vila_m3.training.brats_stand_in:train_brats_stand_in",
-        "vila_m3.models.tiny_bundles:brats_inference_config", "synthetic phantom brain MRIs", "the sample MRI"),
+        "vila_m3.standins.tiny_bundles:brats_inference_config", "synthetic phantom brain MRIs", "the sample MRI"),
 }
 
 
@@ -332,7 +332,7 @@ def _stage_trained_expert(models_dir: Path, task: str, recipe_config: Mapping[st
                           log: Callable[[str], None]) -> str:
     """``task``'s stand-in trained on phantoms in ``models_dir`` (reused when its build is current)."""
     from vila_m3.models.manifest import ModelManifest
-    from vila_m3.models.stand_ins import stage_stand_ins
+    from vila_m3.standins.stand_ins import stage_stand_ins
 
     expert = TRAINABLE_EXPERTS[task]
     recipe = expert.recipe_of(recipe_config, task, "configs/demo_experts.yaml")
@@ -364,7 +364,7 @@ def stage_demo_experts(models_dir: Path, overrides: Mapping[str, Any] | None = N
     BRATS trained on the phantoms as ``configs/demo_experts.yaml`` says (``overrides`` change it;
     ``rebuild`` trains again even when the staged one is current), the others random."""
     from vila_m3.models.manifest import ModelManifest
-    from vila_m3.models.stand_ins import stage_stand_ins
+    from vila_m3.standins.stand_ins import stage_stand_ins
 
     manifest = ModelManifest.load()
     config = demo_experts_config(overrides)

@@ -1,6 +1,6 @@
 """Teach the tiny VISTA3D stand-in bundle the structures of the synthetic phantom CTs.
 
-A random stand-in (:func:`vila_m3.models.tiny_bundles.make_tiny_vista3d_bundle`) returns noise. For
+A random stand-in (:func:`vila_m3.standins.tiny_bundles.make_tiny_vista3d_bundle`) returns noise. For
 the demo, its network is trained here on phantom CTs of several seeds, with their ground truth, so
 that a question about the sample CT comes back with a labelmap that outlines its organs and its
 hepatic tumours (the recipe's ``class_weights`` give the small, low-contrast tumours more of the loss
