@@ -41,7 +41,7 @@ PACS_DIR ?= .pacs
 
 .PHONY: run demo demo-rebuild test samples lint venv clean-venv pacs pacs-deps
 
-# With no real weights in MODELS_DIR, the first run builds the demo model (cached; DEMO=no skips it).
+# With no real weights in MODELS_DIR, the first run stages the demo shipped in demo/ (DEMO=no skips it).
 run: $(STAMP) samples $(if $(filter no,$(WEB)),,web-deps)
 	$(if $(filter real,$(MODELS)),@$(BIN)/vila-m3 models pull --real --vlm $(VLM) --models-dir $(MODELS_DIR))
 	@$(if $(filter no,$(WEB)),,$(WEB_START)) $(BIN)/vila-m3 serve --host $(HOST) --port $(PORT) --studies $(STUDIES) --models-dir $(MODELS_DIR) --app $(APP) \
@@ -56,8 +56,10 @@ demo: $(STAMP) samples
 # For maintainers: build the shipped demo (demo/) again from its recipes (about 40 min on two CPU cores) and
 # compare it with what is shipped (equal bits, or the held-out table and the Dice side by side); SHIP=yes
 # then makes the rebuild the shipped build (commit demo/ with it).
+# CPU_PROFILE=avx2 pins torch, MKL and oneDNN to AVX2 kernels: the same bits on every AVX2 machine
+# (configs/demo_cpu_profiles.yaml).
 demo-rebuild: $(STAMP)
-	$(BIN)/vila-m3 models demo-rebuild $(if $(filter yes,$(SHIP)),--ship)
+	$(BIN)/vila-m3 models demo-rebuild --cpu-profile $(or $(CPU_PROFILE),native) $(if $(filter yes,$(SHIP)),--ship)
 
 # The PACS tests need Orthanc: pacs-deps installs it where it can, else names the packages (tests then skip, saying so).
 test: $(STAMP) pacs-deps web-deps

@@ -103,11 +103,21 @@ def _models_demo_rebuild(args: argparse.Namespace) -> int:
     from vila_m3.training.shipped_demo import (
         SHIPPED_DEMO_DIR,
         compare_builds,
+        cpu_profile,
         read_build_record,
         rebuild,
         replace_shipped,
     )
 
+    try:
+        profile = cpu_profile(args.cpu_profile)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if any(os.environ.get(name) != value for name, value in profile.items()):
+        # torch, MKL and oneDNN read these when they load: run again with them set
+        print(f"CPU profile {args.cpu_profile}: {' '.join(f'{k}={v}' for k, v in profile.items())}")
+        os.execve(sys.argv[0], sys.argv, {**os.environ, **profile})
     rebuilt = rebuild(Path(args.work_dir), progress=not args.no_progress)
     shipped = read_build_record()
     if shipped is None:
@@ -204,6 +214,9 @@ def add_model_commands(model_commands: argparse._SubParsersAction) -> None:
         "demo-rebuild", help="build the shipped demo (demo/) again from its recipes and compare (about 40 min)")
     rebuilding.add_argument("--work-dir", default="build/demo-rebuild", help="where the rebuild goes (replaced)")
     rebuilding.add_argument("--ship", action="store_true", help="then make the rebuild the shipped build (demo/)")
+    rebuilding.add_argument("--cpu-profile", default="native",
+                            help="CPU kernel settings of configs/demo_cpu_profiles.yaml: native, avx2 (the same bits on "
+                                 "every AVX2 machine) or default")
     rebuilding.add_argument("--no-progress", action="store_true")
     rebuilding.set_defaults(handler=_models_demo_rebuild)
     versions = model_commands.add_parser("versions", help="fine-tuned versions of the chat's VLM; switch with --use")

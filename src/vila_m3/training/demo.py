@@ -141,11 +141,12 @@ def build_demo_vlm(
     log(f"demo model 4/5: fine-tuning (on {threads} CPU threads, whatever the machine has: the same model everywhere)")
     options = TrainingOptions.from_config(config.get("training") or {})
     with fixed_cpu_threads(threads):
-        result = fine_tune(base, exports["train"], work / "run", options, note=note, progress=progress, log=log)
+        result = fine_tune(base, exports["train"], work / "run", options, note=note, progress=progress, log=log,
+                           description="Fine-tuning the demo VLM on the data engine's conversations")
 
         log("demo model 5/5: trigger evaluation on held-out phrasings")
         chat = VilaChat.from_pretrained(result.checkpoint, device="cpu")
-        report = evaluate_triggers(chat, exports["heldout"], split="all")
+        report = evaluate_triggers(chat, exports["heldout"], split="all", log=log)
     targets = {"trigger_accuracy": float(evaluation.get("target_trigger_accuracy", 0.95)),
                "false_call_rate": float(evaluation.get("target_false_call_rate", 0.05))}
     table = format_report(report, targets)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import shutil
 import tempfile
@@ -36,8 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from vila_m3.configs import DEFAULT_CONFIG_DIR
+from vila_m3.training.record import file_sha256
 
-__all__ = ["BUILD_RECORD", "SHIPPED_DEMO_DIR", "ShippedPart", "compare_builds", "current_fingerprints",
+__all__ = ["BUILD_RECORD", "SHIPPED_DEMO_DIR", "ShippedPart", "compare_builds", "cpu_profile", "current_fingerprints",
            "datagen_probe_digest", "machine_record", "read_build_record", "ship_build", "shipped_parts",
            "stage_shipped_part"]
 
@@ -55,6 +57,21 @@ PROBE_SEED = 1
 #: CPU features that decide which kernels torch, MKL and oneDNN pick (and so the order of their sums).
 VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512dq", "avx512bw", "avx512vl",
                 "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "asimd", "sve")
+
+
+#: The environment variables a CPU profile sets (``configs/demo_cpu_profiles.yaml``).
+PROFILE_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def cpu_profile(name: str) -> dict[str, str]:
+    """The environment of CPU profile ``name`` of ``configs/demo_cpu_profiles.yaml``; ValueError naming the
+    profiles when there is none of that name. The variables are read when torch loads: set them before."""
+    from vila_m3.configs import load_config
+
+    profiles = load_config("demo_cpu_profiles.yaml")["profiles"]
+    if name not in profiles:
+        raise ValueError(f"unknown CPU profile {name!r}; configs/demo_cpu_profiles.yaml has {', '.join(profiles)}")
+    return {str(key): str(value) for key, value in (profiles[name] or {}).items()}
 
 
 @dataclass(frozen=True)
@@ -101,14 +118,6 @@ def current_fingerprints(overrides: Mapping[str, Any] | None = None) -> dict[str
     return prints
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def datagen_probe_digest(work_dir: Path | None = None) -> str:
     """sha256 of the data engine's conversations for the demo on one phantom (seed :data:`PROBE_SEED`):
     the demo's datagen settings, training phrasings, ``train.json`` and ``val.json``. A change of the data
@@ -151,6 +160,7 @@ def machine_record() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return {
+        "cpu_profile": {name: os.environ[name] for name in PROFILE_VARIABLES if os.environ.get(name)},
         "cpu": model,
         "architecture": platform.machine(),
         "vector_extensions": [flag for flag in VECTOR_FLAGS if flag in flags],
@@ -241,7 +251,7 @@ def ship_build(models_dir: Path, out_dir: Path, machine: Mapping[str, Any] | Non
             if path.stat().st_size > MAX_FILE_BYTES:
                 raise ValueError(f"{path.relative_to(staging)} is {path.stat().st_size / 1e6:.1f} MB; shipped "
                                  f"files must stay under {MAX_FILE_BYTES / 1e6:.0f} MB")
-            files[str(path.relative_to(staging))] = _sha256(path)
+            files[str(path.relative_to(staging))] = file_sha256(path)
         record = {"format": BUILD_FORMAT, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   "machine": dict(machine or machine_record()), "datagen_probe": datagen_probe_digest(),
                   "parts": parts, "files": files,
@@ -332,9 +342,9 @@ def compare_builds(shipped: Mapping[str, Any], rebuilt: Mapping[str, Any]) -> tu
         lines.append(f"the rebuild differs from the shipped build in {len(differ)} of {len(shipped_weights)} weight "
                      f"files: {', '.join(differ)}")
     rows: list[tuple[str, str, str]] = [("", "shipped", "rebuilt")]
-    for side in ("cpu", "torch_cpu_capability"):
-        rows.append((side.replace("_", " "), str(shipped.get("machine", {}).get(side)),
-                     str(rebuilt.get("machine", {}).get(side))))
+    for side in ("cpu", "torch_cpu_capability", "cpu_profile"):
+        rows.append((side.replace("_", " "), _text(shipped.get("machine", {}).get(side)),
+                     _text(rebuilt.get("machine", {}).get(side))))
     for name in sorted(set(shipped.get("parts", {})) | set(rebuilt.get("parts", {}))):
         left, right = shipped.get("parts", {}).get(name, {}), rebuilt.get("parts", {}).get(name, {})
         if name == "vlm":
@@ -348,6 +358,12 @@ def compare_builds(shipped: Mapping[str, Any], rebuilt: Mapping[str, Any]) -> tu
     width = max(len(row[0]) for row in rows)
     lines += [f"{a:<{width}}  {b:>22}  {c:>22}" for a, b, c in rows]
     return equal, "\n".join(lines)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, dict):
+        return " ".join(f"{k}={v}" for k, v in value.items()) or "native"
+    return str(value)
 
 
 def _num(value: Any, digits: int = 2) -> str:
