@@ -34,7 +34,7 @@ from vila_m3.experts.registry import (
     UnknownExpert,
     normalize_argument,
 )
-from vila_m3.experts.runner import BaseExpertRunner, ExpertRunner, ExpertStudy, StudyView
+from vila_m3.experts.runner import BaseExpertRunner, ExpertRunner, ExpertStudy, NetworkExpertRunner, StudyView
 from vila_m3.experts.triggers import DEFAULT_MAX_TRIGGERS, Trigger, TriggerScan, find_triggers
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "OVERLAY_COLOR_NAMES",
     "RGB",
     "BaseExpertRunner",
+    "NetworkExpertRunner",
     "CardFormat",
     "ClassificationSpec",
     "ConfigError",

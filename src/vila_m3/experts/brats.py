@@ -43,7 +43,7 @@ from vila_m3.experts.bundle import BundleRunner, image_from_arrays, ras_affine
 from vila_m3.experts.feedback import brats_feedback
 from vila_m3.experts.registry import ExpertSpec, ResolvedArgument
 from vila_m3.experts.result import ExpertInputError, ExpertRunError, SegmentationResult
-from vila_m3.experts.runner import BaseExpertRunner, StudyView
+from vila_m3.experts.runner import NetworkExpertRunner, StudyView
 from vila_m3.imaging import Geometry, Volume
 
 __all__ = [
@@ -339,7 +339,7 @@ class BratsRunner(BundleRunner):
         return np.ascontiguousarray(labels.cpu().numpy().transpose(2, 1, 0))
 
 
-class BratsExpert(BaseExpertRunner):
+class BratsExpert(NetworkExpertRunner):
     """BRATS as an :class:`~vila_m3.experts.runner.ExpertRunner`: the study's four MRI sequences, no
     argument; the whole run is one job. The bundle is ``configs/models.yaml``'s location of the expert's
     first weights.
@@ -354,15 +354,7 @@ class BratsExpert(BaseExpertRunner):
         super().__init__(spec, models_dir, device)
         self.network = BratsRunner(self.weights_path(), device=device, spec=spec)
 
-    @property
-    def loaded(self) -> bool:
-        """Whether the network is in memory now."""
-        return self.network.loaded
 
-    @property
-    def load_count(self) -> int:
-        """How many times the network has been loaded."""
-        return self.network.load_count
 
     def check(self, study: StudyView) -> None:
         """The study must hold the four sequences (names as :func:`canonical_sequences` accepts them)."""
@@ -380,6 +372,3 @@ class BratsExpert(BaseExpertRunner):
         """``... red and yellow: tumor core, only yellow: enhancing tumor, all colors: whole tumor`` (protocol §3)."""
         return brats_feedback(present_ids or (), question)
 
-    def release(self) -> None:
-        """Free the network (and its GPU memory)."""
-        self.network.release()

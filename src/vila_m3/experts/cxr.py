@@ -58,7 +58,7 @@ from vila_m3.experts.registry import (
     ResolvedArgument,
 )
 from vila_m3.experts.result import ExpertInputError, ExpertRunError
-from vila_m3.experts.runner import BaseExpertRunner, StudyView, primary_volume
+from vila_m3.experts.runner import NetworkExpertRunner, StudyView, primary_volume
 from vila_m3.imaging import Volume, read_volume
 from vila_m3.models.manifest import STAND_IN_MARKER, XRV_FOLDER, ModelManifest
 
@@ -494,7 +494,7 @@ class CxrRunner:
         return _Loaded(module=module, resolution=int(resolution), predicts=predicts)
 
 
-class CxrExpert(BaseExpertRunner):
+class CxrExpert(NetworkExpertRunner):
     """The CXR ensemble as an :class:`~vila_m3.experts.runner.ExpertRunner`: the study's radiograph, no
     argument; weights under ``<models_dir>/torchxrayvision/`` as the manifest says."""
 
@@ -502,10 +502,6 @@ class CxrExpert(BaseExpertRunner):
         super().__init__(spec, models_dir, device)
         self.network = CxrRunner(models_dir, device=device, spec=spec)
 
-    @property
-    def loaded(self) -> bool:
-        """Whether the models are in memory now."""
-        return self.network.loaded
 
     def check(self, study: StudyView) -> None:
         """The study must be a chest X-ray (the image itself is checked by :meth:`CxrRunner.run`)."""
@@ -529,6 +525,3 @@ class CxrExpert(BaseExpertRunner):
             "feedback": result.feedback_text(None),
         }
 
-    def release(self) -> None:
-        """Drop the models and free their memory."""
-        self.network.release()

@@ -41,6 +41,7 @@ __all__ = [
     "REQUIRED_METHODS",
     "BaseExpertRunner",
     "ExpertRunner",
+    "NetworkExpertRunner",
     "ExpertStudy",
     "StudyView",
     "build_runner",
@@ -210,6 +211,27 @@ class BaseExpertRunner:
 
     def release(self) -> None:
         """Nothing to free by default."""
+
+
+class NetworkExpertRunner(BaseExpertRunner):
+    """A runner around a network object, ``self.network``, that loads its weights at first use:
+    ``loaded``, ``load_count`` and ``release`` are the network's."""
+
+    network: Any
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the network is in memory now."""
+        return self.network.loaded
+
+    @property
+    def load_count(self) -> int:
+        """How many times the network has been loaded."""
+        return self.network.load_count
+
+    def release(self) -> None:
+        """Free the network's weights (GPU memory); the next run loads them again."""
+        self.network.release()
 
 
 def load_runner_class(spec: ExpertSpec) -> type:

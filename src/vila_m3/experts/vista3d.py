@@ -61,7 +61,7 @@ from vila_m3.experts.bundle import (
 from vila_m3.experts.feedback import segmentation_feedback
 from vila_m3.experts.registry import ExpertSpec, ResolvedArgument
 from vila_m3.experts.result import ExpertInputError, ExpertRunError, SegmentationResult
-from vila_m3.experts.runner import BaseExpertRunner, StudyView, explicit_labels, primary_volume
+from vila_m3.experts.runner import NetworkExpertRunner, StudyView, explicit_labels, primary_volume
 from vila_m3.imaging import Volume, labelmap_like
 from vila_m3.imaging.resample import axis_aligned, nearest_to_grid_zyx
 
@@ -390,7 +390,7 @@ def _label_array(labels: torch.Tensor) -> np.ndarray:
     return array if array.dtype == np.uint8 else array.astype(np.uint16)
 
 
-class Vista3DExpert(BaseExpertRunner):
+class Vista3DExpert(NetworkExpertRunner):
     """VISTA3D as an :class:`~vila_m3.experts.runner.ExpertRunner`: the study's CT, the argument's label
     ids as the class prompt; the run is split into ``prepare`` / ``infer`` / ``finish`` so a work queue holds
     only the network's step. The bundle is ``configs/models.yaml``'s location of the expert's first weights.
@@ -403,15 +403,7 @@ class Vista3DExpert(BaseExpertRunner):
         super().__init__(spec, models_dir, device)
         self.network = Vista3DRunner(self.weights_path(), device=device, spec=spec)
 
-    @property
-    def loaded(self) -> bool:
-        """Whether the network is in memory now."""
-        return self.network.loaded
 
-    @property
-    def load_count(self) -> int:
-        """How many times the network has been loaded."""
-        return self.network.load_count
 
     def check(self, study: StudyView) -> None:
         """The study must be a CT (the chat's detected or the client's modality); the volume itself is
@@ -459,6 +451,3 @@ class Vista3DExpert(BaseExpertRunner):
         """``The results are <image>. The colors in this image describe red: liver, ...`` (protocol §3)."""
         return segmentation_feedback(present_ids or (), result.label_names, question)
 
-    def release(self) -> None:
-        """Free the network (and its GPU memory)."""
-        self.network.release()
