@@ -74,14 +74,17 @@ def parse_conf_pairs(pairs: list[str]) -> dict[str, str]:
     return {pairs[i]: pairs[i + 1] for i in range(0, len(pairs), 2)}
 
 
+def given_experts_files(conf: dict[str, str]) -> list[str]:
+    """The files of ``--conf experts_file`` (comma-separated) as absolute paths, each once."""
+    names = [name.strip() for name in str(conf.get("experts_file") or "").split(",") if name.strip()]
+    return list(dict.fromkeys(str(Path(name).expanduser().resolve()) for name in names))
+
+
 def experts_files_of(conf: dict[str, str]) -> tuple[str, ...]:
     """The extra experts files the server will read, as it reads them: those of ``$VILA_M3_EXPERTS`` then those
-    of ``--conf experts_file`` (comma-separated), as absolute paths, each once."""
+    of ``--conf experts_file``, as absolute paths, each once."""
     files = [str(path) for path in env_experts_files()]
-    for given in str(conf.get("experts_file") or "").split(","):
-        if given.strip() and (path := str(Path(given.strip()).expanduser().resolve())) not in files:
-            files.append(path)
-    return tuple(files)
+    return tuple(files + [path for path in given_experts_files(conf) if path not in files])
 
 
 @contextmanager
@@ -151,10 +154,8 @@ def plan_server(
     models = resolve_models_dir(models_dir or conf.get("models_dir"))
     conf["models_dir"] = str(models)
     conf.setdefault("models", "all")
-    given = [str(Path(p.strip()).expanduser().resolve()) for p in str(conf.get("experts_file") or "").split(",")
-             if p.strip()]
-    if given:  # absolute: the server reads them whatever its working folder
-        conf["experts_file"] = ",".join(dict.fromkeys(given))
+    if given := given_experts_files(conf):  # absolute: the server reads them whatever its working folder
+        conf["experts_file"] = ",".join(given)
     try:
         with experts_env(experts_files_of(conf)):  # the catalogue and the statuses see the extra experts, as the app does
             catalogue = ExpertRegistry.from_config().with_expert_tasks(task_catalogue())
