@@ -207,7 +207,7 @@ def make_stand_in_xrv_weights(
     # The marker goes first, so an interrupted run still leaves a folder marked as stand-ins.
     marker.write_text(
         f"{STAND_IN_NOTE}\n"
-        "Random TorchXRayVision weights written by vila_m3.models.stand_in_xrv "
+        "Random TorchXRayVision weights written by vila_m3.standins.stand_in_xrv "
         f"(seed {seed}); their predictions mean nothing.\n",
         encoding="utf-8",
     )
