@@ -1,0 +1,1 @@
+"""Python helpers of the VISTA3D stand-in bundle, named by configs/inference.json."""
