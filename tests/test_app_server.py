@@ -116,7 +116,7 @@ def make_run_command(tmp_path: Path, port: int, *settings: str) -> list[str]:
     """``make run`` with every path pointed into ``tmp_path`` (a copy of the app included), plus ``settings``."""
     app = copy_app(tmp_path / "app")
     return ["make", "--no-print-directory", "-C", str(REPO_ROOT), "run", f"PORT={port}",
-            f"SAMPLES={tmp_path / 'samples'}", f"MODELS_DIR={tmp_path / 'models'}", f"APP={app}", *settings]
+            f"SAMPLES={tmp_path / 'samples'}", f"MODELS_DIR={tmp_path / 'models'}", f"APP={app}", "WEB=no", *settings]
 
 
 def test_make_run_serves_the_sample_studies_on_the_demo_model(tmp_path):

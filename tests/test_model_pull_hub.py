@@ -185,7 +185,7 @@ def make_run(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.Comp
     studies.mkdir(exist_ok=True)
     command = ["make", "--no-print-directory", "-C", str(REPO_ROOT), "-o", ".venv/.installed", "-o", "samples",
                "run", f"MODELS_DIR={tmp_path / 'models'}", f"STUDIES={studies}", f"PORT={free_port()}",
-               "CONF=--check", *args]
+               "CONF=--check", "WEB=no", *args]
     return subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace",
                           timeout=300, env=env)
 
