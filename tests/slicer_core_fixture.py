@@ -14,6 +14,7 @@ import importlib
 import sys
 import types
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,7 +154,7 @@ def rows(matrix) -> np.ndarray:
 
 
 @pytest.fixture
-def slicer_core(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> SlicerCore:
+def slicer_core(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[SlicerCore]:
     pytest.importorskip("slicer_core", reason="the Slicer scene tests need the slicer-core package, which is "
                         "missing or does not load here (pip install 'slicer-core==5.11.*'; part of the test extra)")
     slicer = importlib.import_module("slicer")
@@ -191,8 +192,21 @@ def slicer_core(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> SlicerCore:
             "confirmYesNoDisplay": lambda text, **kwargs: False}.items():
         monkeypatch.setattr(slicer.util, name, stand_in)
     monkeypatch.syspath_prepend(str(MODULE_DIR))
-    for name in [name for name in sys.modules if name == "VILAM3Chat" or name.startswith("VILAM3ChatLib")]:
-        monkeypatch.delitem(sys.modules, name)
-    module = importlib.import_module("VILAM3Chat")
-    logic = module.VILAM3ChatLogic(scene, tempDir=str(tmp_path / "VILAM3Chat"))
-    return SlicerCore(slicer, scene, module, logic, volumes)
+    # the module and its library are imported afresh on this scene; afterwards every one of them (those this
+    # import added included) is put back as it was, so that no later test mixes old and new library classes
+    earlier = {name: loaded for name, loaded in sys.modules.items() if _is_panel_module(name)}
+    for name in earlier:
+        del sys.modules[name]
+    try:
+        module = importlib.import_module("VILAM3Chat")
+        logic = module.VILAM3ChatLogic(scene, tempDir=str(tmp_path / "VILAM3Chat"))
+        yield SlicerCore(slicer, scene, module, logic, volumes)
+    finally:
+        for name in [name for name in sys.modules if _is_panel_module(name)]:
+            del sys.modules[name]
+        sys.modules.update(earlier)
+
+
+def _is_panel_module(name: str) -> bool:
+    """The Slicer module ``VILAM3Chat`` and its library ``VILAM3ChatLib``'s modules."""
+    return name == "VILAM3Chat" or name == "VILAM3ChatLib" or name.startswith("VILAM3ChatLib.")
