@@ -73,17 +73,11 @@ def held_out_table(checkpoint: Path, models_dir: Path, evaluate: bool) -> str:
 def tumour_slice(studies: Path) -> int | None:
     """The axial slice (index along the chat's axial axis) through most of the sample CT's hepatic tumours,
     from its ground truth beside the studies, as an annotator scrolls to them; None without ground truth."""
-    from vila_m3.imaging.io import read_volume
-    from vila_m3.imaging.slices import ras_view
+    from vila_m3.samples import ct_tumour_slice
 
-    truth_path = studies.parent / "ground_truth" / f"{CT_IMAGE}.nii.gz"
-    if not truth_path.is_file():
+    if not (studies.parent / "ground_truth" / f"{CT_IMAGE}.nii.gz").is_file():
         return None
-    truth = read_volume(truth_path)
-    tumour_id = next(int(i) for i, name in load_config("vista3d_classes.json")["classes"].items()
-                     if name == "hepatic tumor")
-    per_slice = (ras_view(np.asarray(truth.array), truth.geometry) == tumour_id).sum(axis=(1, 2))
-    return int(per_slice.argmax()) if per_slice.any() else None
+    return ct_tumour_slice(studies.parent)
 
 
 def geometry(path: Path) -> tuple[tuple[int, ...], np.ndarray, np.ndarray, np.ndarray]:

@@ -11,10 +11,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import requests
 from server_harness import free_port, isolated_env, stop_process_group
+
+from vila_m3.samples import ct_tumour_slice
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "slicer_extension" / "VILAM3Chat"))
@@ -36,17 +37,6 @@ def fresh_copy(destination: Path) -> Path:
             (destination / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, destination / name)
     return destination
-
-
-def tumour_slice(studies: Path) -> int:
-    """The axial slice through most of the sample CT's hepatic tumours, as an annotator scrolls to them."""
-    from vila_m3.configs import load_config
-    from vila_m3.imaging.io import read_volume
-    from vila_m3.imaging.slices import ras_view
-
-    truth = read_volume(studies.parent / "ground_truth" / "ct_abdomen.nii.gz")
-    tumour = next(int(i) for i, name in load_config("vista3d_classes.json")["classes"].items() if name == "hepatic tumor")
-    return int((ras_view(np.asarray(truth.array), truth.geometry) == tumour).sum(axis=(1, 2)).argmax())
 
 
 def _answers(url: str, within_s: float) -> bool:
@@ -108,7 +98,7 @@ def test_make_run_on_a_fresh_copy_answers_with_the_shipped_demo_within_two_minut
         client = VilaM3Client(url)
         answer = client.ask(StudyRef.image("ct_abdomen"),
                             turn_params("Is there a liver tumour?", "first-run", "axial",
-                                        tumour_slice(copy / "sample_data" / "studies")))
+                                        ct_tumour_slice(copy / "sample_data")))
         assert [(call.get("expert"), call.get("argument")) for call in answer.experts] == [("VISTA3D", "hepatic tumor")]
         assert answer.labelmap_path is not None
         # the shipped demo answers this one wrongly ("no"; README, *No weights at all: the demo*): the check

@@ -26,6 +26,7 @@ from web_harness import launch_chromium, missing_for_browser_tests, start_viewer
 
 from vila_m3.imaging import read_labelmap
 from vila_m3.imaging.slices import extract_slice
+from vila_m3.samples import ct_tumour_slice
 from vila_m3.standins.stand_ins import stage_stand_ins
 
 pytestmark = [pytest.mark.web, pytest.mark.server]
@@ -75,14 +76,6 @@ def browser() -> Iterator[object]:
             chromium.close()
 
 
-def tumour_slice(sample_data: Path) -> int:
-    """The axial slice (server's counting) with the most hepatic tumour voxels in the ground truth."""
-    truth = read_labelmap(sample_data / "ground_truth" / "ct_abdomen.nii.gz")
-    counts = [int((extract_slice(truth, "axial", k) == HEPATIC_TUMOR).sum()) for k in range(truth.array.shape[0])]
-    assert max(counts) > 0, "the sample CT has hepatic tumours"
-    return int(np.argmax(counts))
-
-
 def red_view(page) -> np.ndarray:
     """The Red (axial) view's image as the browser shows it (the bitmap the viewer sent, without the
     page's controls drawn over it), RGB (rows, columns, 3)."""
@@ -120,7 +113,7 @@ def test_ask_about_the_tumour_slice_see_the_segments_and_save_a_correction(viewe
                                                                            fake_vlm, sample_data, tmp_path):
     fake_vlm.script(sse(["This looks like a CT image. ", "Let me trigger <VISTA3D(hepatic tumor)>."]),
                     sse(["Yes, ", "the liver shows a lesion."]))
-    k = tumour_slice(sample_data)
+    k = ct_tumour_slice(sample_data)
     page = browser.new_page(viewport=VIEWPORT)
     page.goto(viewer.url + "/")
     page.wait_for_selector("#study-select option[value=ct_abdomen]", state="attached", timeout=60_000)

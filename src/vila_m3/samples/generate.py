@@ -212,6 +212,20 @@ def load_current_manifest(out_dir: Path | str, seed: int = 0) -> dict[str, Any] 
     return manifest
 
 
+def ct_tumour_slice(samples_dir: Path | str) -> int:
+    """The axial slice through most of the sample CT's hepatic tumours, from its ground truth in
+    ``samples_dir/ground_truth``: an index as the chat's ``slice_index`` counts (``vila_m3.imaging.slices``,
+    0 = inferior), the slice an annotator scrolls to. ValueError when the ground truth holds no tumour."""
+    from vila_m3.imaging import read_labelmap
+    from vila_m3.imaging.slices import ras_view
+
+    truth = read_labelmap(Path(samples_dir) / _CT_FILES["label"])
+    per_slice = (ras_view(np.asarray(truth.array), truth.geometry) == ct_phantom.HEPATIC_TUMOR).sum(axis=(1, 2))
+    if not per_slice.any():
+        raise ValueError(f"the sample CT's ground truth in {samples_dir} holds no hepatic tumour")
+    return int(per_slice.argmax())
+
+
 def generate_samples(out_dir: Path, seed: int = 0, force: bool = False, progress: bool = False) -> dict:
     """Write the sample studies under ``out_dir`` and return the manifest (also ``manifest.json``).
 
