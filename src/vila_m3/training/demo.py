@@ -29,7 +29,7 @@ import yaml
 
 from vila_m3.configs import config_path, load_config
 from vila_m3.data.config import DatagenConfig, parse_datagen_config
-from vila_m3.training.evaluation import EvaluationReport, evaluate_triggers, format_report
+from vila_m3.training.evaluation import EvaluationReport, evaluate_triggers, format_report, percent_text
 from vila_m3.training.options import TrainingOptions
 from vila_m3.training.reproducible import checked_thread_count, fixed_cpu_threads
 from vila_m3.training.shipped_demo import shipped_parts, stage_shipped_part
@@ -251,8 +251,8 @@ def stage_demo_vlm(models_dir: Path, vlm_id: str | None = None, rebuild: bool = 
     if not rebuild and stage_shipped_part("vlm", location, fingerprint):
         evaluation = shipped_parts()["vlm"].record.get("evaluation") or {}
         return (f"{vlm_id}: the shipped demo model staged at {location}; on held-out phrasings it calls the right "
-                f"expert and argument for {_pct(evaluation.get('trigger_accuracy'))} of the questions that need one "
-                f"and an expert for {_pct(evaluation.get('false_call_rate'))} of those that need none")
+                f"expert and argument for {percent_text(evaluation.get('trigger_accuracy'))} of the questions that need one "
+                f"and an expert for {percent_text(evaluation.get('false_call_rate'))} of those that need none")
     build = build_demo_vlm(location, models_dir / ".demo-build", overrides=overrides, progress=progress, log=log)
     (location / DEMO_BUILD).write_text(json.dumps({"fingerprint": fingerprint, "seconds": round(build.seconds, 1)},
                                                   indent=2) + "\n", encoding="utf-8")
@@ -261,10 +261,6 @@ def stage_demo_vlm(models_dir: Path, vlm_id: str | None = None, rebuild: bool = 
     return (f"{vlm_id}: demo model built in {build.seconds:.0f} s at {location}; on held-out phrasings it calls the "
             f"right expert and argument for {100 * (accuracy or 0):.1f} % of the questions that need one and an "
             f"expert for {100 * (false_calls or 0):.1f} % of those that need none")
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f} %"
 
 
 def demo_experts_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:

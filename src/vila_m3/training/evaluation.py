@@ -47,7 +47,8 @@ from vila_m3.progress import progress as show_progress
 from vila_m3.training.examples import read_records, record_images
 from vila_m3.vlm.prompting import as_turns, count_placeholders
 
-__all__ = ["EvaluationReport", "RecordOutcome", "answer_lines", "evaluate_triggers", "format_report", "product_registry"]
+__all__ = ["EvaluationReport", "RecordOutcome", "answer_lines", "evaluate_triggers", "format_report", "percent_text",
+           "product_registry"]
 
 _YES_NO = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
 _NUMBER = re.compile(r"\b(\d+|no)\b", re.IGNORECASE)
@@ -322,16 +323,17 @@ def _open(path: Path) -> Image.Image:
         return image.convert("RGB")
 
 
-def _pct(value: float | None) -> str:
+def percent_text(value: float | None) -> str:
+    """A fraction as ``97.0 %``; ``-`` when there is none."""
     return "-" if value is None else f"{100 * value:.1f} %"
 
 
 def answer_lines(summary: Mapping[str, Any]) -> list[str]:
     """The answer rates of a report's :meth:`~EvaluationReport.as_dict` (or a stored copy of it), one a line."""
     return [
-        f"yes/no answers right:      {_pct(summary.get('yes_no_accuracy'))}",
-        f"count answers right:       {_pct(summary.get('count_accuracy'))}",
-        f"whole answers exact:       {_pct(summary.get('exact_answer_rate'))} (yes/no and count answers equal to "
+        f"yes/no answers right:      {percent_text(summary.get('yes_no_accuracy'))}",
+        f"count answers right:       {percent_text(summary.get('count_accuracy'))}",
+        f"whole answers exact:       {percent_text(summary.get('exact_answer_rate'))} (yes/no and count answers equal to "
         "the expected text)",
     ]
 
@@ -350,21 +352,21 @@ def format_report(report: EvaluationReport, targets: Mapping[str, float] | None 
         no_needs = [o.false_call for o in items if not o.needs_call]
         answers = [bool(o.answer_right) for o in items if o.answer_type]
         exact = [bool(o.answer_exact) for o in items if o.answer_type]
-        lines.append(f"{name:<28}{len(items):>5}{_pct(report._rate(needs)):>12}{_pct(report._rate(no_needs)):>12}"
-                     f"{_pct(report._rate(answers)):>14}{_pct(report._rate(exact)):>9}")
+        lines.append(f"{name:<28}{len(items):>5}{percent_text(report._rate(needs)):>12}{percent_text(report._rate(no_needs)):>12}"
+                     f"{percent_text(report._rate(answers)):>14}{percent_text(report._rate(exact)):>9}")
     summary = report.as_dict()
     lines.append("-" * len(header))
-    lines.append(f"right expert and argument: {_pct(summary['trigger_accuracy'])} of {summary['needs_call']} "
+    lines.append(f"right expert and argument: {percent_text(summary['trigger_accuracy'])} of {summary['needs_call']} "
                  f"questions that need an expert")
-    lines.append(f"false calls:               {_pct(summary['false_call_rate'])} of {summary['needs_no_call']} "
+    lines.append(f"false calls:               {percent_text(summary['false_call_rate'])} of {summary['needs_no_call']} "
                  f"questions that need none")
     lines.extend(answer_lines(summary))
     if targets:
         accuracy, false_calls = summary["trigger_accuracy"], summary["false_call_rate"]
         if "trigger_accuracy" in targets and accuracy is not None:
             met = accuracy >= targets["trigger_accuracy"]
-            lines.append(f"target right calls >= {_pct(targets['trigger_accuracy'])}: {'met' if met else 'NOT met'}")
+            lines.append(f"target right calls >= {percent_text(targets['trigger_accuracy'])}: {'met' if met else 'NOT met'}")
         if "false_call_rate" in targets and false_calls is not None:
             met = false_calls <= targets["false_call_rate"]
-            lines.append(f"target false calls <= {_pct(targets['false_call_rate'])}: {'met' if met else 'NOT met'}")
+            lines.append(f"target false calls <= {percent_text(targets['false_call_rate'])}: {'met' if met else 'NOT met'}")
     return "\n".join(lines)

@@ -206,10 +206,16 @@ def _part_results(name: str, folder: Path) -> dict[str, Any]:
             "loss_first": record.get("loss_first"), "loss_last": record.get("loss_last")}
 
 
-def _build_seconds(name: str, folder: Path) -> float | None:
+def _build_marker(name: str, folder: Path) -> Path:
+    """Where a staged part records its build (fingerprint, seconds): the checkpoint's ``demo_build.json``,
+    a bundle's ``docs/demo_build.json``."""
     from vila_m3.training.demo import DEMO_BUILD
 
-    path = folder / (DEMO_BUILD if name == "vlm" else f"docs/{DEMO_BUILD}")
+    return folder / DEMO_BUILD if name == "vlm" else folder / "docs" / DEMO_BUILD
+
+
+def _build_seconds(name: str, folder: Path) -> float | None:
+    path = _build_marker(name, folder)
     return json.loads(path.read_text(encoding="utf-8")).get("seconds") if path.is_file() else None
 
 
@@ -232,7 +238,7 @@ def ship_build(models_dir: Path, out_dir: Path, machine: Mapping[str, Any] | Non
         parts: dict[str, Any] = {}
         for name, (model_id, relative) in _part_locations().items():
             source = models_dir / relative
-            marker = source / (DEMO_BUILD if name == "vlm" else f"docs/{DEMO_BUILD}")
+            marker = _build_marker(name, source)
             if not marker.is_file():
                 raise ValueError(f"{name}: no demo build at {source}")
             if json.loads(marker.read_text(encoding="utf-8")).get("fingerprint") != fingerprints[name]:
@@ -285,7 +291,6 @@ def stage_shipped_part(name: str, location: Path, fingerprint: str, demo_dir: Pa
     import torch
     from safetensors.torch import load_file
 
-    from vila_m3.training.demo import DEMO_BUILD
 
     part = shipped_parts(demo_dir).get(name)
     if part is None or part.fingerprint != fingerprint or not (demo_dir / part.path).is_dir():
@@ -295,7 +300,7 @@ def stage_shipped_part(name: str, location: Path, fingerprint: str, demo_dir: Pa
     try:
         target = staging / "part"
         shutil.copytree(demo_dir / part.path, target)
-        marker = target / (DEMO_BUILD if name == "vlm" else f"docs/{DEMO_BUILD}")
+        marker = _build_marker(name, target)
         if name != "vlm":
             shipped = target / SHIPPED_BUNDLE_WEIGHTS
             torch.save(load_file(str(shipped)), target / BUNDLE_WEIGHTS)
@@ -318,14 +323,12 @@ def _weights(record: Mapping[str, Any]) -> dict[str, str]:
 
 
 def _vlm_rows(part: Mapping[str, Any]) -> dict[str, str]:
+    from vila_m3.training.evaluation import percent_text
+
     evaluation = part.get("evaluation") or {}
-
-    def pct(key: str) -> str:
-        value = evaluation.get(key)
-        return "-" if value is None else f"{100 * value:.1f} %"
-
-    return {"right expert and argument": pct("trigger_accuracy"), "expert called without need": pct("false_call_rate"),
-            "answers right after the expert": pct("answer_accuracy")}
+    return {name: percent_text(evaluation.get(key)) for name, key in (
+        ("right expert and argument", "trigger_accuracy"), ("expert called without need", "false_call_rate"),
+        ("yes/no answers right after the expert", "yes_no_accuracy"))}
 
 
 def compare_builds(shipped: Mapping[str, Any], rebuilt: Mapping[str, Any]) -> tuple[bool, str]:
