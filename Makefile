@@ -57,9 +57,10 @@ demo: $(STAMP) samples
 # compare it with what is shipped (equal bits, or the held-out table and the Dice side by side); SHIP=yes
 # then makes the rebuild the shipped build (commit demo/ with it).
 # CPU_PROFILE=avx2 pins torch, MKL and oneDNN to AVX2 kernels: the same bits on every AVX2 machine
-# (configs/demo_cpu_profiles.yaml).
+# (configs/demo_cpu_profiles.yaml). PARTS=vlm (or vista3d,brats) builds only those and keeps the others from
+# demo/ (they must be of their current recipes): about 15 min for the VLM alone.
 demo-rebuild: $(STAMP)
-	$(BIN)/vila-m3 models demo-rebuild --cpu-profile $(or $(CPU_PROFILE),native) $(if $(filter yes,$(SHIP)),--ship)
+	$(BIN)/vila-m3 models demo-rebuild --cpu-profile $(or $(CPU_PROFILE),native) $(if $(PARTS),--parts $(PARTS)) $(if $(filter yes,$(SHIP)),--ship)
 
 # The PACS tests need Orthanc: pacs-deps installs it where it can, else names the packages (tests then skip, saying so).
 test: $(STAMP) pacs-deps web-deps

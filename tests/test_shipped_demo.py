@@ -159,3 +159,49 @@ def test_a_rebuild_is_compared_bit_for_bit_then_side_by_side():
     assert row.split()[-2:] == ["0.80", "0.44"]
     assert any(line.startswith("demo VLM: right expert") and "97.0 %" in line and "95.0 %" in line
                for line in text.splitlines())
+
+
+def test_a_partial_rebuild_keeps_the_other_parts_from_the_shipped_build(record, tmp_path):
+    """What `make demo-rebuild PARTS=vlm` writes for the parts it does not build: the shipped files and
+    entries, marked as kept and with the machine that built them."""
+    from vila_m3.training.shipped_demo import _part_locations, ship_build, stage_shipped_part
+
+    models = tmp_path / "models"
+    prints = current_fingerprints()
+    for name, (_model_id, relative) in _part_locations().items():
+        assert stage_shipped_part(name, models / relative, prints[name])
+    rebuilt = ship_build(models, tmp_path / "demo")
+    for name, entry in rebuilt["parts"].items():
+        assert entry["kept_from_build"] == record["built"]
+        assert entry["machine"] == record["machine"]
+        assert entry["fingerprint"] == record["parts"][name]["fingerprint"]
+    weights = {k: v for k, v in record["files"].items() if k.endswith(".safetensors")}
+    assert weights and {k: rebuilt["files"][k] for k in weights} == weights
+
+
+def test_a_partial_rebuild_compares_only_what_it_built():
+    weights = {"vila/llm/model.safetensors": "a", "bundles/vista3d/models/model.safetensors": "b"}
+    shipped = _record(weights, 0.97, 0.8)
+    for entry, path in ((shipped["parts"]["vlm"], "vila"), (shipped["parts"]["vista3d"], "bundles/vista3d")):
+        entry["path"] = path
+    rebuilt = json.loads(json.dumps(shipped))
+    rebuilt["parts"]["vista3d"]["kept_from_build"] = "2026-12-06T06:31:23Z"
+    equal, text = compare_builds(shipped, rebuilt)
+    assert equal and "rebuilt: vlm; kept from the shipped build: vista3d" in text and "(1 weight files)" in text
+    rebuilt["files"] = {**weights, "vila/llm/model.safetensors": "z"}
+    equal, text = compare_builds(shipped, rebuilt)
+    assert not equal and "differs from the shipped build in 1 of 1" in text
+
+
+def test_a_partial_rebuild_refuses_unknown_or_stale_parts_before_building(monkeypatch, tmp_path):
+    from vila_m3.training import shipped_demo
+
+    with pytest.raises(ValueError, match="no demo part named lung; the parts are vlm"):
+        shipped_demo.rebuild(tmp_path / "work", parts=["lung"])
+    assert not (tmp_path / "work").exists()
+    stale = {**current_fingerprints(), "vista3d": "0" * 64}
+    monkeypatch.setattr(shipped_demo, "current_fingerprints", lambda overrides=None: stale)
+    with pytest.raises(ValueError, match=r"vista3d: the shipped build is not of its current recipe; rebuild it too "
+                                         r"\(--parts vlm,vista3d\)"):
+        shipped_demo.rebuild(tmp_path / "work", parts=["vlm"])
+    assert not any((tmp_path / "work" / "models").iterdir()), "nothing is built or staged for a refused rebuild"

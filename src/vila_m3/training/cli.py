@@ -118,7 +118,12 @@ def _models_demo_rebuild(args: argparse.Namespace) -> int:
         # torch, MKL and oneDNN read these when they load: run again with them set
         print(f"CPU profile {args.cpu_profile}: {' '.join(f'{k}={v}' for k, v in profile.items())}")
         os.execve(sys.argv[0], sys.argv, {**os.environ, **profile})
-    rebuilt = rebuild(Path(args.work_dir), progress=not args.no_progress)
+    parts = [part.strip() for part in args.parts.split(",") if part.strip()] if args.parts else None
+    try:
+        rebuilt = rebuild(Path(args.work_dir), progress=not args.no_progress, parts=parts)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     shipped = read_build_record()
     if shipped is None:
         print("no shipped demo build to compare with (demo/build.json)")
@@ -214,6 +219,9 @@ def add_model_commands(model_commands: argparse._SubParsersAction) -> None:
         "demo-rebuild", help="build the shipped demo (demo/) again from its recipes and compare (about 40 min)")
     rebuilding.add_argument("--work-dir", default="build/demo-rebuild", help="where the rebuild goes (replaced)")
     rebuilding.add_argument("--ship", action="store_true", help="then make the rebuild the shipped build (demo/)")
+    rebuilding.add_argument("--parts", metavar="LIST",
+                            help="comma-separated parts to build (vlm, vista3d, brats; default all); the others are "
+                                 "kept from the shipped build, which must be of their current recipes")
     rebuilding.add_argument("--cpu-profile", default="native",
                             help="CPU kernel settings of configs/demo_cpu_profiles.yaml: native, avx2 (the same bits on "
                                  "every AVX2 machine) or default")

@@ -31,7 +31,7 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -245,13 +245,14 @@ def ship_build(models_dir: Path, out_dir: Path, machine: Mapping[str, Any] | Non
                 raise ValueError(f"{name}: the build at {source} is not of the current recipe")
             target = staging / relative
             shutil.copytree(source, target, ignore=shutil.ignore_patterns(DEMO_BUILD, "__pycache__"))
+            kept = _kept_part(name, marker)
             if name != "vlm":
                 weights = target / BUNDLE_WEIGHTS
                 state = _load_state(weights)
                 save_file(state, str(target / SHIPPED_BUNDLE_WEIGHTS))
                 weights.unlink()
-            parts[name] = {"model_id": model_id, "path": relative, "fingerprint": fingerprints[name],
-                           "build_seconds": _build_seconds(name, source), **_part_results(name, source)}
+            parts[name] = kept or {"model_id": model_id, "path": relative, "fingerprint": fingerprints[name],
+                                   "build_seconds": _build_seconds(name, source), **_part_results(name, source)}
         files = {}
         for path in sorted(p for p in staging.rglob("*") if p.is_file()):
             if path.stat().st_size > MAX_FILE_BYTES:
@@ -270,6 +271,19 @@ def ship_build(models_dir: Path, out_dir: Path, machine: Mapping[str, Any] | Non
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+
+
+def _kept_part(name: str, marker: Path) -> dict[str, Any] | None:
+    """The shipped build's entry of a part that a partial rebuild kept (staged from ``demo/``, not built
+    here), with the machine that built it; None for a part built here."""
+    if not json.loads(marker.read_text(encoding="utf-8")).get("shipped"):
+        return None
+    shipped = read_build_record() or {}
+    entry = (shipped.get("parts") or {}).get(name)
+    if entry is None:
+        raise ValueError(f"{name}: staged from a shipped build that no longer lists it")
+    return {**entry, "kept_from_build": shipped.get("built"),
+            "machine": entry.get("machine") or shipped.get("machine")}
 
 
 def _load_state(path: Path) -> dict[str, Any]:
@@ -318,8 +332,17 @@ def stage_shipped_part(name: str, location: Path, fingerprint: str, demo_dir: Pa
 
 # ---- comparing a rebuild with the shipped build -----------------------------------------------------
 
-def _weights(record: Mapping[str, Any]) -> dict[str, str]:
-    return {name: digest for name, digest in record.get("files", {}).items() if name.endswith(".safetensors")}
+def _weights(record: Mapping[str, Any], parts: set[str] | None = None) -> dict[str, str]:
+    """The weight files' digests by path, of ``parts`` only when given."""
+    folders = [str(entry.get("path", "")) + "/" for name, entry in (record.get("parts") or {}).items()
+               if parts is None or name in parts]
+    return {name: digest for name, digest in record.get("files", {}).items()
+            if name.endswith(".safetensors") and (parts is None or any(name.startswith(f) for f in folders))}
+
+
+def _rebuilt_parts(record: Mapping[str, Any]) -> set[str]:
+    """The parts a build made itself (a partial rebuild keeps the others from the shipped build)."""
+    return {name for name, entry in (record.get("parts") or {}).items() if not entry.get("kept_from_build")}
 
 
 def _vlm_rows(part: Mapping[str, Any]) -> dict[str, str]:
@@ -334,9 +357,14 @@ def _vlm_rows(part: Mapping[str, Any]) -> dict[str, str]:
 def compare_builds(shipped: Mapping[str, Any], rebuilt: Mapping[str, Any]) -> tuple[bool, str]:
     """Whether a rebuild equals the shipped build to the bit (its weight files), and a text saying how they
     compare: equal bits, or the held-out table and the Dice side by side, with both machines."""
-    shipped_weights, rebuilt_weights = _weights(shipped), _weights(rebuilt)
+    rebuilt_parts = _rebuilt_parts(rebuilt)
+    kept = sorted(set(rebuilt.get("parts") or {}) - rebuilt_parts)
+    only = rebuilt_parts if kept else None
+    shipped_weights, rebuilt_weights = _weights(shipped, only), _weights(rebuilt, only)
     equal = bool(shipped_weights) and shipped_weights == rebuilt_weights
     lines = []
+    if kept:
+        lines.append(f"rebuilt: {', '.join(sorted(rebuilt_parts))}; kept from the shipped build: {', '.join(kept)}")
     if equal:
         lines.append(f"the rebuild equals the shipped build to the bit ({len(shipped_weights)} weight files)")
     else:
@@ -384,26 +412,49 @@ def _train_expert(models_dir: str, task: str) -> str:
     return f"{TRAINABLE_EXPERTS[task].model_id}: {line}"
 
 
-def rebuild(work_dir: Path, log: Any = print, progress: bool = True) -> dict[str, Any]:
-    """Build the whole demo again from the recipes in ``work_dir`` (replaced) and write it as a shipped build
+def rebuild(work_dir: Path, log: Any = print, progress: bool = True,
+            parts: Sequence[str] | None = None) -> dict[str, Any]:
+    """Build the demo again from the recipes in ``work_dir`` (replaced) and write it as a shipped build
     into ``work_dir/demo``; returns its build record. The stand-ins train side by side (one CPU thread each,
-    as their recipes say), then the VLM (on its recipe's ``cpu_threads``)."""
+    as their recipes say), then the VLM (on its recipe's ``cpu_threads``).
+
+    Args:
+        parts: the parts to build (``vlm``, ``vista3d``, ``brats``; default all). The others are taken from
+            the shipped build, which must then be of their current recipes; the record says which were kept.
+
+    Raises:
+        ValueError: an unknown part, or a kept part whose shipped build is not of its current recipe.
+    """
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
     from vila_m3.training.demo import stage_demo_vlm
 
+    fingerprints = current_fingerprints()
+    wanted = list(fingerprints) if not parts else list(dict.fromkeys(parts))
+    unknown = sorted(set(wanted) - set(fingerprints))
+    if unknown:
+        raise ValueError(f"no demo part named {', '.join(unknown)}; the parts are {', '.join(fingerprints)}")
     if work_dir.exists():
         shutil.rmtree(work_dir)
     models = work_dir / "models"
     models.mkdir(parents=True)
-    tasks = [task for task in current_fingerprints() if task != "vlm"]
-    log(f"rebuilding the demo in {work_dir}: the {', '.join(tasks)} stand-ins side by side, then the demo VLM "
-        "(about 40 min on two CPU cores)")
-    with ProcessPoolExecutor(max_workers=max(1, len(tasks)), mp_context=get_context("spawn")) as pool:
-        for line in pool.map(_train_expert, [str(models)] * len(tasks), tasks):
-            log(line)
-    log(stage_demo_vlm(models, rebuild=True, progress=progress, log=log))
+    for name, (_model_id, relative) in _part_locations().items():
+        if name not in wanted and not stage_shipped_part(name, models / relative, fingerprints[name]):
+            raise ValueError(f"{name}: the shipped build is not of its current recipe; rebuild it too "
+                             f"(--parts {','.join([*wanted, name])})")
+    tasks = [task for task in wanted if task != "vlm"]
+    log(f"rebuilding {', '.join(wanted)} of the demo in {work_dir}"
+        + (f"; kept from the shipped build: {', '.join(p for p in fingerprints if p not in wanted)}"
+           if len(wanted) < len(fingerprints) else "")
+        + (" (about 40 min on two CPU cores)" if len(wanted) == len(fingerprints) else ""))
+    if tasks:
+        log(f"the {', '.join(tasks)} stand-ins side by side")
+        with ProcessPoolExecutor(max_workers=len(tasks), mp_context=get_context("spawn")) as pool:
+            for line in pool.map(_train_expert, [str(models)] * len(tasks), tasks):
+                log(line)
+    if "vlm" in wanted:
+        log(stage_demo_vlm(models, rebuild=True, progress=progress, log=log))
     return ship_build(models, work_dir / "demo")
 
 
