@@ -185,16 +185,23 @@ class MonaiBundle:
 
     Args:
         root: the bundle folder (the one holding ``configs/`` and ``models/``).
+        overrides: ``{config id: value}`` set after reading inference.json, as ``monai.bundle run --id value``
+            does (e.g. ``{"displayable_configs#highres": False}``).
+        checkpoint: the weights file, relative to ``root``, for a bundle that ships several
+            (default ``models/model.pt``).
 
     Raises:
         BundleError: missing folder or file, or a config that is not a JSON object.
     """
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, overrides: Mapping[str, Any] | None = None,
+                 checkpoint: str = CHECKPOINT_FILE) -> None:
         self.root = Path(root).expanduser().resolve()
+        self.overrides = dict(overrides or {})
+        self.checkpoint = checkpoint
         if not self.root.is_dir():
             raise BundleError(f"{self.root}: no such bundle folder")
-        for name in REQUIRED_FILES:
+        for name in dict.fromkeys((*REQUIRED_FILES[:2], checkpoint)):
             path = self.root / name
             if not path.is_file():
                 raise BundleError(f"{path}: missing; a MONAI bundle needs {', '.join(REQUIRED_FILES)}")
@@ -225,6 +232,8 @@ class MonaiBundle:
         parser.read_config(copy.deepcopy(self.inference))
         parser["bundle_root"] = str(self.root)
         parser["device"] = self._device
+        for config_id, value in self.overrides.items():
+            parser[config_id] = copy.deepcopy(value)
         if "metadata" in self.inference:  # VISTA3D re-reads metadata.json through an expression
             parser["metadata"] = copy.deepcopy(self.metadata)
         return parser
@@ -298,7 +307,7 @@ class MonaiBundle:
         """Whether ``models/model.pt`` is a known-safe file: its MD5 is one of :data:`KNOWN_CHECKPOINT_MD5`
         (the official zoo files) or its SHA-256 is in ``trusted_sha256`` (e.g. recorded by
         ``vila-m3 models pull``)."""
-        path = self.root / CHECKPOINT_FILE
+        path = self.root / self.checkpoint
         if _file_md5(path) in set(KNOWN_CHECKPOINT_MD5.values()):
             return True
         trusted = {s.lower() for s in trusted_sha256 if s}
@@ -318,7 +327,7 @@ class MonaiBundle:
         Raises:
             BundleError: unreadable, corrupt or truncated file, refused pickle, or no state dict inside.
         """
-        path = self.root / CHECKPOINT_FILE
+        path = self.root / self.checkpoint
         try:
             with torch.serialization.safe_globals(_numpy_safe_globals()):
                 checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -382,7 +391,7 @@ class MonaiBundle:
                 if keys
             )
             raise BundleError(
-                f"{self.root / CHECKPOINT_FILE}: the weights do not fit the network_def of "
+                f"{self.root / self.checkpoint}: the weights do not fit the network_def of "
                 f"{INFERENCE_CONFIG}: {details or err}"
             ) from err
         return network.to(device).eval()
@@ -597,17 +606,19 @@ class LazyNetwork:
     Thread-safe: concurrent first uses load it once. ``load_count`` says how many times it was loaded.
 
     Args:
-        bundle_dir: the bundle folder; validated now (:class:`BundleError` at once if incomplete).
+        bundle_dir: the bundle folder, validated now (:class:`BundleError` at once if incomplete), or a
+            :class:`MonaiBundle` already read (with its overrides and weights file).
         device: where the network runs; None: CUDA if available, else CPU.
         trusted_sha256: SHA-256 sums of ``models/model.pt`` the caller vouches for (see
             :meth:`MonaiBundle.read_state_dict`).
     """
 
     def __init__(
-        self, bundle_dir: str | Path, device: str | torch.device | None = None, trusted_sha256: Iterable[str] = ()
+        self, bundle_dir: str | Path | MonaiBundle, device: str | torch.device | None = None,
+        trusted_sha256: Iterable[str] = (),
     ) -> None:
         self.device = default_device(device)
-        self.bundle = MonaiBundle(bundle_dir)
+        self.bundle = bundle_dir if isinstance(bundle_dir, MonaiBundle) else MonaiBundle(bundle_dir)
         self.bundle.set_device(self.device)
         self.trusted_sha256 = tuple(trusted_sha256)
         self.load_count = 0
@@ -642,7 +653,7 @@ class BundleRunner:
     Subclasses set ``EXPERT_NAME`` (the registry name) and implement ``run``.
 
     Args:
-        bundle_dir: the bundle folder (real, or a tiny stand-in in the same layout).
+        bundle_dir: the bundle folder (real, or a tiny stand-in in the same layout), or a :class:`MonaiBundle`.
         device: torch device; None: CUDA if available, else CPU.
         spec: the expert's registry entry; None reads it from ``configs/experts.yaml``.
         trusted_sha256: SHA-256 sums of ``models/model.pt`` the caller vouches for (see
@@ -654,7 +665,7 @@ class BundleRunner:
 
     EXPERT_NAME = ""
 
-    def __init__(self, bundle_dir: str | Path, device: str | torch.device | None = None, spec: Any = None,
+    def __init__(self, bundle_dir: str | Path | MonaiBundle, device: str | torch.device | None = None, spec: Any = None,
                  trusted_sha256: Iterable[str] = ()) -> None:
         from vila_m3.experts.registry import ExpertRegistry
 

@@ -12,7 +12,8 @@ registry loads no model code.
 Extra experts come from other YAML files, without editing the repository: ``experts_files`` (or the
 environment variable ``VILA_M3_EXPERTS``, paths separated by ``os.pathsep``). Each has an ``experts:``
 list, appended to experts.yaml's in file order, and may list ``python_path:`` folders (relative to the
-file) from which its runner modules are imported.
+file) from which its runner modules are imported, and a ``models:`` mapping of its own weights in the format
+of ``configs/models.yaml`` (read by :class:`vila_m3.models.manifest.ModelManifest`).
 """
 
 from __future__ import annotations
@@ -28,10 +29,9 @@ from typing import Any
 
 from vila_m3.configs import load_config
 from vila_m3.experts.colors import RGB, derived_color
+from vila_m3.models.manifest import EXPERTS_ENV, env_experts_files  # noqa: F401  (re-exported: the env variable and its reader)
 
 EXPERTS_CONFIG = "experts.yaml"
-#: Environment variable: extra experts files (``os.pathsep``-separated) appended to experts.yaml's experts.
-EXPERTS_ENV = "VILA_M3_EXPERTS"
 OUTPUT_KINDS = ("segmentation", "classification")
 FEEDBACK_KINDS = ("label_colors", "tumor_regions", "predictions", "none")
 INPUT_MODALITIES = ("CT", "MRI", "CXR", "cell")
@@ -406,11 +406,6 @@ class ExpertRegistry:
 # --------------------------------------------------------------------------------------------- parsing
 
 
-def env_experts_files() -> tuple[Path, ...]:
-    """The extra experts files of ``$VILA_M3_EXPERTS`` (``os.pathsep``-separated; empty entries ignored)."""
-    return tuple(Path(p).expanduser() for p in os.environ.get(EXPERTS_ENV, "").split(os.pathsep) if p.strip())
-
-
 def _read_experts_file(path: Path, first_index: int) -> tuple[ExpertSpec, ...]:
     """The experts of an extra experts file, with its ``python_path`` folders resolved against its folder."""
     where = f"experts file {path.name}"
@@ -421,10 +416,10 @@ def _read_experts_file(path: Path, first_index: int) -> tuple[ExpertSpec, ...]:
     entries = raw.get("experts")
     if not isinstance(entries, list) or not entries:
         raise ConfigError(f"{where} needs a non-empty list 'experts'")
-    unknown = sorted(set(raw) - {"experts", "python_path"})
+    unknown = sorted(set(raw) - {"experts", "python_path", "models"})
     if unknown:
-        raise ConfigError(f"{where}: unknown keys {', '.join(unknown)} (an extra file has 'experts' and "
-                          "'python_path'; the card is experts.yaml's)")
+        raise ConfigError(f"{where}: unknown keys {', '.join(unknown)} (an extra file has 'experts', "
+                          "'python_path' and 'models'; the card is experts.yaml's)")
     folders = _str_list(raw.get("python_path"), f"{where}: python_path")
     python_path = tuple(str((path.resolve().parent / folder).resolve()) for folder in folders)
     return tuple(_parse_expert(entry, first_index + index, python_path) for index, entry in enumerate(entries))

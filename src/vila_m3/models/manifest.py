@@ -4,6 +4,9 @@ goes under the models directory, and whether it is there.
 The models directory is resolved in this order: an explicit argument (``--conf models_dir`` on the
 server, ``--models-dir`` on the command line), the ``VILA_M3_MODELS_DIR`` environment variable, and
 finally ``./models`` under the current directory.
+
+An extra experts file (``$VILA_M3_EXPERTS``, see :mod:`vila_m3.experts.registry`) may carry the entries
+of its own models in a ``models:`` mapping of the same format; they join the manifest.
 """
 
 from __future__ import annotations
@@ -16,10 +19,17 @@ from pathlib import Path
 from vila_m3.configs import load_config
 
 MODELS_DIR_ENV = "VILA_M3_MODELS_DIR"
+#: Environment variable: extra experts files (``os.pathsep``-separated); their ``models:`` join the manifest.
+EXPERTS_ENV = "VILA_M3_EXPERTS"
 STAND_IN_FIELD = "vila_m3_stand_in"  # in a stand-in's config.json / configs/metadata.json
 STAND_IN_MARKER = "VILA_M3_STAND_IN.txt"  # beside stand-in single-file weights
 XRV_FOLDER = "torchxrayvision"
 """Folder under the models directory that holds the TorchXRayVision weight files (xrv's ``cache_dir``)."""
+
+
+def env_experts_files() -> tuple[Path, ...]:
+    """The extra experts files of ``$VILA_M3_EXPERTS`` (``os.pathsep``-separated; empty entries ignored)."""
+    return tuple(Path(p).expanduser() for p in os.environ.get(EXPERTS_ENV, "").split(os.pathsep) if p.strip())
 
 
 def resolve_models_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
@@ -39,6 +49,8 @@ class ModelEntry:
     path: str
     required: tuple[str, ...] = field(default_factory=tuple)
     sha256: dict[str, str] = field(default_factory=dict)
+    stand_in: str = ""
+    """``package.module:function`` that writes a stand-in at the model's location (``vila-m3 models stand-ins``)."""
 
     @property
     def is_single_file(self) -> bool:
@@ -88,8 +100,17 @@ class ModelManifest:
 
     @classmethod
     def load(cls, config: dict | None = None) -> ModelManifest:
-        """Build the manifest from ``configs/models.yaml`` (or an already loaded mapping)."""
-        config = config if config is not None else load_config("models.yaml")
+        """Build the manifest from ``configs/models.yaml`` and the ``models:`` of ``$VILA_M3_EXPERTS``'s files
+        (or from an already loaded mapping only). ValueError: an experts file repeats a model id."""
+        if config is None:
+            config = load_config("models.yaml")
+            models = dict(config["models"])
+            for path in env_experts_files():
+                for model_id, spec in (load_config(path.resolve()).get("models") or {}).items():
+                    if model_id in models:
+                        raise ValueError(f"experts file {path.name}: model id '{model_id}' is already in the manifest")
+                    models[model_id] = spec
+            config = {**config, "models": models}
         entries = {
             model_id: ModelEntry(
                 model_id=model_id,
@@ -99,6 +120,7 @@ class ModelManifest:
                 path=str(spec["path"]),
                 required=tuple(spec.get("required", ())),
                 sha256=dict(spec.get("sha256") or {}),
+                stand_in=str(spec.get("stand_in") or ""),
             )
             for model_id, spec in config["models"].items()
         }
