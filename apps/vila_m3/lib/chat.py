@@ -7,12 +7,15 @@
   whenever its place changes. A full work queue is 503 with ``Retry-After`` before the stream starts;
 - ``POST /vila_m3/chat/{chat_id}/cancel``: stop the chat's running turn, or take a waiting one out of the queue
   at once (``cancelled: true``; closing the stream does the same);
+- ``GET /vila_m3/chat/?limit=50&offset=0``: the chats the caller may read, newest first (``chats``: id, title,
+  study, session, modality, turns, created, updated, owner, has_labels; ``more``: whether a next page exists);
 - ``GET /vila_m3/chat/{chat_id}``: the stored chat; ``GET /vila_m3/chat/{chat_id}/labels``: its last labelmap;
 - ``POST /vila_m3/chat/{chat_id}/report``: the chat's findings as a DICOM SR (lib/chat_report.py).
 
 With login on, a chat belongs to the user who started it: to anyone else (but reviewers and admins,
 who may read every chat) it is 404 "no chat", for reading, continuing and cancelling alike
-(:func:`vila_m3.chat.store.may_open` decides; :func:`chat_user` says who asks).
+(:func:`vila_m3.chat.store.may_open` decides; :func:`chat_user` says who asks); the listing holds the
+chats its caller may read, by the same rule.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from lib.datastore import StudyFiles
 from lib.form_params import parse_params
 from lib.infer_route import ROUTE_KEYS, storage_refused
 from lib.infers import BAD_INPUT, client_message
+from vila_m3.chat.listing import DEFAULT_LIMIT, ListingError
 from vila_m3.chat.loop import TurnRequest, TurnResult
 from vila_m3.chat.params import TurnParamsError, parse_turn_params
 from vila_m3.chat.service import ChatService
@@ -82,9 +86,17 @@ class ChatTurns:
         return TurnRequest(
             chat_id=params.chat_id, question=params.prompt, images=self.images(request, image), axis=params.axis,
             slice_index=params.slice_index, modality=params.modality, max_new_tokens=params.max_new_tokens,
-            temperature=params.temperature, top_p=params.top_p, study={"image": request.get("image_id") or image},
+            temperature=params.temperature, top_p=params.top_p, study=self.study_record(request, image),
             user=chat_user(request.get("user")),
         )
+
+    @staticmethod
+    def study_record(request: dict[str, Any], image: str) -> dict[str, str]:
+        """What the chat keeps of its study: the client's id (``image``) and where it is (``source``):
+        ``session`` (an uploaded session, gone once it expires) or ``datastore``, so a listing can say
+        how to reopen it."""
+        source = "session" if request.get("session") else "datastore"
+        return {"image": request.get("image_id") or image, "source": source}
 
     def check(self, request: dict[str, Any]) -> None:
         """Everything a turn checks before its first word: the chat's owner, params against the served VLM,
@@ -245,7 +257,9 @@ def chat_router(turns: ChatTurns, resolve_image: Callable[[str, str], str], audi
         with audited(event, status=None):  # a refusal here is the line; else the stream's end writes it
             request = parse_params(params, owned=ROUTE_KEYS)  # a UTF-8 JSON object, checked as /infer checks it
             request["image"] = resolve_image(image, session_id)
-            request["image_id"] = image or session_id
+            request["image_id"] = session_id or image  # the session wins over an image id, as in resolve_image
+            if session_id:
+                request["session"] = {"name": session_id}
             request["user"] = {"username": user.username, "roles": list(user.roles)}  # never the client's "user"
             # every check is an HTTP 4xx before the stream starts: params first (cheap), then against the served
             # VLM, the study and the slice (loading the model and reading the volume, off the event loop)
@@ -257,6 +271,15 @@ def chat_router(turns: ChatTurns, resolve_image: Callable[[str, str], str], audi
     @router.post("/{chat_id}/cancel", summary="Stop the chat's running turn")
     async def cancel(chat_id: str, user: User = Depends(user_role)) -> dict[str, Any]:
         return {"chat_id": chat_id, "cancelled": turns.cancel(chat_id, chat_user(user))}
+
+    @router.get("/", summary="The caller's chats, newest first (reviewers and admins: every chat)")
+    async def list_chats(limit: int = DEFAULT_LIMIT, offset: int = 0,
+                         user: User = Depends(user_role)) -> dict[str, Any]:
+        try:
+            chats, more = await run_in_threadpool(turns.service.chats, chat_user(user), limit, offset)
+        except ListingError as err:
+            raise HTTPException(BAD_INPUT, str(err)) from None
+        return {"chats": [chat.as_dict() for chat in chats], "limit": limit, "offset": offset, "more": more}
 
     @router.get("/{chat_id}", summary="The stored chat: transcript, study, modality")
     async def get_chat(chat_id: str, user: User = Depends(user_role)) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vila_m3.chat.listing import DEFAULT_LIMIT, ChatSummary, list_chats
 from vila_m3.chat.locks import ChatLocks
 from vila_m3.chat.loop import DEFAULT_MAX_ROUNDS, ChatLoop, ChatVLM, EventSink, TurnRequest, TurnResult
 from vila_m3.chat.store import Chat, ChatStore, ChatUser
@@ -125,6 +126,11 @@ class ChatService:
     def open(self, chat_id: str, user: ChatUser | None = None, write: bool = False) -> Chat:
         """The stored chat (a new one is empty); ChatNotFound for another user's, ChatIdError for a bad id."""
         return self.store.load(chat_id, user, write)
+
+    def chats(self, user: ChatUser | None = None, limit: int = DEFAULT_LIMIT,
+              offset: int = 0) -> tuple[list[ChatSummary], bool]:
+        """The chats ``user`` may read, newest first, and whether more follow (vila_m3.chat.listing)."""
+        return list_chats(self.store, user, limit, offset)
 
     def labels_path(self, chat_id: str, user: ChatUser | None = None) -> Path | None:
         """The chat's last labelmap file, None when it has none."""

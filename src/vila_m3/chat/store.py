@@ -119,6 +119,11 @@ def _fsync_folder(folder: Path) -> None:
         os.close(handle)
 
 
+def utc_now() -> str:
+    """The time now in ISO 8601, UTC, to the second (``2026-01-31T09:30:00Z``)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 def _is_leftover(name: str) -> bool:
     """A temporary a crash may leave in a chat folder: ``.chat-*.json`` or a partial ``.*.tmp*`` labelmap."""
     return name.startswith(".chat-") or (name.startswith(".") and ".tmp" in name)
@@ -181,6 +186,8 @@ class Chat:
             it is gone; None (and not stored: older chat.json files have none) when it finished.
         models: the chat model that answered each turn, by turn number (1-based, as a string; every user
             message counts): ``{"name", "version", "stand_in"}``; not stored while empty (older chats).
+        created: when the chat was started, ISO 8601 UTC (``2026-01-31T09:30:00Z``); None for chats
+            stored before it was recorded.
     """
 
     chat_id: str
@@ -191,6 +198,7 @@ class Chat:
     owner: str | None = None
     turn: dict[str, Any] | None = None
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    created: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         data = {
@@ -205,6 +213,8 @@ class Chat:
             data["turn"] = dict(self.turn)
         if self.models:
             data["models"] = {key: dict(value) for key, value in self.models.items()}
+        if self.created is not None:
+            data["created"] = self.created
         return data
 
     @property
@@ -281,7 +291,7 @@ class ChatStore:
         """
         path = self.folder(chat_id) / "chat.json"
         if not path.is_file():
-            return Chat(chat_id, owner=user.name if user is not None else None)
+            return Chat(chat_id, owner=user.name if user is not None else None, created=utc_now())
         data = json.loads(path.read_text(encoding="utf-8"))
         chat = Chat(
             chat_id=data["chat_id"],
@@ -292,6 +302,7 @@ class ChatStore:
             owner=data.get("owner"),
             turn=data.get("turn") if isinstance(data.get("turn"), dict) else None,
             models=data.get("models") if isinstance(data.get("models"), dict) else {},
+            created=data.get("created") if isinstance(data.get("created"), str) else None,
         )
         chat.mark_interrupted()  # a turn left running by a process that is gone (stored by the next save)
         if not may_open(chat, user, write):
@@ -328,7 +339,7 @@ class ChatStore:
         the marker file is written now, before the turn writes anything else. ChatsReadOnly / ChatsFull
         when the folder cannot take it (nothing of the turn is written then)."""
         chat.turn = {"state": "running", "first_message": len(chat.messages), "boot": BOOT_ID,
-                     "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                     "started": utc_now()}
         folder = self.folder(chat.chat_id)
         with storage_errors():
             folder.mkdir(parents=True, exist_ok=True)
