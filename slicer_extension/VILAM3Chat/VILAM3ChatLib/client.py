@@ -3,8 +3,8 @@
 Covers what the Slicer panel needs: the server's tasks (``GET /info/``), MONAI Label's login
 (``/auth/``, ``/auth/token``, then ``Authorization: Bearer``), session uploads (``PUT /session/``),
 a chat turn as one answer (``POST /infer/vila_m3``) or as server-sent events
-(``POST /vila_m3/chat/stream``), cancelling a turn, reading a stored chat, and saving a corrected
-labelmap as the image's final label (``PUT /datastore/label``).
+(``POST /vila_m3/chat/stream``), cancelling a turn, listing and reading stored chats, and saving a
+corrected labelmap as the image's final label (``PUT /datastore/label``).
 
 Every failure is a :class:`VilaM3Error` whose message is one readable line (server down, the
 server's own 4xx message, a timeout, a task the server does not offer, a stream cut off).
@@ -434,6 +434,29 @@ class VilaM3Client:
             raise AuthError(f"{what}: the server gave no access token", response.status_code)
         return str(token)
 
+    def log_in(self, username: str, password: str) -> None:
+        """Log in now as ``username`` (``POST /auth/token``) and keep only the token: the password is not
+        kept, so when the server refuses the token later (expired), requests raise :class:`AuthError`
+        (401) and the caller asks for a new login."""
+        with self._lock:
+            self.username, self.password = username, password
+            try:
+                token = self._fetch_token()
+            finally:
+                self.username, self.password = None, ""
+            self._token, self._given_token = token, True
+
+    def log_out(self) -> None:
+        """Forget the login (token, user name, password)."""
+        with self._lock:
+            self._token, self._given_token, self.username, self.password = None, False, None, ""
+
+    def who_am_i(self) -> dict[str, Any]:
+        """The logged-in user as the server sees the token (``GET /auth/token/valid``): ``username``,
+        ``roles``, ``email``, ``name``."""
+        response = self._send("GET", "/auth/token/valid", "asking the server who is logged in")
+        return self._json(response, "asking the server who is logged in")
+
     # --- server -----------------------------------------------------------------------------------
 
     def info(self, refresh: bool = False) -> dict[str, Any]:
@@ -483,11 +506,12 @@ class VilaM3Client:
 
     # --- volumes ----------------------------------------------------------------------------------
 
-    def create_session(self, file_paths: Sequence[str], expiry_s: int = 0) -> str:
+    def create_session(self, file_paths: Sequence[str], expiry_s: int = 0, uncompress: bool = False) -> str:
         """Upload a volume (one file, or the files of a DICOM series) as a session; returns its id.
 
         The server keeps a session for a while (MONAI Label's session expiry, an hour by default);
-        it is not added to the datastore.
+        it is not added to the datastore. ``uncompress``: the one file is a ``.zip`` of a DICOM series,
+        unpacked by the server.
         """
         paths = [str(path) for path in file_paths]
         if not paths:
@@ -496,7 +520,8 @@ class VilaM3Client:
             if not os.path.isfile(path):
                 raise ValueError(f"cannot upload '{path}': no such file")
         what = "sending the volume to the server"
-        response = self._send("PUT", "/session/", what, params={"expiry": int(expiry_s)},
+        query = {"expiry": int(expiry_s), **({"uncompress": "true"} if uncompress else {})}
+        response = self._send("PUT", "/session/", what, params=query,
                               files=[("files", path) for path in paths], read_timeout_s=self.turn_timeout_s)
         session_id = self._json(response, what).get("session_id")
         if not session_id:
@@ -507,6 +532,16 @@ class VilaM3Client:
         """A session's record (``GET /session/{id}``); its ``image`` is the file name (never a server path)."""
         what = f"reading session {session_id}"
         return self._json(self._send("GET", f"/session/{quote(session_id, safe='')}", what), what)
+
+    def download_session_image(self, session_id: str) -> str:
+        """A session's image as a temporary file (``GET /session/{id}?image=true``), named with its file
+        type; the caller deletes it. A session of a DICOM series (a folder) is refused by the server (422)."""
+        what = f"downloading session {session_id}"
+        response = self._send("GET", f"/session/{quote(session_id, safe='')}", what, params={"image": "true"},
+                              read_timeout_s=self.turn_timeout_s)
+        match = re.search(r'filename="?([^";]+)"?', response.headers.get("content-disposition", ""))
+        return self._write_temp(response.content, _suffix(match.group(1) if match else None),
+                                prefix="vila_m3-image-")
 
     def upload_image(self, file_path: str, image_id: str) -> str:
         """Add a volume to the datastore as ``image_id`` (``PUT /datastore/image``); returns the id."""
@@ -612,6 +647,18 @@ class VilaM3Client:
         what = "stopping the turn"
         response = self._send("POST", f"{CHAT_ROUTE}/{quote(chat_id, safe='')}/cancel", what)
         return bool(self._json(response, what).get("cancelled"))
+
+    def list_chats(self, limit: int = 50, offset: int = 0) -> list[dict[str, Any]]:
+        """The chats this user may reopen, newest first (``GET /vila_m3/chat/``): each ``chat_id``, ``title``
+        (the first question), ``study`` (datastore image id or session id), ``session`` (True for an
+        uploaded session), ``modality``, ``turns``, ``created``, ``updated`` (ISO 8601 UTC), ``owner``,
+        ``has_labels``. At most ``limit`` (1 to 500), skipping the first ``offset``."""
+        what = "listing the chats"
+        response = self._send("GET", f"{CHAT_ROUTE}/", what, params={"limit": int(limit), "offset": int(offset)})
+        chats = self._json(response, what).get("chats")
+        if not isinstance(chats, list):
+            raise ServerError(f"{what}: the server's answer has no list of chats")
+        return [chat for chat in chats if isinstance(chat, dict) and chat.get("chat_id")]
 
     def get_chat(self, chat_id: str) -> dict[str, Any]:
         """A stored chat: ``messages`` (the transcript), ``study``, ``modality`` ..."""
