@@ -64,6 +64,44 @@ def test_one_function_per_runnable_expert_with_its_arguments_as_an_enum(registry
     json.dumps(expert_tools(registry))  # sendable as it is
 
 
+def test_vista3d_also_takes_a_list_of_its_classes_instead_of_a_group(registry):
+    spec = registry.get("VISTA3D")
+    vista = {tool["function"]["name"]: tool for tool in expert_tools(registry)}["VISTA3D"]["function"]["parameters"]
+    classes = vista["properties"]["classes"]
+    assert classes["type"] == "array" and classes["minItems"] == 1 and classes["uniqueItems"] is True
+    assert classes["items"]["enum"] == list(spec.labels.values()) and len(classes["items"]["enum"]) == 132
+    assert set(vista["properties"]) == {"argument", "classes"} and "not both" in vista["properties"]["argument"]["description"]
+
+    called = resolve_tool_call("VISTA3D", json.dumps({"classes": ["Spleen", " 'left kidney' ", "spleen"]}), registry)
+    assert called.argument == "classes: spleen, left kidney"  # table spelling, id order, once each
+    assert called.resolved.group is None and called.resolved.label_ids == (3, 14)
+    assert dict(called.resolved.labels) == {"spleen": 3, "left kidney": 14}
+    assert called.argument not in spec.args  # never taken for a group
+    # a class that is also a group's name is the class alone, not the group
+    tumour = resolve_tool_call("VISTA3D", '{"classes": ["hepatic tumor"]}', registry)
+    assert tumour.resolved.label_ids == (26,) and tumour.key != ("VISTA3D", "hepatic tumor")
+    assert registry.get("VISTA3D").resolve_argument("hepatic tumor").label_ids != (26,)
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    ('{"classes": ["livr", "spleen"]}', r"VISTA3D has no class 'livr' \(did you mean 'liver'\?\)"),
+    ('{"classes": ["pancreas tumour"]}', r"'pancreas tumour' \(did you mean 'pancreatic tumor'"),
+    ('{"classes": ["xyzzy"]}', r"VISTA3D has no class 'xyzzy'; the valid names are the tool's list of classes"),
+    ('{"classes": []}', r"'classes' must be a non-empty list of class names"),
+    ('{"classes": "liver"}', r"'classes' must be a non-empty list of class names"),
+    ('{"classes": ["liver"], "argument": "organs"}', r"give either 'argument' or 'classes', not both"),
+])
+def test_a_classes_call_that_cannot_run_names_the_problem_and_the_nearest_classes(registry, arguments, message):
+    with pytest.raises(ToolCallError, match=message):
+        resolve_tool_call("VISTA3D", arguments, registry)
+
+
+def test_experts_without_label_ids_take_no_classes(registry):
+    assert registry.get("BRATS").class_names == () and registry.get("CXR").class_names == ()
+    with pytest.raises(ToolCallError, match=r"BRATS does not take the argument\(s\) 'classes'; it takes no arguments"):
+        resolve_tool_call("BRATS", '{"classes": ["edema"]}', registry)
+
+
 def test_an_unavailable_expert_is_not_offered(registry):
     partial = ExpertRegistry.from_config(available=lambda spec: None if spec.name == "VISTA3D" else "weights not staged")
     assert [tool["function"]["name"] for tool in expert_tools(partial)] == ["VISTA3D"]

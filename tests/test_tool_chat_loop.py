@@ -1,12 +1,14 @@
 """The chat loop in tool-calling mode with the real remote client (against the scripted OpenAI double),
 the real VISTA3D runner (a probe bundle: every voxel above 300 HU gets the first prompted id) and the
-real store: round limit, triggers in text, overlays off, and the next turn's conversation."""
+real store: round limit, triggers in text, overlays off, the next turn's conversation, and calls with VISTA3D
+classes instead of a group."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from bundle_fixtures import make_probe_bundle
 from fake_openai_server import FakeOpenAIServer, sse, tool_call_completion, tool_call_sse
@@ -85,3 +87,25 @@ def test_without_overlay_images_the_results_go_as_text_only(tmp_path, sample_dat
     assert len(images) == 1  # the slice the question was asked on
     assert all("<image>" not in m["content"] for m in messages[2:])
     assert result.answer == "Segmented."
+
+
+def test_a_call_with_classes_runs_vista3d_on_those_classes_and_reports_only_them(tmp_path, sample_data, service, server):
+    server.script(tool_call_completion([("VISTA3D", '{"classes": ["Spleen"]}')]), sse(["The spleen is marked."]))
+    result = make_loop(tmp_path, service, server).run_turn(ct_turn(sample_data, "Where is the spleen?"))
+    assert [(call.expert, call.argument) for call in result.experts] == [("VISTA3D", "classes: spleen")]
+    assert result.experts[0].error is None and result.label_names == {"spleen": 3}
+    assert set(np.unique(result.labels.array)) == {0, 3}  # the probe labels bone-bright voxels with the prompt's id
+    expert = result.chat.messages[2]
+    assert expert.tool_call["arguments"] == '{"classes": ["Spleen"]}' and expert.argument == "classes: spleen"
+    tool_message = server.posts[1].messages[2]
+    assert tool_message["role"] == "tool" and "spleen" in tool_message["content"]
+    others = set(service.registry.get("VISTA3D").labels.values()) - {"spleen"}
+    assert not [name for name in others if f": {name}" in tool_message["content"]]  # only the asked class is named
+
+
+def test_a_call_with_an_unknown_class_is_answered_with_the_nearest_names_and_runs_nothing(
+        tmp_path, sample_data, service, server):
+    server.script(tool_call_completion([("VISTA3D", '{"classes": ["splen"]}')]), sse(["Sorry."]))
+    result = make_loop(tmp_path, service, server).run_turn(ct_turn(sample_data))
+    assert result.experts == [] and result.labels is None
+    assert "'splen' (did you mean 'spleen'" in server.posts[1].messages[2]["content"]

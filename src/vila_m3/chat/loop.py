@@ -500,7 +500,7 @@ class ChatLoop:
                        control: JobControl | None = None) -> tuple[Message, ExpertCall, SegmentationResult | None]:
         number = sum(1 for message in chat.messages if message.role == "expert") + 1
         # the expert's runner checks the study, runs, and writes its text for the model
-        run = self.experts.run_expert(spec.name, study, trigger.argument, control=control)
+        run = self.experts.run_expert(spec.name, study, trigger.resolved, control=control)  # a group or classes
         result = run.result
         if not isinstance(result, SegmentationResult):  # a classifier: text only
             text = self.experts.feedback(spec.name, result, question)

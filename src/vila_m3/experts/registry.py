@@ -18,9 +18,10 @@ of ``configs/models.yaml`` (read by :class:`vila_m3.models.manifest.ModelManifes
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -73,6 +74,31 @@ class UnknownArgument(ValueError):
             message = f"{expert} does not accept the argument '{argument}'; valid arguments are: {listed}{alias_text}"
         else:
             message = f"{expert} takes no argument, but got '{argument}'; write <{expert}()>"
+        super().__init__(message)
+
+
+class UnknownClass(ValueError):
+    """An expert was asked for classes (label names) it does not have, or for none.
+
+    Attributes:
+        expert: the expert's name.
+        unknown: the names as written that are not classes of the expert.
+        near: ``{name as written: the closest class names}`` (may be empty for a name).
+    """
+
+    def __init__(self, expert: str, unknown: tuple[str, ...], near: Mapping[str, tuple[str, ...]]):
+        self.expert = expert
+        self.unknown = unknown
+        self.near = near
+        if not unknown:
+            message = f"{expert}: give at least one class name"
+        else:
+            parts = []
+            for name in unknown:
+                close = near.get(name) or ()
+                hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+                parts.append(f"'{name}'{hint}")
+            message = f"{expert} has no class {'; '.join(parts)}; the valid names are the tool's list of classes"
         super().__init__(message)
 
 
@@ -147,6 +173,8 @@ class ExpertSpec:
         classification: classes and voting of a classification expert, else None.
         python_path: folders from which the runner's module is imported (an extra experts file's
             ``python_path``), absolute.
+        tool_classes: the ``/infer`` parameter that takes a list of label ids (VISTA3D: ``label_prompt``): its
+            tools (chat and MCP) then also take ``classes``, label names, instead of a card argument; None: not.
     """
 
     name: str
@@ -168,6 +196,7 @@ class ExpertSpec:
     display_colors: Mapping[int, RGB] = field(default_factory=dict)
     classification: ClassificationSpec | None = None
     python_path: tuple[str, ...] = ()
+    tool_classes: str | None = None
 
     @property
     def takes_argument(self) -> bool:
@@ -229,6 +258,38 @@ class ExpertSpec:
         return ResolvedArgument(
             group=group, label_ids=tuple(members.values()), labels=MappingProxyType(dict(members))
         )
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The label names a tool call may ask for one by one (``classes``), in id order: every label of the
+        expert's table when it takes label ids (``tool_classes``), else none."""
+        return tuple(self.labels.values()) if self.tool_classes else ()
+
+    def resolve_classes(self, names: Sequence[str]) -> ResolvedArgument:
+        """What a list of class names means: their label ids (sorted, repeats removed) as the prompt, no group.
+
+        Names match as arguments do (case, surrounding whitespace and quotes, inner runs of spaces).
+
+        Raises:
+            UnknownClass: no names, or names that are not classes of this expert (with the closest ones).
+        """
+        lookup = {name.casefold(): (name, i) for i, name in self.labels.items()} if self.tool_classes else {}
+        found: dict[str, int] = {}
+        unknown: list[str] = []
+        for written in names:
+            key = normalize_argument(written)
+            hit = lookup.get(key.casefold()) if key else None
+            if hit is None:
+                unknown.append(str(written).strip())
+            else:
+                found[hit[0]] = hit[1]
+        if unknown or not found:
+            near = {name: tuple(lookup[close][0] for close in difflib.get_close_matches(name.casefold(), lookup, n=3))
+                    for name in unknown}
+            raise UnknownClass(self.name, tuple(unknown), near)
+        ids = tuple(sorted(set(found.values())))
+        return ResolvedArgument(group=None, label_ids=ids,
+                                labels=MappingProxyType({self.labels[i]: i for i in ids}))
 
     @cached_property
     def _argument_lookup(self) -> dict[str, str]:
@@ -517,6 +578,9 @@ def _parse_expert(entry: Any, index: int, python_path: tuple[str, ...] = ()) -> 
     if feedback not in FEEDBACK_KINDS:
         raise ConfigError(f"{where}: feedback must be one of {', '.join(FEEDBACK_KINDS)}, got {feedback!r}")
     weights = _str_list(entry.get("weights"), f"{where}: weights")
+    tool_classes = entry.get("tool_classes")
+    if tool_classes is not None and (not isinstance(tool_classes, str) or not tool_classes):
+        raise ConfigError(f"{where}: tool_classes must name an /infer parameter")
 
     # labels, subclasses, groups
     labels: dict[int, str] = {}
@@ -619,6 +683,7 @@ def _parse_expert(entry: Any, index: int, python_path: tuple[str, ...] = ()) -> 
         display_colors=MappingProxyType(display_colors),
         classification=classification,
         python_path=python_path,
+        tool_classes=tool_classes,
     )
 
 
