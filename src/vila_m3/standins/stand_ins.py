@@ -7,6 +7,7 @@ answer produced with one says so (``stand_in: true`` and a notice).
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 from vila_m3.models.manifest import ModelManifest
@@ -16,7 +17,9 @@ STAND_IN_TASKS = ("vista3d", "brats", "cxr", "vila_m3")
 
 def stage_stand_ins(models_dir: Path, tasks: tuple[str, ...] = STAND_IN_TASKS, vlm_id: str = "vila_m3_8b",
                     seed: int = 0, manifest: ModelManifest | None = None) -> list[Path]:
-    """Write stand-ins for ``tasks`` under ``models_dir``; returns the folders/files written.
+    """Write stand-ins for ``tasks`` under ``models_dir``; returns the folders/files written. A task may also be
+    the id of a manifest model whose entry names its ``stand_in`` writer (``package.module:function``, called
+    with the model's location and ``seed``), e.g. a model of an extra experts file.
 
     Refuses (ValueError) to write where something that is not a stand-in already lies.
     """
@@ -42,6 +45,10 @@ def stage_stand_ins(models_dir: Path, tasks: tuple[str, ...] = STAND_IN_TASKS, v
             entry = manifest[vlm_id]
             template = "llama_3" if vlm_id == "vila_m3_8b" else "vicuna_v1"
             written.append(make_tiny_vila_checkpoint(_fresh(entry.location(models_dir)), template=template, seed=seed))
+        elif task in manifest.entries and manifest[task].stand_in:
+            module, _, function = manifest[task].stand_in.partition(":")
+            writer = getattr(importlib.import_module(module), function)
+            written.append(writer(_fresh(manifest[task].location(models_dir)), seed=seed))
         else:
             raise ValueError(f"no stand-in for task '{task}'; stand-ins exist for {', '.join(STAND_IN_TASKS)}")
     return written
