@@ -38,6 +38,7 @@ from VILAM3ChatLib.scene import ATTR_CHAT_ID, SLICE_VIEW, ChatSceneLogic
 from VILAM3ChatLib.slice_mapping import slice_centre
 from VILAM3ChatLib.worker import BackgroundJobs, Job
 
+from .login import TabLogin
 from .settings import ViewerSettings, load_settings
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class ChatViewer(TrameApp):
         self.chat_states: dict[str, ChatState] = {}
         self.turn: dict | None = None
         self._init_state()
+        self.login = TabLogin(self, kiosk=bool(username or token))  # the page's login form (login.py)
         self._build_ui()
         self.layout_manager.set_layout(LAYOUT_ID)
         self.server.controller.on_server_ready.add(self._on_ready)
@@ -128,13 +130,15 @@ class ChatViewer(TrameApp):
             self.state.status_error = error
 
     def _show_error(self, err: BaseException) -> None:
+        if self.login.needs_login(err):  # auth on and no (more) valid token: the login form instead
+            return
         logger.info("viewer error: %s", err)
         self._set_status(str(err) or type(err).__name__, error=True)
 
     # --- start-up: the server, its studies, its stand-ins -------------------------------------------
 
     def _on_ready(self, **_kwargs) -> None:
-        create_task(self._poll_jobs())
+        self._poll_task = create_task(self._poll_jobs())  # cancelled when the tab closes (sessions.release)
         self.refresh_server()
 
     async def _poll_jobs(self) -> None:
@@ -179,6 +183,8 @@ class ChatViewer(TrameApp):
                 self.state.status_error = bool(no_chat)
 
         def failed(err: BaseException) -> None:
+            if self.login.needs_login(err):
+                return
             with self.state:
                 self.state.server_error = (f"The VILA-M3 server at {self.client.server_url} cannot be reached: "
                                            f"{err}. Start it (make run) or check the address; the page tries "
@@ -552,10 +558,12 @@ class ChatViewer(TrameApp):
                 html.Span("{{ server_url }}", classes="text-caption mr-4", id="server-url")
             with v3.VNavigationDrawer(location="right", width=440, permanent=True, id="chat-panel"), \
                     html.Div(classes="pa-3 d-flex flex-column ga-2"):
-                self._server_ui()
-                self._study_ui()
-                self._chat_ui()
-                self._segments_ui()
+                self.login.ui()
+                with html.Div(v_if=("!login_needed",), classes="d-flex flex-column ga-2", id="chat-controls"):
+                    self._server_ui()
+                    self._study_ui()
+                    self._chat_ui()
+                    self._segments_ui()
             with v3.VMain(style="height: 100vh;"), html.Div(style="position: relative; height: 100%; width: 100%;",
                                                             id="views"):
                 self.layout_manager.initialize_layout_grid(self.ui)
