@@ -1,7 +1,8 @@
 # ruff: noqa: F811  (the expert_server fixture imported from test_expert_tasks_server is a test argument of that name)
 """``vila-m3 mcp`` with the MCP SDK's own client, over stdio and streamable HTTP, against a real server with
 stand-in weights: the tools come from the registry, each runs, labelmaps keep the study's geometry, refusals
-are tool errors in words."""
+are tool errors in words, progress notifications while an expert runs, results kept on disk for the next
+process, and a result's overlay on a slice."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import base64
 import io
 import json
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -32,8 +34,12 @@ from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamablehttp_client
 # isort: on
 from vila_m3.chat.study import detect_modality
+from vila_m3.experts.colors import overlay_colors_float
 from vila_m3.experts.registry import ExpertRegistry
 from vila_m3.imaging import read_labelmap, read_volume, render_slice
+from vila_m3.imaging.overlay import render_overlay
+from vila_m3.imaging.slices import extract_slice, slice_index_count
+from vila_m3.mcp_results import RESULTS_ENV
 from vila_m3.mcp_server import TOKEN_ENV
 from vila_m3.standins.stand_ins import stage_stand_ins
 
@@ -46,8 +52,9 @@ Session = Callable[[ClientSession], Awaitable[Any]]
 
 
 def mcp_env(workdir: Path, token: str | None = None) -> dict[str, str]:
-    env = isolated_env(workdir)
-    env.pop(TOKEN_ENV, None)
+    env = isolated_env(workdir)  # results go to the default folder: ~/.cache/vila-m3/mcp-results of its HOME
+    for name in (TOKEN_ENV, RESULTS_ENV, "XDG_CACHE_HOME"):
+        env.pop(name, None)
     if token:
         env[TOKEN_ENV] = token
     return env
@@ -230,17 +237,71 @@ def test_bad_arguments_and_unknown_results_are_tool_errors_in_words(expert_serve
     assert "0123456789ab" in result
 
 
+def test_progress_while_an_expert_runs_results_kept_for_the_next_process_and_a_result_overlay(
+        expert_server, sample_data, tmp_path):
+    notes: list[tuple[float, float | None, str | None]] = []
+
+    async def progress(value: float, total: float | None, message: str | None) -> None:
+        notes.append((value, total, message))
+
+    async def first(session: ClientSession) -> dict[str, Any]:
+        return as_json(await session.call_tool("segment_ct", {"study": "ct_abdomen", "classes": ["liver", "spleen"]},
+                                               progress_callback=progress))
+
+    made = over_stdio(expert_server, tmp_path, first)
+    assert notes[0] == (0.0, None, "VISTA3D on ct_abdomen: started")
+    assert notes[-1][2].startswith("VISTA3D on ct_abdomen: finished after") and notes[-1][1] == notes[-1][0] > 0
+    assert [value for value, _, _ in notes] == sorted({value for value, _, _ in notes})
+    folder = tmp_path / "home" / ".cache" / "vila-m3" / "mcp-results"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert sorted(path.name for path in folder.iterdir()) == [f"{made['result']}.json", f"{made['result']}.nii.gz"]
+    assert {stat.S_IMODE(path.stat().st_mode) for path in folder.iterdir()} == {0o600}
+
+    ct = read_volume(sample_data / "studies" / "ct_abdomen.nii.gz")
+    labels = labelmap_of((folder / f"{made['result']}.nii.gz").read_bytes(), tmp_path, "kept.nii.gz")
+    counts = [np.count_nonzero(extract_slice(labels, "axial", i)) for i in range(slice_index_count(labels, "axial"))]
+    index = int(np.argmax(counts))
+    assert np.count_nonzero(extract_slice(labels, "axial", index)) > 0
+
+    async def second(session: ClientSession) -> tuple[Any, ...]:  # a new `vila-m3 mcp` process
+        return (await session.call_tool("get_labelmap", {"result": made["result"]}),
+                await session.call_tool("get_slice", {"study": "ct_abdomen", "index": index, "result": made["result"]}),
+                await session.call_tool("get_slice", {"study": "brain_mri_flair", "result": made["result"]}),
+                [str(item.uri) for item in (await session.list_resources()).resources])
+
+    labelmap, overlaid, other_study, listed = over_stdio(expert_server, tmp_path, second)
+    assert as_json(labelmap)["result"] == made["result"] and listed == [made["labelmap"]]
+    shown = as_json(overlaid)
+    image = next(item for item in overlaid.content if isinstance(item, types.ImageContent))
+    pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(image.data))).convert("RGB"))
+    expected, drawn = render_overlay(ct, labels, "axial", index, overlay_colors_float(), "CT")  # the chat's overlay
+    assert np.array_equal(pixels, np.asarray(expected))
+    marked = extract_slice(labels, "axial", index) != 0
+    coloured = (pixels[..., 0] != pixels[..., 1]) | (pixels[..., 1] != pixels[..., 2])
+    assert np.array_equal(coloured, marked)  # colour exactly where the labelmap is, the grey slice elsewhere
+    assert [entry["id"] for entry in shown["overlay"]["labels_drawn"]] == [label_id for label_id, _ in drawn]
+    assert {entry["name"] for entry in shown["overlay"]["labels_drawn"]} <= {"liver", "spleen"}
+    assert shown["overlay"]["labels_drawn"][0]["color"] == "red"
+    assert "another study" in error_text(other_study)
+
+
 # --- streamable HTTP ------------------------------------------------------------------------------------------
 
 
 def test_streamable_http_lists_runs_and_returns_the_labelmap(expert_server, sample_data, tmp_path):
     process, url = start_http(expert_server, tmp_path)
+    notes: list[str | None] = []
+
+    async def progress(value: float, total: float | None, message: str | None) -> None:
+        notes.append(message)
+
     try:
         async def main() -> tuple[Any, ...]:
             async with http_session(url) as session:
                 tools = (await session.list_tools()).tools
                 answer = as_json(await session.call_tool("segment_ct", {"study": "ct_abdomen",
-                                                                        "argument": "pancreatic tumor"}))
+                                                                        "argument": "pancreatic tumor"},
+                                                         progress_callback=progress))
                 labelmap = await session.call_tool("get_labelmap", {"result": answer["result"]})
                 return tools, answer, labelmap
 
@@ -255,6 +316,7 @@ def test_streamable_http_lists_runs_and_returns_the_labelmap(expert_server, samp
     assert labelmap_of(base64.b64decode(embedded.resource.blob), tmp_path, "http.nii.gz").geometry.allclose(
         ct.geometry, atol=1e-4)
     assert foreign.status_code == 403 and "origin" in foreign.json()["detail"]
+    assert notes[0] == "VISTA3D on ct_abdomen: started" and "finished" in notes[-1]  # on the request's own stream
 
 
 def test_without_a_server_every_configured_expert_is_listed_and_calls_say_it_cannot_be_reached(tmp_path):

@@ -207,16 +207,21 @@ def _models_stand_ins(args: argparse.Namespace) -> int:
 def _mcp(args: argparse.Namespace) -> int:
     import anyio
 
-    from vila_m3.mcp_server import TOKEN_ENV, serve_http, serve_stdio, token_from_env
+    from vila_m3.mcp_server import TOKEN_ENV, result_store, serve_http, serve_stdio, token_from_env
 
     token = token_from_env()
+    try:
+        results = result_store(args.results_dir, args.keep_results)
+    except (OSError, ValueError) as err:
+        print(f"error: the MCP results folder cannot be used: {err}", file=sys.stderr)
+        return 2
     if args.transport == "http":
         print(f"MCP server (streamable HTTP) at http://{args.host}:{args.port}/mcp for the VILA-M3 server at "
               f"{args.server}; bearer token: {'$' + TOKEN_ENV if token else 'the MCP request header, if any'}",
               file=sys.stderr, flush=True)
-        serve_http(args.server, token, args.host, args.port)
+        serve_http(args.server, token, args.host, args.port, results)
     else:
-        anyio.run(serve_stdio, args.server, token)
+        anyio.run(serve_stdio, args.server, token, results)
     return 0
 
 
@@ -280,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stdio (a client spawns this command) or streamable HTTP at http://HOST:PORT/mcp")
     mcp.add_argument("--host", default="127.0.0.1", help="with --transport http (default: 127.0.0.1)")
     mcp.add_argument("--port", type=int, default=8010, help="with --transport http (default: 8010)")
+    mcp.add_argument("--results-dir", help="where segmentation results are kept, private to you (default: "
+                     "$VILA_M3_MCP_RESULTS, else ~/.cache/vila-m3/mcp-results; configs/tools.yaml mcp)")
+    mcp.add_argument("--keep-results", type=int, help="how many results stay there, the newest (default: 32)")
     mcp.set_defaults(handler=_mcp)
     from vila_m3.data.cli import add_commands as add_datagen_commands
     from vila_m3.training.cli import add_commands as add_training_commands

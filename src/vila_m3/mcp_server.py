@@ -24,10 +24,17 @@ or else its lower-case name. Its arguments are ``study`` plus the chat's tool sc
 ``argument``, an enum of the card's arguments, for an expert that takes one) and, where the entry names the
 ``/infer`` parameter for label ids (``tool_classes``), ``classes`` (label names, an enum). So a new expert in the
 YAML appears without code changes. Beside them:
-``list_studies``, ``get_slice`` (a PNG in the display orientation the model sees; CT window 50/400) and
+``list_studies``, ``get_slice`` (a PNG in the display orientation the model sees; CT window 50/400; with
+``result``, that segmentation's labels blended on the slice as the chat's overlay draws them) and
 ``get_labelmap`` (a segmentation result's labelmap as an embedded NIfTI resource, also readable as
 ``vila-m3://results/<id>/labelmap.nii.gz``). Results are JSON text: the labels found with voxel counts, the
 labelmap's geometry, and the server's stand-in notice when the weights are stand-ins.
+
+Results are kept on disk (:mod:`vila_m3.mcp_results`: the newest N in a private folder of the user's choice), so
+they outlive the process: a client that spawns ``vila-m3 mcp`` again still reads them. While an expert runs, a
+client that sent a progress token gets MCP progress notifications: started, every few seconds while the
+server works (``progress`` = seconds so far; the ``/infer`` route tells no queue position or expert step), and
+finished or failed (``configs/tools.yaml`` ``mcp``).
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ import tempfile
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,17 +86,22 @@ from vila_m3.experts.registry import (  # noqa: E402
     ExpertSpec,
     env_experts_files,
 )
-from vila_m3.experts.tools import ToolCallError, resolve_tool_call, tool_argument_name  # noqa: E402
+from vila_m3.experts.tools import (  # noqa: E402
+    TOOLS_CONFIG,
+    ToolCallError,
+    resolve_tool_call,
+    tool_argument_name,
+    tool_classes_name,
+)
 from vila_m3.experts.tools import expert_tools as openai_tools  # noqa: E402
 from vila_m3.label_client import LabelServerClient, ServerRefused  # noqa: E402
+from vila_m3.mcp_results import RESULT_SCHEME, ResultStore, StoredResult  # noqa: E402
 from vila_m3.tasks import task_catalogue  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 TOKEN_ENV = "VILA_M3_TOKEN"
 SERVER_NAME = "vila-m3"
-RESULT_SCHEME = "vila-m3"
-MAX_RESULTS = 32  # labelmaps kept for get_labelmap, newest first out last
 MAX_VOLUMES = 2  # downloaded studies kept for get_slice
 VOLUME_TTL_S = 300.0
 NIFTI_MIME = "application/gzip"
@@ -114,8 +126,10 @@ class ExpertTool:
         task: the server's infer task (MONAI Label model) that runs the expert.
         spec: the expert's registry entry.
         registry: the registry it comes from (arguments are resolved as for the chat's tool calls).
-        parameters: the JSON schema of its argument as the chat offers it to a tool-calling model
-            (:func:`vila_m3.experts.tools.expert_tools`); the MCP tool adds ``study`` and ``classes``.
+        parameters: the JSON schema of its arguments as the chat offers it to a tool-calling model
+            (:func:`vila_m3.experts.tools.expert_tools`: ``argument``, and ``classes`` for VISTA3D); the MCP
+            tool adds ``study``.
+        classes_param: the ``/infer`` parameter that takes the label ids of ``classes`` (``label_prompt``).
     """
 
     name: str
@@ -127,12 +141,9 @@ class ExpertTool:
 
     @property
     def classes(self) -> tuple[str, ...]:
-        """Label names a client may ask for one by one: every label of the expert's argument groups, by id
-        (VISTA3D: ``everything`` and the tumours); empty unless the expert takes label ids (``tool_classes``)."""
-        if self.classes_param is None:
-            return ()
-        ids = {label_id for group in self.spec.args for label_id in self.spec.groups[group].values()}
-        return tuple(self.spec.labels[label_id] for label_id in sorted(ids))
+        """Label names a client may ask for one by one: every label of the expert's class table, by id
+        (VISTA3D: its 132 classes); empty unless the expert takes label ids (``tool_classes``)."""
+        return self.spec.class_names if self.classes_param else ()
 
     @property
     def argument(self) -> str:
@@ -156,42 +167,29 @@ class ExpertTool:
         return text
 
     def input_schema(self) -> dict[str, Any]:
-        """JSON schema of the arguments: ``study``, the chat tools' argument, and ``classes`` for an expert
-        with arguments."""
+        """JSON schema of the arguments: ``study`` and the chat tools' (``argument``; ``classes`` for an expert
+        that takes label ids)."""
         properties: dict[str, Any] = {
             "study": {"type": "string", "description": "datastore image id (see list_studies)"},
             **copy.deepcopy(dict(self.parameters.get("properties") or {}))}
-        if self.classes:
-            properties["classes"] = {"type": "array", "items": {"type": "string", "enum": list(self.classes)},
-                                     "minItems": 1, "uniqueItems": True,
-                                     "description": f"which structures to segment, by label name (instead of "
-                                                    f"`{self.argument}`)"}
+        if not self.classes:
+            properties.pop(tool_classes_name(), None)
         return {"type": "object", "properties": properties, "required": ["study"], "additionalProperties": False}
 
     def infer_params(self, arguments: Mapping[str, Any]) -> dict[str, Any]:
-        """The ``/infer`` params for ``arguments`` (checked; ToolError naming a bad one)."""
+        """The ``/infer`` params for ``arguments`` (checked as the chat's tool calls are; ToolError naming a bad
+        one): ``{"argument": group}``, ``{classes_param: label ids}`` for ``classes``, or none."""
         unknown = sorted(set(arguments) - set(self.input_schema()["properties"]))
         if unknown:
             allowed = ", ".join(self.input_schema()["properties"])
             raise ToolError(f"{self.name}: unknown argument(s) {', '.join(unknown)}; it takes {allowed}")
-        classes = arguments.get("classes")
-        rest = {key: value for key, value in arguments.items() if key not in ("study", "classes")}
-        if classes is not None:
-            if rest.get(self.argument) is not None:
-                raise ToolError(f"{self.name}: give either {self.argument} or classes, not both")
-            if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
-                raise ToolError(f"{self.name}: classes must be a non-empty list of label names")
-            by_name = {name.casefold(): label_id for label_id, name in self.spec.labels.items()}
-            offered = {name.casefold() for name in self.classes}
-            strangers = [c for c in classes if c.strip().casefold() not in offered]
-            if strangers:
-                raise ToolError(f"{self.name}: unknown class(es) {', '.join(repr(c) for c in strangers)}; "
-                                "see the tool's classes enum for the valid names")
-            return {str(self.classes_param): sorted({by_name[c.strip().casefold()] for c in classes})}
+        rest = {key: value for key, value in arguments.items() if key != "study"}
         try:
             call = resolve_tool_call(self.spec.name, rest, self.registry)
         except ToolCallError as err:
             raise ToolError(f"{self.name}: {err}") from None
+        if rest.get(tool_classes_name()) is not None:
+            return {str(self.classes_param): list(call.resolved.label_ids)}
         return {"argument": call.argument} if call.argument is not None else {}
 
 
@@ -269,12 +267,16 @@ FIXED_TOOLS: dict[str, types.Tool] = {
         name="get_slice",
         description="One slice of a study as a PNG, in radiological display (axial: anterior at the top, the "
                     "patient's right on the image left; CT in a 50/400 HU window, MRI min-max, X-rays as stored). "
-                    "Without index, the middle slice. A 2D image (X-ray) has one slice, index 0.",
+                    "Without index, the middle slice. A 2D image (X-ray) has one slice, index 0. With `result` "
+                    "(a segmentation of this study), its labels are blended on the slice in colour, named in "
+                    "the answer.",
         inputSchema={"type": "object", "properties": {
             "study": {"type": "string", "description": "datastore image id (see list_studies)"},
             "axis": {"type": "string", "enum": list(AXES), "default": "axial"},
             "index": {"type": "integer", "minimum": 0,
-                      "description": "slice number along the axis: 0 = inferior / posterior / the patient's left"}},
+                      "description": "slice number along the axis: 0 = inferior / posterior / the patient's left"},
+            "result": {"type": "string",
+                       "description": "the `result` id of a segmentation of this study, to overlay its labels"}},
             "required": ["study"], "additionalProperties": False}),
     "get_labelmap": types.Tool(
         name="get_labelmap",
@@ -289,19 +291,19 @@ FIXED_TOOLS: dict[str, types.Tool] = {
 # ----------------------------------------------------------------------------------------- results
 
 
-@dataclass(frozen=True)
-class StoredResult:
-    """A segmentation result kept for ``get_labelmap``: the NIfTI bytes, the summary given with them, and whose
-    it is (:func:`owner_of` the token it was made with: only calls with that token see it)."""
+def mcp_settings() -> dict[str, Any]:
+    """``configs/tools.yaml``'s ``mcp`` section: ``keep_results``, ``results_dir``, ``progress_interval_s``."""
+    return dict(load_config(TOOLS_CONFIG).get("mcp") or {})
 
-    result_id: str
-    data: bytes
-    summary: dict[str, Any]
-    owner: str
 
-    @property
-    def uri(self) -> str:
-        return f"{RESULT_SCHEME}://results/{self.result_id}/labelmap.nii.gz"
+def result_store(folder: str | os.PathLike[str] | None = None, keep: int | None = None) -> ResultStore:
+    """The results folder: ``folder``, else ``$VILA_M3_MCP_RESULTS``, else ``mcp.results_dir`` of
+    configs/tools.yaml, else the user's cache folder; ``keep`` (else ``mcp.keep_results``) newest results."""
+    from vila_m3.mcp_results import RESULTS_ENV
+
+    settings = mcp_settings()
+    chosen = folder or os.environ.get(RESULTS_ENV, "").strip() or settings.get("results_dir") or None
+    return ResultStore(chosen, int(keep if keep is not None else settings.get("keep_results", 32)))
 
 
 def owner_of(token: str | None) -> str:
@@ -354,22 +356,96 @@ def _read_image(data: bytes, file_name: str) -> Any:
             raise ToolError(f"the study's file cannot be read here ({type(err).__name__})") from None
 
 
-def _render_png(volume: Any, axis: str, index: int | None) -> tuple[bytes, dict[str, Any]]:
-    """PNG bytes of one slice and what it shows (axis, index, slice count, modality)."""
+def _render_png(volume: Any, axis: str, index: int | None, overlay: StoredResult | None = None
+                ) -> tuple[bytes, dict[str, Any]]:
+    """PNG bytes of one slice and what it shows (axis, index, slice count, modality); with ``overlay``, that
+    result's labelmap blended on the slice by the chat's overlay code (:func:`vila_m3.imaging.overlay.
+    render_overlay`, the chat's colours) and the labels drawn, with their colour names."""
     from vila_m3.chat.study import detect_modality
-    from vila_m3.imaging import render_slice, slice_index_count
+    from vila_m3.experts.colors import overlay_colors_float, slice_label_colors
+    from vila_m3.imaging import read_labelmap, render_slice, slice_index_count
+    from vila_m3.imaging.overlay import render_overlay
 
     count = slice_index_count(volume, axis)
     index = count // 2 if index is None else index
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
         raise ToolError(f"{axis} slice index must be an integer in 0..{count - 1}; got {index!r}")
     modality = detect_modality(volume)
-    picture = render_slice(volume, axis, index, modality)
+    drawn_labels: list[dict[str, Any]] | None = None
+    if overlay is None:
+        picture = render_slice(volume, axis, index, modality)
+    else:
+        try:
+            picture, drawn = render_overlay(volume, read_labelmap(overlay.path), axis, index, overlay_colors_float(),
+                                            modality=modality)
+        except ValueError:
+            raise ToolError(f"the labelmap of result '{overlay.result_id}' is not on this study's voxel grid") from None
+        names = {entry["id"]: entry["name"] for entry in overlay.summary.get("labels_found") or []}
+        colours = slice_label_colors(label_id for label_id, _ in drawn)
+        drawn_labels = [{"id": label_id, "name": names.get(label_id, f"label {label_id}"), "color": colours[label_id]}
+                        for label_id, _ in drawn]
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
     window = {"CT": "window 50/400 HU", "MRI": "min-max of the volume", "CXR": "as stored"}[modality]
-    return buffer.getvalue(), {"axis": axis, "index": index, "slices": count, "modality": modality,
-                               "rendering": window, "size": list(picture.size)}
+    shown = {"axis": axis, "index": index, "slices": count, "modality": modality, "rendering": window,
+             "size": list(picture.size)}
+    if overlay is not None:
+        shown["overlay"] = {"result": overlay.result_id, "expert": overlay.summary.get("expert"),
+                            "labels_drawn": drawn_labels}
+    return buffer.getvalue(), shown
+
+
+class Progress:
+    """MCP progress notifications of one tool call, when its client sent a progress token.
+
+    ``send(progress, total, message)`` sends one notification (None: the client asked for none). While
+    :meth:`track` awaits the work: ``started`` (progress 0), then every ``interval_s`` the seconds so far, then
+    ``finished`` or ``failed`` with total = progress; each value is above the one before (as MCP asks).
+    """
+
+    def __init__(self, send: Callable[[float, float | None, str | None], Awaitable[None]] | None,
+                 interval_s: float = 5.0) -> None:
+        self.send = send
+        self.interval_s = max(float(interval_s), 0.1)
+        self.value = 0.0
+
+    async def _report(self, value: float, total: float | None, message: str) -> None:
+        if self.send is None:
+            return
+        self.value = max(value, self.value)
+        try:
+            await self.send(self.value, total, message)
+        except Exception as err:  # a client gone away must not fail the tool call
+            logger.debug("progress notification not sent: %s", err)
+
+    async def _beat(self, what: str, began: float) -> None:
+        while True:
+            await anyio.sleep(self.interval_s)
+            seconds = time.monotonic() - began
+            await self._report(seconds, None, f"{what}: running for {seconds:.0f} s")
+
+    async def track(self, what: str, work: Callable[[], Awaitable[Any]]) -> Any:
+        """``await work()`` with notifications around it (none without a token)."""
+        if self.send is None:
+            return await work()
+        began = time.monotonic()
+        await self._report(0.0, None, f"{what}: started")
+        failure: Exception | None = None
+        result = None
+        async with anyio.create_task_group() as group:
+            group.start_soon(self._beat, what, began)
+            try:
+                result = await work()
+            except Exception as err:
+                failure = err
+            finally:
+                group.cancel_scope.cancel()
+        seconds = time.monotonic() - began
+        final = max(seconds, self.value + 1e-3)
+        await self._report(final, final, f"{what}: {'failed' if failure else 'finished'} after {seconds:.1f} s")
+        if failure is not None:
+            raise failure
+        return result
 
 
 # ----------------------------------------------------------------------------------------- the server
@@ -383,10 +459,14 @@ class VilaM3Tools:
         token: the bearer token used when the MCP request brings none (``$VILA_M3_TOKEN``).
     """
 
-    def __init__(self, client: LabelServerClient, token: str | None = None):
+    def __init__(self, client: LabelServerClient, token: str | None = None, results: ResultStore | None = None,
+                 progress_interval_s: float | None = None):
         self.client = client
         self.token = token or None
-        self.results: OrderedDict[str, StoredResult] = OrderedDict()
+        self.results = results if results is not None else result_store()
+        interval = progress_interval_s if progress_interval_s is not None else mcp_settings().get(
+            "progress_interval_s", 5.0)
+        self.progress_interval_s = float(interval)
         self.volumes: OrderedDict[tuple[str, str], tuple[float, Any]] = OrderedDict()
 
     async def experts(self, token: str | None) -> list[ExpertTool]:
@@ -404,8 +484,10 @@ class VilaM3Tools:
                  for tool in await self.experts(token)]
         return [FIXED_TOOLS["list_studies"], FIXED_TOOLS["get_slice"], *tools, FIXED_TOOLS["get_labelmap"]]
 
-    async def call(self, name: str, arguments: Mapping[str, Any], token: str | None) -> list[types.Content]:
-        """Run tool ``name``; ToolError (shown to the client) for anything it cannot do."""
+    async def call(self, name: str, arguments: Mapping[str, Any], token: str | None,
+                   progress: Progress | None = None) -> list[types.Content]:
+        """Run tool ``name``; ToolError (shown to the client) for anything it cannot do. ``progress``: the
+        call's progress notifications (an expert's run reports them)."""
         try:
             if name == "list_studies":
                 return await self.list_studies(token)
@@ -417,7 +499,7 @@ class VilaM3Tools:
             if name not in tools:
                 valid = ", ".join([*FIXED_TOOLS, *tools])
                 raise ToolError(f"unknown tool '{name}'; tools: {valid}")
-            return await self.run_expert(tools[name], arguments, token)
+            return await self.run_expert(tools[name], arguments, token, progress)
         except ServerRefused as err:
             raise ToolError(str(err)) from None
 
@@ -454,16 +536,21 @@ class VilaM3Tools:
         if axis not in AXES:
             raise ToolError(f"axis must be one of {', '.join(AXES)}; got {axis!r}")
         index = arguments.get("index")
+        overlay = None if arguments.get("result") is None else self.stored(arguments.get("result"), token)
+        if overlay is not None and overlay.summary.get("study") != study:
+            raise ToolError(f"result '{overlay.result_id}' is a segmentation of another study, not '{study}'")
         volume = await self.volume(study, token)
-        png, shown = await anyio.to_thread.run_sync(_render_png, volume, axis, index)
+        png, shown = await anyio.to_thread.run_sync(_render_png, volume, axis, index, overlay)
         return [types.ImageContent(type="image", data=base64.b64encode(png).decode("ascii"), mimeType="image/png"),
                 _json_text({"study": study, **shown})]
 
-    async def run_expert(self, tool: ExpertTool, arguments: Mapping[str, Any], token: str | None
-                         ) -> list[types.Content]:
+    async def run_expert(self, tool: ExpertTool, arguments: Mapping[str, Any], token: str | None,
+                         progress: Progress | None = None) -> list[types.Content]:
         study = self._study(arguments)
         params = tool.infer_params(arguments)
-        answer = await self.client.infer(tool.task, study, params, token)
+        progress = progress or Progress(None)
+        answer = await progress.track(f"{tool.spec.name} on {study}",
+                                      lambda: self.client.infer(tool.task, study, params, token))
         reply = answer.params
         summary: dict[str, Any] = {"tool": tool.name, "expert": reply.get("expert", tool.spec.name), "study": study}
         for key in ("argument", "probabilities", "answers", "feedback", "cached", "stand_in", "notice"):
@@ -474,19 +561,16 @@ class VilaM3Tools:
         result_id = uuid.uuid4().hex[:12]
         summary["result"] = result_id
         summary.update(await anyio.to_thread.run_sync(_labelmap_summary, answer.file, reply.get("label_names") or {}))
-        stored = StoredResult(result_id, answer.file, summary, owner_of(token))
-        summary["labelmap"] = stored.uri
-        self.results[result_id] = stored
-        while len(self.results) > MAX_RESULTS:
-            self.results.popitem(last=False)
+        summary["labelmap"] = f"{RESULT_SCHEME}://results/{result_id}/labelmap.nii.gz"
+        await anyio.to_thread.run_sync(self.results.put, result_id, answer.file, summary, owner_of(token))
         return [_json_text(summary)]
 
     def stored(self, result_id: Any, token: str | None) -> StoredResult:
         """The kept result ``result_id`` made with ``token``; ToolError naming it otherwise."""
-        stored = self.results.get(result_id) if isinstance(result_id, str) else None
+        stored = self.results.get(result_id)
         if stored is None or stored.owner != owner_of(token):
-            raise ToolError(f"no result '{result_id}' here: this MCP server keeps the last {MAX_RESULTS} "
-                            "segmentation results of its calls, each for the token it was made with")
+            raise ToolError(f"no result '{result_id}' here: the MCP server keeps the last {self.results.keep} "
+                            "segmentation results, each for the token it was made with")
         return stored
 
     def get_labelmap(self, arguments: Mapping[str, Any], token: str | None) -> list[types.Content]:
@@ -503,8 +587,8 @@ class VilaM3Tools:
         owner = owner_of(token)
         return [types.Resource(uri=AnyUrl(stored.uri), name=f"labelmap {stored.result_id}",
                                description=f"{stored.summary.get('expert')} on {stored.summary.get('study')}",
-                               mimeType=NIFTI_MIME, size=len(stored.data))
-                for stored in reversed(self.results.values()) if stored.owner == owner]
+                               mimeType=NIFTI_MIME, size=stored.size)
+                for stored in self.results.newest_first() if stored.owner == owner]
 
     def read(self, uri: str, token: str | None) -> bytes:
         match = re.fullmatch(rf"{RESULT_SCHEME}://results/([0-9a-f]+)/labelmap\.nii\.gz", uri)
@@ -553,10 +637,23 @@ def build_server(tools: VilaM3Tools) -> Server:
     async def list_tools() -> list[types.Tool]:
         return await tools.list_tools(token())
 
+    def progress() -> Progress:
+        """The call's progress notifications: to the client's progress token, on the request's own stream."""
+        context = server.request_context
+        progress_token = context.meta.progressToken if context.meta is not None else None
+        if progress_token is None:
+            return Progress(None)
+
+        async def send(value: float, total: float | None, message: str | None) -> None:
+            await context.session.send_progress_notification(progress_token, value, total, message,
+                                                             related_request_id=context.request_id)
+
+        return Progress(send, tools.progress_interval_s)
+
     @server.call_tool()
     async def call_tool(name: str, arguments: dict[str, Any]) -> list[types.Content]:
         try:
-            return await tools.call(name, arguments or {}, token())
+            return await tools.call(name, arguments or {}, token(), progress())
         except ToolError:
             raise
         except Exception:
@@ -580,20 +677,21 @@ def build_server(tools: VilaM3Tools) -> Server:
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
-async def serve_stdio(server_url: str, token: str | None) -> None:
-    """Serve MCP on stdin/stdout until the client closes them."""
+async def serve_stdio(server_url: str, token: str | None, results: ResultStore | None = None) -> None:
+    """Serve MCP on stdin/stdout until the client closes them (``results``: where results are kept; None:
+    :func:`result_store`'s default)."""
     from mcp.server.stdio import stdio_server
 
     client = LabelServerClient(server_url)
     try:
-        server = build_server(VilaM3Tools(client, token))
+        server = build_server(VilaM3Tools(client, token, results))
         async with stdio_server() as (read, write):
             await server.run(read, write, server.create_initialization_options())
     finally:
         await client.aclose()
 
 
-def http_app(server_url: str, token: str | None) -> Any:
+def http_app(server_url: str, token: str | None, results: ResultStore | None = None) -> Any:
     """The ASGI app of the streamable HTTP transport: ``/mcp``. A browser page of another origin is refused
     (the MCP specification asks servers to check ``Origin`` against DNS rebinding)."""
     import contextlib
@@ -604,7 +702,7 @@ def http_app(server_url: str, token: str | None) -> Any:
     from starlette.routing import Route
 
     client = LabelServerClient(server_url)
-    manager = StreamableHTTPSessionManager(app=build_server(VilaM3Tools(client, token)))
+    manager = StreamableHTTPSessionManager(app=build_server(VilaM3Tools(client, token, results)))
 
     class Endpoint:  # an ASGI app (a class instance, so that Route passes the raw ASGI call through)
         async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -634,12 +732,12 @@ class _EndedSessionFilter(logging.Filter):
         return not isinstance(error, anyio.ClosedResourceError)
 
 
-def serve_http(server_url: str, token: str | None, host: str, port: int) -> None:
+def serve_http(server_url: str, token: str | None, host: str, port: int, results: ResultStore | None = None) -> None:
     """Serve MCP over streamable HTTP at ``http://host:port/mcp`` until interrupted."""
     import uvicorn
 
     logging.getLogger("mcp.server.streamable_http").addFilter(_EndedSessionFilter())
-    uvicorn.run(http_app(server_url, token), host=host, port=port, log_level="warning")
+    uvicorn.run(http_app(server_url, token, results), host=host, port=port, log_level="warning")
 
 
 def token_from_env() -> str | None:
