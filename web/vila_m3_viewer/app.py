@@ -38,6 +38,8 @@ from VILAM3ChatLib.scene import ATTR_CHAT_ID, SLICE_VIEW, ChatSceneLogic
 from VILAM3ChatLib.slice_mapping import slice_centre
 from VILAM3ChatLib.worker import BackgroundJobs, Job
 
+from .brats import SequenceStudy
+from .editor import SegmentEditing
 from .login import TabLogin
 from .settings import ViewerSettings, load_settings
 
@@ -87,6 +89,8 @@ class ChatViewer(TrameApp):
         self.turn: dict | None = None
         self._init_state()
         self.login = TabLogin(self, kiosk=bool(username or token))  # the page's login form (login.py)
+        self.editing = SegmentEditing(self.slicer_app, self.state, self._set_status)
+        self.brats = SequenceStudy(self)
         self._build_ui()
         self.layout_manager.set_layout(LAYOUT_ID)
         self.server.controller.on_server_ready.add(self._on_ready)
@@ -209,7 +213,7 @@ class ChatViewer(TrameApp):
     # --- the study and its views --------------------------------------------------------------------
 
     def _on_study(self, study: str = "", **_kwargs) -> None:
-        if not study:
+        if not study or self.brats.load(study):  # a four-sequence MRI study loads all four
             return
         self.state.loading = True
         self._set_status(f"Loading {study} from the server…")
@@ -264,6 +268,7 @@ class ChatViewer(TrameApp):
             self.slicer_app.scene.RemoveNode(node)
         if self.volume is not None:
             self.slicer_app.scene.RemoveNode(self.volume)
+        self.brats.clear()
         self.volume = self.segmentation = None
         self._show_segments(None)
 
@@ -349,7 +354,7 @@ class ChatViewer(TrameApp):
         note = position.note(SLICE_VIEW)
         self._set_status(f"Asking about {position.axis} slice {position.index} of {position.count}…"
                          + (f" {note}" if note else ""))
-        studies = {"image": StudyRef.image(self.volume.GetName())}
+        studies = self.brats.studies(self.volume) or {"image": StudyRef.image(self.volume.GetName())}
 
         def work(job: Job) -> TurnAnswer:
             return self.logic.runTurn(job, self.client, studies, {}, params,
@@ -485,6 +490,7 @@ class ChatViewer(TrameApp):
             display.SetVisibility(True)
             display.SetOpacity2DFill(float(self.state.opacity))
             display.SetOpacity2DOutline(1.0)
+        self.editing.attach(node, self.volume)
         self._list_segments()
 
     def _list_segments(self) -> None:
@@ -592,6 +598,7 @@ class ChatViewer(TrameApp):
             html.Input(type="number", v_model_number=("slice_index",), min=0, max=("slice_count - 1",),
                        id="slice-index", classes="field", style="width: 5em")
             html.Span("of {{ slice_count }}", classes="text-body-2 text-no-wrap")
+        self.brats.build_ui()
         html.Div("{{ slice_note }}", v_if=("slice_note",), classes="text-caption text-warning", id="slice-note")
 
     def _chat_ui(self) -> None:
@@ -628,6 +635,7 @@ class ChatViewer(TrameApp):
                 html.Label("Opacity", classes="text-body-2")
                 v3.VSlider(v_model=("opacity",), min=0, max=1, step=0.05, hide_details=True, density="compact",
                            id="opacity")
+            self.editing.build_ui()
             v3.VBtn("Save correction as final label", click=self.save_correction, disabled=("busy",),
                     color="secondary", size="small", id="save-correction", block=True)
 
