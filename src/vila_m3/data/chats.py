@@ -12,6 +12,15 @@ expert result (its labelmap file, else ``chat.json``), each expert result is reb
 label: the overlay is re-rendered on the slice the chat showed (found by comparing the chat's slice
 picture with the volume's slices) from the final label restricted to the expert's labels, and the
 feedback text is rebuilt by the expert feedback functions.
+
+Tool-calling chats (a remote model with ``vlm_tools on``) store the model's calls, not triggers: an expert
+message answers a call (``Message.tool_call``) and the assistant message before it may be empty. VILA-M3 learns
+triggers, so such a chat becomes the record its trigger twin would be: each call that maps onto a trigger (an
+expert with a card argument or none: ``{"argument": "hepatoma"}`` is ``<VISTA3D(hepatic tumor)>``, ``{}`` is
+``<VISTA3D(everything)>`` / ``<CXR()>``) is written into the assistant's text (after its words; with none, the
+data engine's trigger sentence of ``configs/datagen.yaml``), and the first question gets the model card the
+trigger path shows. A chat with a call that has no trigger (VISTA3D ``classes``: triggers take groups only) or
+that could not run is left out, with its reason in the export summary and a count in its notes.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from vila_m3.experts.feedback import (
     segmentation_feedback,
 )
 from vila_m3.experts.registry import ExpertRegistry
+from vila_m3.experts.tools import ToolCallError, resolve_tool_call
 from vila_m3.imaging import Volume, labelmap_like
 from vila_m3.imaging.overlay import render_overlay
 from vila_m3.imaging.slices import extract_slice, render_slice, slice_index_count
@@ -46,6 +56,10 @@ _SPEAKER = {"user": "human", "assistant": "gpt"}
 
 class ChatSkipped(ValueError):
     """A chat cannot be used; the message is the reason."""
+
+
+class ToolCallSkipped(ChatSkipped):
+    """A tool-calling chat with a call that maps onto no trigger; the message is the reason."""
 
 
 @dataclass
@@ -72,6 +86,8 @@ class ChatOutcome:
     skips: list[Skip] = field(default_factory=list)
     corrected_turns: int = 0
     changed_turns: int = 0
+    tool_calls_as_triggers: int = 0
+    tool_call_chats_skipped: int = 0
 
 
 def locate_slice(volume: Volume, picture: np.ndarray, modality: str) -> tuple[str, int] | None:
@@ -110,23 +126,27 @@ class ChatConverter:
         store = ChatStore(chats_dir) if Path(chats_dir).is_dir() else None
         for chat_id in store.chat_ids() if store else []:
             try:
-                record, corrected, changed = self._convert_one(store, chat_id)
+                record, corrected, changed, converted = self._convert_one(store, chat_id)
             except ChatSkipped as err:
                 outcome.skips.append(Skip(chat_id, "chat", str(err)))
+                outcome.tool_call_chats_skipped += isinstance(err, ToolCallSkipped)
             except (OSError, ValueError, KeyError, TypeError) as err:
                 outcome.skips.append(Skip(chat_id, "chat", f"unreadable chat ({type(err).__name__})"))
             else:
                 outcome.records.append(record)
                 outcome.corrected_turns += corrected
                 outcome.changed_turns += changed
+                outcome.tool_calls_as_triggers += converted
             if progress:
                 progress()
         return outcome
 
-    def _convert_one(self, store: ChatStore, chat_id: str) -> tuple[Record, int, int]:
+    def _convert_one(self, store: ChatStore, chat_id: str) -> tuple[Record, int, int, int]:
+        """The chat's record, its corrected and changed expert turns, and its tool calls written as triggers."""
         chat = store.load(chat_id)
         # finished turns only: a turn marked interrupted (a crash) or still running is never training data
         messages = [message for message in chat.finished_messages() if message.to_model]
+        messages, converted = self._tool_calls_as_triggers(messages)
         if self.config.chats.get("skip_expert_errors", True) and any(
                 message.role == "expert" and message.error for message in messages):
             raise ChatSkipped("an expert failed in this chat")
@@ -152,7 +172,60 @@ class ChatConverter:
         record = Record([(_SPEAKER[role], text) for role, text in turns], paths, "chat",
                         "+".join(experts) or "no expert", "chat", "corrected" if corrected else "as recorded",
                         chat_id, study.split_key)
-        return record, corrected, changed
+        return record, corrected, changed, converted
+
+    def _tool_calls_as_triggers(self, messages: list[Message]) -> tuple[list[Message], int]:
+        """``messages`` as the trigger path would have stored them (see the module doc), and how many calls
+        became triggers; unchanged without tool calls.
+
+        Raises:
+            ToolCallSkipped: a call did not run, cannot run here, or has no trigger (VISTA3D classes).
+        """
+        if not any(message.tool_call for message in messages):
+            return messages, 0
+        result: list[Message] = []
+        converted = 0
+        for position, message in enumerate(messages):
+            if message.role == "expert" and message.tool_call:
+                result.append(replace(message, tool_call=None))
+                continue
+            if message.role == "assistant":
+                answered = []
+                for later in messages[position + 1:]:
+                    if later.role != "expert" or not later.tool_call:
+                        break
+                    answered.append(later)
+                if answered:
+                    message = replace(message, text=self._with_triggers(message.text, answered))
+                    converted += len(answered)
+            result.append(message)
+        first = next((i for i, message in enumerate(result) if message.role == "user"), None)
+        card = self.registry.model_card()
+        if first is not None and card and not result[first].text.startswith(self.registry.card.header):
+            result[first] = replace(result[first], text=card + result[first].text)
+        return result, converted
+
+    def _with_triggers(self, text: str, answered: list[Message]) -> str:
+        """The assistant's ``text`` with the triggers of the calls its expert messages answered."""
+        triggers = []
+        for message in answered:
+            call = message.tool_call or {}
+            if message.error:
+                raise ToolCallSkipped("a tool call that did not run has no trigger record")
+            try:
+                trigger = resolve_tool_call(str(call.get("name")), call.get("arguments"), self.registry)
+            except ToolCallError:
+                raise ToolCallSkipped("a tool call that cannot run here has no trigger record") from None
+            if trigger.resolved.group is None and self.registry.configured_spec(trigger.name).takes_argument:
+                raise ToolCallSkipped(f"a {trigger.name} tool call with classes has no trigger (triggers take "
+                                      "groups only)")
+            triggers.append(trigger)
+        words = text.strip()
+        sentence = self.config.templates["trigger"].get(triggers[0].name) if len(triggers) == 1 else None
+        if not words and sentence:
+            return sentence.format(group=triggers[0].argument).strip()
+        tags = " ".join(f"<{trigger.name}({trigger.argument or ''})>" for trigger in triggers)
+        return f"{words} {tags}" if words else tags
 
     def _corrected_after(self, store: ChatStore, chat: Chat, study: ChatStudy) -> bool:
         folder = store.folder(chat.chat_id)

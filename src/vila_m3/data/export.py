@@ -254,7 +254,9 @@ class _Engine:
                            disable=not self.progress) as bar:
             outcome = converter.convert(chats_dir, progress=bar.update)
         notes = {"chats": len(outcome.records), "chat_expert_turns_corrected": outcome.corrected_turns,
-                 "chat_expert_turns_changed_by_correction": outcome.changed_turns}
+                 "chat_expert_turns_changed_by_correction": outcome.changed_turns,
+                 "chat_tool_calls_as_triggers": outcome.tool_calls_as_triggers,
+                 "chats_skipped_for_tool_calls": outcome.tool_call_chats_skipped}
         return outcome.records, outcome.skips, notes
 
     def chat_study(self, chat: Chat) -> ChatStudy:
