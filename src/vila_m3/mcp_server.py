@@ -457,6 +457,9 @@ class VilaM3Tools:
     Args:
         client: the REST client of the running server.
         token: the bearer token used when the MCP request brings none (``$VILA_M3_TOKEN``).
+        results: where segmentation results are kept; None: :func:`result_store`'s default folder.
+        progress_interval_s: seconds between progress notifications while an expert runs; None:
+            ``configs/tools.yaml`` ``mcp.progress_interval_s``.
     """
 
     def __init__(self, client: LabelServerClient, token: str | None = None, results: ResultStore | None = None,
