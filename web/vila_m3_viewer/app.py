@@ -39,9 +39,11 @@ from VILAM3ChatLib.slice_mapping import slice_centre
 from VILAM3ChatLib.worker import BackgroundJobs, Job
 
 from .brats import SequenceStudy
+from .chat_list import ServerChats
 from .editor import SegmentEditing
 from .login import TabLogin
 from .settings import ViewerSettings, load_settings
+from .study_upload import StudyUpload
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +90,8 @@ class ChatViewer(TrameApp):
         self.chat_states: dict[str, ChatState] = {}
         self.turn: dict | None = None
         self._init_state()
+        self.uploads = StudyUpload(self)  # a study from the user's disk, as a session (study_upload.py)
+        self.chats = ServerChats(self)  # the reopen list, from the server (chat_list.py)
         self.login = TabLogin(self, kiosk=bool(username or token))  # the page's login form (login.py)
         self.editing = SegmentEditing(self.slicer_app, self.state, self._set_status)
         self.brats = SequenceStudy(self)
@@ -176,6 +180,7 @@ class ChatViewer(TrameApp):
 
         def done(result) -> None:
             info, images, no_chat = result
+            self.chats.refresh()  # the user's chats, to reopen
             with self.state:
                 self.state.server_error = ""
                 self.state.studies = images
@@ -214,6 +219,8 @@ class ChatViewer(TrameApp):
 
     def _on_study(self, study: str = "", **_kwargs) -> None:
         if not study or self.brats.load(study):  # a four-sequence MRI study loads all four
+            return
+        if self.uploads.load(study):  # an uploaded session
             return
         self.state.loading = True
         self._set_status(f"Loading {study} from the server…")
@@ -258,6 +265,7 @@ class ChatViewer(TrameApp):
             self._go_to_slice(position.count // 2)
             self._render_chat()
             self._set_status(f"{study}: {position.count} {position.axis} slices. Ask about the slice on screen.")
+            self.chats.study_shown(study)  # a chat waiting for this study is reopened now
         except Exception as err:
             self._on_load_failed(err)
         finally:
@@ -343,8 +351,7 @@ class ChatViewer(TrameApp):
             return
         state = self._chat_state(chat_id)
         state.start_turn(question, chat_id)
-        if chat_id not in self.state.old_chats:
-            self.state.old_chats = [*self.state.old_chats, chat_id]
+        self.chats.note_asked(chat_id, question)
         self.turn = {"chat_id": chat_id, "volume": self.volume}
         with self.state:
             self.state.question = ""
@@ -355,6 +362,7 @@ class ChatViewer(TrameApp):
         self._set_status(f"Asking about {position.axis} slice {position.index} of {position.count}…"
                          + (f" {note}" if note else ""))
         studies = self.brats.studies(self.volume) or {"image": StudyRef.image(self.volume.GetName())}
+        studies = self.uploads.studies(self.volume) or studies  # an uploaded session
 
         def work(job: Job) -> TurnAnswer:
             return self.logic.runTurn(job, self.client, studies, {}, params,
@@ -378,6 +386,7 @@ class ChatViewer(TrameApp):
     def _on_turn_done(self, answer: TurnAnswer) -> None:
         turn, self.turn = self.turn or {}, None
         chat_id = turn.get("chat_id") or answer.chat_id
+        self.chats.refresh()
         self._chat_state(chat_id).finish_turn(answer.raw)
         self._render_chat()
         try:
@@ -411,6 +420,7 @@ class ChatViewer(TrameApp):
 
     def _on_turn_error(self, err: BaseException) -> None:
         turn, self.turn = self.turn or {}, None
+        self.chats.refresh()
         if turn.get("chat_id"):
             self._chat_state(turn["chat_id"]).fail(str(err))
             self._render_chat()
@@ -455,6 +465,8 @@ class ChatViewer(TrameApp):
     def reopen_chat(self) -> None:
         """Reopen ``old_chat`` (a chat id): its transcript and its last segmentation, from the server."""
         chat_id = str(self.state.old_chat or "").strip()
+        if self.chats.open_study_first(chat_id):  # its study is not on the page: loaded first (chat_list.py)
+            return
         volume = self.volume
         if not chat_id or volume is None or self.turn is not None:
             self._show_error(ValueError("Pick a study and a chat to reopen (and wait for a running answer)."))
@@ -587,6 +599,8 @@ class ChatViewer(TrameApp):
             with html.Select(v_model=("study",), id="study-select", classes="field", disabled=("loading",)):
                 html.Option("Pick a study…", value="", disabled=True)
                 html.Option("{{ s }}", v_for="s in studies", key="s", value=("s",))
+                html.Option("{{ u.text }}", v_for="u in uploaded_studies", key="u.value", value=("u.value",))
+        self.uploads.build_ui()
         with html.Div(classes="d-flex align-center ga-1 flex-wrap", id="presets"):
             html.Span("Window", classes="text-body-2 mr-1")
             v3.VBtn("{{ p }}", v_for="p in presets", key="p", size="x-small",
@@ -613,9 +627,9 @@ class ChatViewer(TrameApp):
         with html.Div(classes="d-flex ga-2 align-center flex-wrap"):
             v3.VBtn("Stop", click=self.stop, disabled=("!busy",), size="small", id="stop")
             v3.VBtn("New chat", click=self.new_chat, disabled=("busy || !study",), size="small", id="new-chat")
-            with html.Select(v_model=("old_chat",), id="old-chat", classes="field", style="max-width: 12em"):
+            with html.Select(v_model=("old_chat",), id="old-chat", classes="field", style="max-width: 18em"):
                 html.Option("Earlier chat…", value="", disabled=True)
-                html.Option("{{ c }}", v_for="c in old_chats", key="c", value=("c",))
+                html.Option("{{ c.text }}", v_for="c in old_chats", key="c.value", value=("c.value",))
             v3.VBtn("Reopen", click=self.reopen_chat, disabled=("busy || !old_chat",), size="small", id="reopen")
         html.Div("chat {{ chat_id }}", v_if=("chat_id",), classes="text-caption", id="chat-id")
 

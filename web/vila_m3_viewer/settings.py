@@ -24,6 +24,7 @@ class ViewerSettings(BaseModel):
     segment_opacity: float = Field(default=0.5, ge=0.0, le=1.0)
     poll_interval_s: float = Field(default=0.1, gt=0.0, le=5.0)
     reconnect_s: float = Field(default=5.0, gt=0.0)
+    max_upload_mb: float = Field(default=1024.0, gt=0.0)  # the largest study the page's picker sends
 
     def preset(self, name: str) -> WindowLevelPreset:
         for preset in self.window_level_presets:

@@ -9,7 +9,8 @@
   at once (``cancelled: true``; closing the stream does the same);
 - ``GET /vila_m3/chat/?limit=50&offset=0``: the chats the caller may read, newest first (``chats``: id, title,
   study, session, modality, turns, created, updated, owner, has_labels; ``more``: whether a next page exists);
-- ``GET /vila_m3/chat/{chat_id}``: the stored chat; ``GET /vila_m3/chat/{chat_id}/labels``: its last labelmap;
+- ``GET /vila_m3/chat/{chat_id}``: the stored chat (with ``label_names`` of its last labelmap's expert when it
+  has one); ``GET /vila_m3/chat/{chat_id}/labels``: its last labelmap;
 - ``POST /vila_m3/chat/{chat_id}/report``: the chat's findings as a DICOM SR (lib/chat_report.py).
 
 With login on, a chat belongs to the user who started it: to anyone else (but reviewers and admins,
@@ -52,6 +53,7 @@ from vila_m3.chat.params import TurnParamsError, parse_turn_params
 from vila_m3.chat.service import ChatService
 from vila_m3.chat.store import Chat, ChatIdError, ChatNotFound, ChatStorageError, ChatUser
 from vila_m3.chat.study import StudyError
+from vila_m3.experts.registry import ExpertRegistry
 from vila_m3.imaging import VolumeReadError
 from vila_m3.imaging.sequences import SEQUENCE_ORDER, sibling_sequences
 from vila_m3.vlm.errors import VlmError
@@ -173,6 +175,18 @@ class ChatTurns:
         return None if path is None else str(path)
 
 
+def labelmap_names(chat: Chat, registry: ExpertRegistry) -> dict[str, int]:
+    """``{name: label value}`` of the expert whose labelmap the chat holds (its last expert message without
+    an error), so a client that reopens the chat names its segments; {} when that expert is not known."""
+    for message in reversed(chat.messages):
+        if message.role == "expert" and message.expert and not message.error:
+            try:
+                return dict(registry.get(message.expert).ids_by_name)
+            except (KeyError, ValueError):
+                return {}
+    return {}
+
+
 def busy(err: QueueFull) -> HTTPException:
     """HTTP 503 with ``Retry-After`` (seconds) for a full work queue."""
     logger.info("refused a request: %s", err)
@@ -286,7 +300,10 @@ def chat_router(turns: ChatTurns, resolve_image: Callable[[str, str], str], audi
         chat = turns.open_chat(chat_id, chat_user(user))
         if not chat.messages:
             raise HTTPException(404, f"no chat '{chat_id}'")
-        return chat.as_dict()
+        data = chat.as_dict()
+        if chat.labels:
+            data["label_names"] = labelmap_names(chat, turns.service.registry)
+        return data
 
     @router.get("/{chat_id}/labels", summary="The chat's last labelmap (NIfTI, in the volume's geometry)")
     async def get_labels(chat_id: str, user: User = Depends(user_role)) -> FileResponse:

@@ -151,7 +151,8 @@ class ChatSceneLogic:
         """Put a stored chat back into the panel: its transcript (a ChatState), the link between the
         volume and the chat's image when that is a datastore image (a session is gone after a
         restart), and its last segmentation as a new segmentation node (segments named by the
-        node's stored label values where the scene kept them). Returns ``(state, segmentationNode
+        node's stored label values where the scene kept them, else by the server's ``label_names``
+        of the chat). Returns ``(state, segmentationNode
         or None)``; the labelmap file is deleted."""
         chatId = str(chat.get("chat_id") or "")
         state = ChatState()
@@ -165,7 +166,7 @@ class ChatSceneLogic:
         node = None
         try:
             if labelsPath:
-                names = {}
+                names = dict(chat.get("label_names") or {})  # the server's names of the expert's labels
                 for each in self.scene.GetNodesByClass("vtkMRMLSegmentationNode"):
                     if each.GetAttribute(ATTR_CHAT_ID) == chatId:
                         names = decode_label_values(each.GetAttribute(ATTR_LABEL_VALUES)) or names
