@@ -94,6 +94,13 @@ def test_without_its_experts_file_the_product_knows_nothing_of_it(monkeypatch):
     assert naming == OWN_FILES
 
 
+def test_an_experts_file_may_not_redefine_a_model_of_the_manifest(tmp_path):
+    other = tmp_path / "site_experts.yaml"
+    other.write_text("models:\n  vista3d: {kind: monai_bundle, path: elsewhere}\nexperts: []\n", encoding="utf-8")
+    with experts_env((str(other),)), pytest.raises(ValueError, match="site_experts.yaml: model id 'vista3d'"):
+        ModelManifest.load()
+
+
 # ----------------------------------------------------------------------------------------------- stand-in
 
 
