@@ -9,6 +9,7 @@ volume's whole slice shows on screen, so its footprint maps screen pixels to vox
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -197,6 +198,9 @@ def test_paint_and_erase_a_correction_then_save_it_as_final_label(viewer, chat_s
     page.wait_for_function("document.querySelector('#status').innerText.startsWith('Erase:')", timeout=30_000)
     drag(page, grid, *erase_at)
     wait_for_strokes(page, 2)
+    if os.environ.get("WEB_EDIT_SCREENSHOT"):  # the README's picture: WEB_EDIT_SCREENSHOT=docs/web_viewer_edit.png
+        settled_view(page, differs_from=plain)
+        page.screenshot(path=os.environ["WEB_EDIT_SCREENSHOT"])
     page.click("#tool-view")
 
     page.click("#save-correction")
@@ -235,8 +239,9 @@ def test_a_four_sequence_mri_study_chats_with_brats(viewer, chat_server, browser
     page.goto(viewer.url + "/")
     page.wait_for_selector("#study-select option[value=brain_mri_flair]", state="attached", timeout=60_000)
     page.select_option("#study-select", "brain_mri_flair")
-    page.wait_for_function("document.querySelector('#status').innerText.includes('four sequences')",
-                           timeout=120_000)
+    page.wait_for_selector("#sequences [data-sequence=flair]", timeout=120_000)
+    page.wait_for_function("document.querySelector('#status').innerText.includes('(T1c, T1, T2, FLAIR)')",
+                           timeout=60_000)
     assert page.locator("#sequences [data-sequence]").evaluate_all("b => b.map(x => x.dataset.sequence)") \
         == ["t1c", "t1", "t2", "flair"]
     flair = settled_view(page)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from trame.widgets import html
 from trame.widgets import vuetify3 as v3
+from trame_slicer.core import VolumeWindowLevel
 from VILAM3ChatLib.client import StudyRef
 from VILAM3ChatLib.worker import Job
 
@@ -58,6 +59,7 @@ class SequenceStudy:
         state.sequences = []  # [{"key": "t1c", "label": "T1c"}, ...] while a four-sequence study is shown
         state.sequence = ""
         state.change("sequence")(self._on_sequence)
+        state.change("preset")(self._on_preset)
 
     def load(self, study: str) -> bool:
         """Load ``study``'s four sequences when it is one of them (True), else leave it to the page (False)."""
@@ -102,6 +104,7 @@ class SequenceStudy:
                     raise ValueError(f"the viewer could not read the image '{group[key]}'")
                 nodes[0].SetName(group[key])
                 self.volumes[key] = nodes[0]
+            self._on_preset(viewer.state.preset)
             with viewer.state:
                 viewer.state.sequences = [{"key": key, "label": LABELS[key]} for key in SEQUENCE_ORDER]
                 viewer.state.sequence = SHOWN_FIRST
@@ -118,6 +121,20 @@ class SequenceStudy:
         volume = self.volumes.get(str(sequence))
         if volume is not None:
             self.viewer.slicer_app.display_manager.show_volume_in_slice_background(volume)
+
+    def _on_preset(self, preset: str = "auto", **_kwargs) -> None:
+        """The page's window/level preset on the other sequences too (the page sets the T1c's)."""
+        try:
+            chosen = self.viewer.settings.preset(str(preset))
+        except ValueError:
+            return
+        for key, volume in self.volumes.items():
+            if key == "t1c" or volume is None or volume.GetDisplayNode() is None:
+                continue
+            if chosen.window is None or chosen.level is None:
+                volume.GetDisplayNode().AutoWindowLevelOn()
+            else:
+                VolumeWindowLevel.set_volume_node_window_level(volume, chosen.window, chosen.level)
 
     def studies(self, volume) -> dict[str, StudyRef] | None:
         """The turn's studies when ``volume`` is this study's T1c: the four sequences by id, else None."""
