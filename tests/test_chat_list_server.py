@@ -4,9 +4,11 @@ reviewers and admins. The Slicer panel's client (``VilaM3Client.list_chats``) re
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import sys
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -70,6 +72,31 @@ def test_the_listing_holds_each_chat_newest_first_with_its_study_and_pages(open_
         assert response.status_code == 422 and response.json()["detail"] == problem
     with pytest.raises(RequestRejected, match="listing the chats: limit must be"):
         client.list_chats(limit=1000)
+
+
+def test_a_dicom_series_zipped_as_the_web_viewer_sends_it_is_a_session_the_chat_reads(open_server, sample_data,
+                                                                                    fake_vlm, tmp_path):
+    pytest.importorskip("trame", reason="the web extra is missing (pip install -e '.[web]')")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "web"))
+    from pacs_harness import sample_series
+    from vila_m3_viewer.study_upload import prepare_upload
+
+    from vila_m3.imaging import read_volume
+
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as out:
+        for path in sample_series(sample_data)["ct_abdomen"]:
+            out.write(path, arcname=f"export/series 1/{path.name}")
+    prepared = prepare_upload("ct.zip", archive.getvalue(), tmp_path / "up", 256 * 2**20)
+    client = VilaM3Client(open_server.url)
+    session_id = client.create_session([str(prepared.upload)], uncompress=prepared.uncompress)
+    fake_vlm.script(sse(["A CT from DICOM."]))
+    middle = read_volume(prepared.display).geometry.shape[2] // 2
+    answer = client.stream(StudyRef.session(session_id), turn_params("What is this?", "dicom-upload", "axial", middle))
+    assert answer.answer == "A CT from DICOM." and answer.modality == "CT"
+    assert (answer.slice.get("axis"), answer.slice.get("index")) == ("axial", middle)  # the series' own slices
+    listed = next(chat for chat in client.list_chats() if chat["chat_id"] == "dicom-upload")
+    assert (listed["study"], listed["session"]) == (session_id, True)
 
 
 # --- login on -------------------------------------------------------------------------------------
