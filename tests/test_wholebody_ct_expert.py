@@ -36,7 +36,7 @@ from vila_m3.experts.bundle import image_from_arrays
 from vila_m3.experts.registry import EXPERTS_ENV, ExpertRegistry
 from vila_m3.experts.tools import expert_tools
 from vila_m3.experts.wholebody_ct import WholeBodyCTRunner
-from vila_m3.imaging import Geometry, Volume, read_labelmap, read_volume
+from vila_m3.imaging import Geometry, Volume, read_volume
 from vila_m3.models.manifest import ModelManifest
 from vila_m3.serve import experts_env
 from vila_m3.standins.stand_ins import stage_stand_ins
@@ -261,9 +261,7 @@ def test_a_chat_runs_it_from_the_models_trigger(server, fake_vlm, sample_data, t
     assert answer["experts"][0]["expert"] == NAME and answer["answer"] == "These are the organs."
     assert "random" in json.dumps(answer).lower()  # the stand-in is announced with the answer
 
-    path = tmp_path / "labels.nii.gz"
-    path.write_bytes(label_bytes)
-    labels = read_labelmap(path)
+    labels = labelmap_from(label_bytes, tmp_path)
     ct = read_volume(sample_data / "studies" / "ct_abdomen.nii.gz")
     assert labels.geometry.allclose(ct.geometry, atol=1e-4)
     assert answer["transcript"][2]["text"] == expected_feedback(labels, "axial", 30, answer["label_names"], question)

@@ -304,11 +304,6 @@ class BratsRunner(BundleRunner):
             bundle_version=self.bundle.info.version,
         )
 
-    def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda")
-        return torch.autocast("cpu", enabled=False)
-
     def _postprocess(
         self, image: MetaTensor, logits: torch.Tensor, preprocessing: Compose, reference: Geometry
     ) -> np.ndarray:

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
+from monai.transforms import Compose
 
 from vila_m3.imaging import Geometry
 from vila_m3.models.manifest import STAND_IN_FIELD
@@ -677,6 +678,21 @@ class BundleRunner:
         self.roi_size = tuple(int(v) for v in self._setting("inferer#roi_size"))
         self.overlap = float(self._setting("inferer#overlap"))
         self.sw_batch_size = int(self.bundle.get("inferer#sw_batch_size", 1))
+        self._transforms: list | None = None
+        self._transforms_lock = threading.Lock()
+
+    def _preprocessing(self) -> Compose:
+        """The bundle's preprocessing, instantiated once (MONAI keeps per-call state on the data)."""
+        with self._transforms_lock:
+            if self._transforms is None:
+                self._transforms = self.bundle.transforms("preprocessing")
+            return Compose(self._transforms)
+
+    def _autocast(self) -> Any:
+        """Mixed precision on CUDA (the bundles' evaluators run with amp); none on a CPU."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda")
+        return torch.autocast("cpu", enabled=False)
 
     def _setting(self, config_id: str) -> Any:
         """A required value of the bundle's ``inference.json``."""

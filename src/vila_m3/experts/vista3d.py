@@ -34,7 +34,6 @@ the configured overlap (0.3) is used for class prompts too, where the bundle's i
 
 from __future__ import annotations
 
-import threading
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -127,8 +126,6 @@ class Vista3DRunner(BundleRunner):
     ) -> None:
         super().__init__(bundle_dir, device, spec, trusted_sha256)
         self.resample_spacing = self._setting("resample_spacing")
-        self._transforms: list | None = None
-        self._transforms_lock = threading.Lock()
 
     # ---------------------------------------------------------------------------------- input
 
@@ -289,18 +286,6 @@ class Vista3DRunner(BundleRunner):
             stand_in_note=self.bundle.info.stand_in,
             bundle_version=self.bundle.info.version,
         )
-
-    def _preprocessing(self) -> Compose:
-        """The bundle's preprocessing, instantiated once (MONAI keeps per-call state on the data)."""
-        with self._transforms_lock:
-            if self._transforms is None:
-                self._transforms = self.bundle.transforms("preprocessing")
-            return Compose(self._transforms)
-
-    def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda")
-        return torch.autocast("cpu", enabled=False)
 
     def _postprocess(self, data: dict, logits: torch.Tensor, volume: Volume) -> np.ndarray:
         """(B, X', Y', Z') logits on the preprocessed grid → (z, y, x) label ids on ``volume``'s grid.

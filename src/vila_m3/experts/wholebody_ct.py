@@ -23,7 +23,6 @@ The argument: none. The network segments all 104 structures in one pass; the res
 
 from __future__ import annotations
 
-import threading
 import time
 import warnings
 from collections.abc import Iterable
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
-from monai.transforms import Compose, Invertd
+from monai.transforms import Invertd
 
 from vila_m3.experts.bundle import (
     CHECKPOINT_FILE,
@@ -120,8 +119,6 @@ class WholeBodyCTRunner(BundleRunner):
         self.mode = str(self.bundle.get("inferer#mode", "constant"))
         self.padding_mode = str(self.bundle.get("inferer#padding_mode", "constant"))
         self.label_names = self._label_names()
-        self._transforms: list | None = None
-        self._transforms_lock = threading.Lock()
 
     @property
     def checkpoint(self) -> str:
@@ -241,18 +238,6 @@ class WholeBodyCTRunner(BundleRunner):
             stand_in_note=self.bundle.info.stand_in,
             bundle_version=self.bundle.info.version,
         )
-
-    def _preprocessing(self) -> Compose:
-        """The bundle's preprocessing, instantiated once (MONAI keeps per-call state on the data)."""
-        with self._transforms_lock:
-            if self._transforms is None:
-                self._transforms = self.bundle.transforms("preprocessing")
-            return Compose(self._transforms)
-
-    def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda")
-        return torch.autocast("cpu", enabled=False)
 
 
 class WholeBodyCTExpert(NetworkExpertRunner):

@@ -341,8 +341,9 @@ def brats_inference_config(real_sizes: bool = False) -> dict[str, Any]:
     }
 
 
-def _common_metadata(model_id: str) -> dict[str, Any]:
-    version = _bundle_version(model_id)
+def _common_metadata(model_id: str, version: str | None = None) -> dict[str, Any]:
+    """The metadata.json fields every stand-in has; ``version``: the real bundle's (default: the manifest's)."""
+    version = version or _bundle_version(model_id)
     return {
         "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json",
         "version": version,

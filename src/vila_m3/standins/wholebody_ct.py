@@ -23,12 +23,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import monai
-import numpy as np
-import torch
-
 from vila_m3.configs import load_config
-from vila_m3.standins.tiny_bundles import STAND_IN_FIELD, STAND_IN_NOTE, _save_random_network, _write_bundle
+from vila_m3.standins.tiny_bundles import (
+    STAND_IN_FIELD,
+    STAND_IN_NOTE,
+    _common_metadata,
+    _save_random_network,
+    _write_bundle,
+)
 
 __all__ = ["EXPERTS_FILE", "MODEL_ID", "make_stand_in_wholebody_ct_bundle", "wholebody_ct_inference_config"]
 
@@ -131,16 +133,10 @@ def wholebody_ct_inference_config(init_filters: int = STAND_IN_FILTERS) -> dict[
 def _metadata() -> dict[str, Any]:
     """``configs/metadata.json``: the real version, name and channel names; marked as a stand-in."""
     entry, labels = _expert_config()
-    version = str(entry["source"]["version"])
     channels = {str(i): name for i, name in sorted(labels.items())}
     patch = [96, 96, 96]
     return {
-        "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20220324.json",
-        "version": version,
-        "changelog": {version: "VILA-M3 stand-in with tiny random weights, in this version's layout"},
-        "monai_version": monai.__version__,
-        "pytorch_version": torch.__version__.split("+")[0],
-        "numpy_version": np.__version__,
+        **_common_metadata(MODEL_ID, str(entry["source"]["version"])),
         "name": "Whole body CT segmentation",
         "task": "TotalSegmentator Segmentation",
         "description": "STAND-IN with random weights of the 104-structure whole-body CT SegResNet",
