@@ -9,7 +9,6 @@ volume's whole slice shows on screen, so its footprint maps screen pixels to vox
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -198,9 +197,6 @@ def test_paint_and_erase_a_correction_then_save_it_as_final_label(viewer, chat_s
     page.wait_for_function("document.querySelector('#status').innerText.startsWith('Erase:')", timeout=30_000)
     drag(page, grid, *erase_at)
     wait_for_strokes(page, 2)
-    if os.environ.get("WEB_EDIT_SCREENSHOT"):  # the README's picture: WEB_EDIT_SCREENSHOT=docs/web_viewer_edit.png
-        settled_view(page, differs_from=plain)
-        page.screenshot(path=os.environ["WEB_EDIT_SCREENSHOT"])
     page.click("#tool-view")
 
     page.click("#save-correction")
