@@ -198,17 +198,15 @@ class ToolFields:
     """What an expert's entry says about its MCP tool.
 
     Attributes:
-        name: ``tool``: the tool name; default: the expert's name in lower case.
-        classes_param: ``tool_classes``: the ``/infer`` parameter that takes a list of label ids (VISTA3D:
-            ``label_prompt``); the tool then offers ``classes``. None: it takes only its card argument.
+        name: ``tool``: the tool name; default: the expert's name in lower case. (``tool_classes``, the
+            ``/infer`` parameter for the label ids of ``classes``, is the registry's: ``ExpertSpec.tool_classes``.)
     """
 
     name: str
-    classes_param: str | None = None
 
 
 def tool_fields(config: Mapping[str, Any] | None = None) -> dict[str, ToolFields]:
-    """``{expert name: ToolFields}`` from the ``tool`` and ``tool_classes`` fields of the experts' entries
+    """``{expert name: ToolFields}`` from the ``tool`` fields of the experts' entries
     (``configs/experts.yaml`` and the extra experts files of ``$VILA_M3_EXPERTS``).
 
     Raises:
@@ -226,10 +224,7 @@ def tool_fields(config: Mapping[str, Any] | None = None) -> dict[str, ToolFields
         if not isinstance(tool, str) or not _TOOL_NAME.match(tool):
             raise ConfigError(f"expert {entry['name']}: tool must be lower-case letters, digits or '_' "
                               f"(at most 64), got {tool!r}")
-        classes_param = entry.get("tool_classes")
-        if classes_param is not None and (not isinstance(classes_param, str) or not classes_param):
-            raise ConfigError(f"expert {entry['name']}: tool_classes must name an /infer parameter")
-        fields[entry["name"]] = ToolFields(tool, classes_param)
+        fields[entry["name"]] = ToolFields(tool)
     used = [f.name for f in fields.values()] + list(FIXED_TOOLS)
     repeated = sorted({n for n in used if used.count(n) > 1})
     if repeated:
@@ -251,7 +246,7 @@ def expert_tools(served: Sequence[str] | None = None) -> list[ExpertTool]:
         if spec.runner is None or spec.name not in parameters or (served is not None and task not in served):
             continue
         own = fields.get(spec.name) or ToolFields(spec.name.lower())
-        tools.append(ExpertTool(own.name, task, spec, registry, parameters[spec.name], own.classes_param))
+        tools.append(ExpertTool(own.name, task, spec, registry, parameters[spec.name], spec.tool_classes))
     return tools
 
 
