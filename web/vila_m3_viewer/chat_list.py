@@ -67,9 +67,9 @@ class ServerChats:
     def _listed(self, chats: list[dict[str, Any]]) -> None:
         self.listed = {str(chat["chat_id"]): chat for chat in chats}
         entries = [{"value": chat_id, "text": entry_text(chat)} for chat_id, chat in self.listed.items()]
-        known = {entry["value"] for entry in entries}
-        # a chat asked on this page that the server does not list yet (its first turn is still running)
-        entries += [entry for entry in self.viewer.state.old_chats or [] if entry["value"] not in known]
+        asking = (self.viewer.turn or {}).get("chat_id")
+        if asking and asking not in self.listed:  # its first turn is still running: not stored yet
+            entries += [entry for entry in self.viewer.state.old_chats or [] if entry["value"] == asking]
         with self.viewer.state:
             self.viewer.state.old_chats = entries
 

@@ -323,10 +323,14 @@ class StudyUpload:
             return copy if copy is not None else viewer.client.download_session_image(session_id)
 
         def failed(err: BaseException) -> None:
-            if getattr(err, "status", None) in (404, 422):
+            status = getattr(err, "status", None)
+            if status == 404:
                 err = UploadError("This uploaded study is no longer on the server: its session expired (the server "
                                   "removes an upload once unused for a while). Upload the file again to look at it; "
                                   "its chats can still be read on the server.")
+            elif status == 422:  # a DICOM series: the server keeps a folder, the viewer no longer its copy
+                err = UploadError("This uploaded study is a DICOM series the viewer no longer holds (it was "
+                                  "restarted since); upload the .zip again to look at it.")
             viewer._on_load_failed(err)
 
         viewer.jobs.start(f"load-{study}", work, lambda path: self._show(study, session_id, path), failed)
