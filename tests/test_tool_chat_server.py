@@ -1,6 +1,6 @@
 """A chat with a tool-calling model through a real MONAI Label server (``--conf vlm_tools on``): the
 remote VLM is a scripted OpenAI-compatible double that answers with tool calls as vLLM does; VISTA3D
-runs its stand-in weights through the real runner on the sample CT."""
+runs its stand-in weights through the real runner on the sample CT, for a group or a list of its classes."""
 
 from __future__ import annotations
 
@@ -104,3 +104,16 @@ def test_a_bad_tool_call_is_fed_back_and_the_turn_still_ends(tool_server, fake_v
 
     stored = tool_server.get("/vila_m3/chat/tools-bad").json()
     assert json.dumps(stored["messages"]) == json.dumps(answer["transcript"])
+
+
+def test_a_call_with_classes_segments_and_returns_only_those_classes(tool_server, fake_vlm):
+    fake_vlm.script(tool_call_completion([("VISTA3D", '{"classes": ["Spleen", "liver"]}')]),
+                    sse(["The liver and spleen are marked."]))
+    answer, label_bytes = parts(ask(tool_server, {"prompt": "Where are the liver and spleen?",
+                                                  "chat_id": "tools-classes", "slice_index": 30}))
+    assert [(e["expert"], e["argument"]) for e in answer["experts"]] == [("VISTA3D", "classes: liver, spleen")]
+    assert answer["label_names"] == {"liver": 1, "spleen": 3} and set(answer["label_colors"]) <= {"liver", "spleen"}
+    assert label_bytes is not None
+    expert = answer["transcript"][2]
+    assert expert["argument"] == "classes: liver, spleen" and not expert.get("error")
+    assert expert["tool_call"]["arguments"] == '{"classes": ["Spleen", "liver"]}'
