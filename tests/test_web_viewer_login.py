@@ -169,6 +169,14 @@ def test_two_people_log_in_in_two_tabs_each_sees_only_their_own_chat_and_the_ser
     assert "logged out" in alice.inner_text("#login-error")
     for context, _ in tabs.values():
         context.close()
+    # the closed tabs' viewers are released: their scenes are freed (the viewer's log counts those alive)
+    closed: list[str] = []
+    for _ in range(60):
+        closed = [line for line in viewer.log_path.read_text(errors="replace").splitlines() if " closed (" in line]
+        if len(closed) >= 2 and closed[-1].endswith("0 scenes in memory)"):
+            break
+        time.sleep(0.5)
+    assert len(closed) >= 2 and closed[-1].endswith("0 scenes in memory)"), closed
 
 
 def test_a_wrong_password_says_so_and_shows_no_chat_panel(viewer, browser):
