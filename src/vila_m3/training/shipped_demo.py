@@ -282,7 +282,7 @@ def _kept_part(name: str, marker: Path) -> dict[str, Any] | None:
     entry = (shipped.get("parts") or {}).get(name)
     if entry is None:
         raise ValueError(f"{name}: staged from a shipped build that no longer lists it")
-    return {**entry, "kept_from_build": shipped.get("built"),
+    return {**entry, "kept_from_build": entry.get("kept_from_build") or shipped.get("built"),
             "machine": entry.get("machine") or shipped.get("machine")}
 
 
