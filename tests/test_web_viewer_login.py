@@ -208,6 +208,20 @@ def test_an_expired_login_brings_back_the_form_saying_why(viewer, browser, realm
     context.close()
 
 
+def test_kiosk_mode_logs_every_tab_in_as_the_viewers_user_without_a_form(tmp_path, server, browser):
+    kiosk = start_viewer(tmp_path / "kiosk", server.url,
+                         env={"VILA_M3_USERNAME": "eve", "VILA_M3_PASSWORD": PASSWORDS["eve"]})
+    try:
+        context = browser.new_context(viewport=VIEWPORT)
+        page = context.new_page()
+        page.goto(kiosk.url + "/")
+        page.wait_for_selector("#study-select option[value=ct_abdomen]", state="attached", timeout=90_000)
+        assert page.locator("#login-form").count() == 0 and page.locator("#log-out").count() == 0
+        context.close()
+    finally:
+        kiosk.stop()
+
+
 def test_the_client_keeps_only_the_token_and_a_refused_one_asks_for_a_new_login(server, realm):
     client = VilaM3Client(server.url)
     with pytest.raises(AuthError) as refused:

@@ -133,6 +133,9 @@ class TabLogin:
         viewer.client.log_out()
         viewer.turn = None
         viewer.chat_states.clear()
+        chats = getattr(viewer, "chats", None)  # the server's chat list of the user who leaves (chat_list.py)
+        if chats is not None:
+            chats.listed, chats.pending = {}, None
         viewer._clear_scene()
         s = viewer.state
         with s:
