@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from trame.widgets import html
 from trame.widgets import vuetify3 as v3
 from VILAM3ChatLib.client import AuthError, RequestTimeout, ServerUnavailable, VilaM3Error
+from VILAM3ChatLib.worker import BackgroundJobs
 
 if TYPE_CHECKING:
     from .app import ChatViewer
@@ -130,6 +131,7 @@ class TabLogin:
         """Drop the login and everything this tab showed (study, chats, segments); show the form with ``message``."""
         viewer = self.viewer
         viewer.jobs.abort_all()
+        viewer.jobs = BackgroundJobs()  # what the leaving user's work still returns is never delivered
         viewer.client.log_out()
         viewer.turn = None
         viewer.chat_states.clear()
