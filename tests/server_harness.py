@@ -7,6 +7,7 @@ the studies, the sessions, and ``HOME`` (MONAI Label's caches live under ``~/.ca
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -14,10 +15,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import requests
+from requests_toolbelt.multipart.decoder import MultipartDecoder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 APP_SOURCE = REPO_ROOT / "apps" / "vila_m3"
@@ -114,9 +118,10 @@ def start_process(command: list[str], workdir: Path, env: dict[str, str], url: s
     raise RuntimeError(f"server did not answer {url}/info/ within {timeout_s:.0f} s:\n{server.log_tail()}")
 
 
-def start_monailabel(workdir: Path, studies: Path, conf: dict[str, str] | None = None,
+def start_monailabel(workdir: Path, studies: Path | str, conf: dict[str, str] | None = None,
                      env: dict[str, str] | None = None) -> RunningServer:
     """``monailabel start_server`` with a copy of the app, on a free port, writing only in ``workdir``;
+    ``studies``: a folder or a DICOMweb URL;
     ``env`` adds environment variables (MONAI Label reads its settings, e.g. ``MONAI_LABEL_AUTH_*``, from there)."""
     workdir.mkdir(parents=True, exist_ok=True)
     app_dir = copy_app(workdir / "app")
@@ -127,3 +132,37 @@ def start_monailabel(workdir: Path, studies: Path, conf: dict[str, str] | None =
     for key, value in conf.items():
         command += ["--conf", key, value]
     return start_process(command, workdir, {**isolated_env(workdir), **(env or {})}, f"http://127.0.0.1:{port}")
+
+
+@contextmanager
+def chat_server_with_stand_ins(root: Path, sample_data: Path, vlm_url: str, experts: tuple[str, ...] = ("vista3d",),
+                               conf: dict[str, str] | None = None, env: dict[str, str] | None = None,
+                               studies: Path | str | None = None) -> Iterator[RunningServer]:
+    """A real VILA-M3 server on a copy of the sample studies: the chat's VLM at ``vlm_url`` (the scripted
+    OpenAI-compatible one), ``experts`` on stand-in weights, chats and models under ``root`` (its ``root``).
+    ``studies``: a folder the test prepared or a PACS's DICOMweb URL, served instead of the copy."""
+    from vila_m3.standins.stand_ins import stage_stand_ins
+
+    stage_stand_ins(root / "models", experts)
+    if studies is None:
+        studies = root / "studies"
+        shutil.copytree(sample_data / "studies", studies)
+    settings = {"models": ",".join(("vila_m3", *experts)), "vlm_url": vlm_url, "vlm_model": "fake-vila-m3",
+                "chats_dir": str(root / "chats"), "models_dir": str(root / "models"), **(conf or {})}
+    server = start_monailabel(root / "server", studies, conf=settings, env=env)
+    server.root = root  # type: ignore[attr-defined]
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def multipart(response: requests.Response) -> tuple[dict, bytes | None]:
+    """(params JSON, labelmap bytes) of MONAI Label's infer answer: its ``params`` and ``image`` parts when it is
+    multipart, (JSON, None) when it is JSON only; asserts the answer is a 200."""
+    assert response.status_code == 200, response.text[:1000]
+    if response.headers["content-type"].startswith("application/json"):
+        return response.json(), None
+    fields = {part.headers[b"Content-Disposition"].decode().split('name="')[1].split('"')[0]: part.content
+              for part in MultipartDecoder.from_response(response).parts}
+    return json.loads(fields["params"]), fields["image"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import threading
 import time
@@ -22,10 +21,9 @@ import pydicom
 import pytest
 import requests
 from fake_openai_server import FakeOpenAIServer, sse
-from server_harness import RunningServer, start_monailabel
+from server_harness import RunningServer, chat_server_with_stand_ins
 
 from vila_m3.audit import FIELDS, hashed
-from vila_m3.standins.stand_ins import stage_stand_ins
 
 pytestmark = pytest.mark.server
 
@@ -41,21 +39,13 @@ PROMPTS = {
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory, sample_data: Path, fake_vlm: FakeOpenAIServer) -> Iterator[dict]:
     root = tmp_path_factory.mktemp("audit-server")
-    stage_stand_ins(root / "models", ("vista3d",))
-    studies = root / "studies"
-    shutil.copytree(sample_data / "studies", studies)
     audit = root / "audit" / "audit.jsonl"
-    conf = {"models": "vila_m3,vista3d", "vlm_url": fake_vlm.url, "vlm_model": "fake-vila-m3",
-            "chats_dir": str(root / "chats"), "models_dir": str(root / "models"), "audit_log": str(audit)}
-    server = start_monailabel(root / "server", studies, conf=conf)
-    try:
+    with chat_server_with_stand_ins(root, sample_data, fake_vlm.url, conf={"audit_log": str(audit)}) as server:
         series = sorted((sample_data / "dicom" / "ct_abdomen").glob("*.dcm"))
         files = [("files", (path.name, path.read_bytes())) for path in series]
         created = requests.put(f"{server.url}/session/", files=files, timeout=120)
         assert created.status_code == 200, created.text
         yield {"server": server, "audit": audit, "session": created.json()["session_id"], "series": series}
-    finally:
-        server.stop()
 
 
 def lines(site: dict) -> list[dict]:

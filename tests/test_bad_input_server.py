@@ -23,10 +23,9 @@ from urllib.parse import quote_from_bytes
 import pytest
 import requests
 from fake_openai_server import FakeOpenAIServer, error, sse
-from server_harness import RunningServer, start_monailabel
+from server_harness import RunningServer, chat_server_with_stand_ins, start_monailabel
 
 from vila_m3.models.manifest import ModelManifest
-from vila_m3.standins.stand_ins import stage_stand_ins
 from vila_m3.standins.tiny_vila import make_tiny_vila_checkpoint
 
 pytestmark = [pytest.mark.server, pytest.mark.security]
@@ -37,25 +36,22 @@ TRUNCATED = "ct_truncated"  # ct_abdomen.nii.gz cut to two thirds of its bytes
 
 
 @pytest.fixture(scope="module")
-def chat_site(tmp_path_factory: pytest.TempPathFactory, sample_data: Path, fake_vlm: FakeOpenAIServer) -> dict:
+def chat_site(tmp_path_factory: pytest.TempPathFactory, sample_data: Path) -> dict:
+    """The sample studies plus ``TRUNCATED``, a copy of the CT cut short."""
     root = tmp_path_factory.mktemp("bad-input")
-    stage_stand_ins(root / "models", ("vista3d", "brats", "cxr"))
     studies = root / "studies"
     shutil.copytree(sample_data / "studies", studies)
     whole = (studies / f"{CT}.nii.gz").read_bytes()
     (studies / f"{TRUNCATED}.nii.gz").write_bytes(whole[: len(whole) * 2 // 3])
-    conf = {"models": "vila_m3,vista3d,brats,cxr", "vlm_url": fake_vlm.url, "vlm_model": "fake-vila-m3",
-            "chats_dir": str(root / "chats"), "datagen_dir": str(root / "datagen"), "models_dir": str(root / "models")}
-    return {"root": root, "studies": studies, "conf": conf, "chats": root / "chats", "datagen": root / "datagen"}
+    return {"root": root, "studies": studies, "chats": root / "chats", "datagen": root / "datagen"}
 
 
 @pytest.fixture(scope="module")
-def chat(chat_site: dict) -> Iterator[RunningServer]:
-    server = start_monailabel(chat_site["root"] / "server", chat_site["studies"], conf=chat_site["conf"])
-    try:
+def chat(chat_site: dict, sample_data: Path, fake_vlm: FakeOpenAIServer) -> Iterator[RunningServer]:
+    with chat_server_with_stand_ins(chat_site["root"], sample_data, fake_vlm.url, experts=("vista3d", "brats", "cxr"),
+                                    conf={"datagen_dir": str(chat_site["datagen"])},
+                                    studies=chat_site["studies"]) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -5,19 +5,17 @@ runs its stand-in weights through the real runner on the sample CT, for a group 
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fake_openai_server import FakeOpenAIServer, sse, tool_call_completion, tool_call_sse
-from server_harness import RunningServer, start_monailabel
+from server_harness import RunningServer, chat_server_with_stand_ins
 from test_chat_server import ask, expected_feedback, parts
 
 from vila_m3.experts.registry import ExpertRegistry
 from vila_m3.experts.tools import expert_tools
 from vila_m3.imaging import read_labelmap, read_volume
-from vila_m3.standins.stand_ins import stage_stand_ins
 
 pytestmark = pytest.mark.server
 
@@ -27,17 +25,9 @@ QUESTION = "Is there a liver tumor?"
 @pytest.fixture(scope="module")
 def tool_server(tmp_path_factory: pytest.TempPathFactory, sample_data: Path,
                 fake_vlm: FakeOpenAIServer) -> Iterator[RunningServer]:
-    root = tmp_path_factory.mktemp("tool-chat-server")
-    stage_stand_ins(root / "models", ("vista3d",))
-    studies = root / "studies"
-    shutil.copytree(sample_data / "studies", studies)
-    conf = {"models": "vila_m3,vista3d", "vlm_url": fake_vlm.url, "vlm_model": "fake-tool-model", "vlm_tools": "on",
-            "chats_dir": str(root / "chats"), "models_dir": str(root / "models")}
-    server = start_monailabel(root / "server", studies, conf=conf)
-    try:
+    with chat_server_with_stand_ins(tmp_path_factory.mktemp("tool-chat-server"), sample_data, fake_vlm.url,
+                                    conf={"vlm_model": "fake-tool-model", "vlm_tools": "on"}) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_the_models_tool_call_runs_vista3d_and_its_result_returns_as_a_tool_message(tool_server, fake_vlm,
