@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import requests
 from fake_openai_server import FakeOpenAIServer, sse
-from requests_toolbelt.multipart.decoder import MultipartDecoder
 from server_harness import RunningServer, start_monailabel
+from server_harness import multipart as parts
 
 from vila_m3.imaging import read_labelmap, read_volume
 from vila_m3.imaging.slices import render_label_slice
@@ -53,17 +53,6 @@ def chat_server(chat_setup: dict) -> Iterator[RunningServer]:
 def ask(server: RunningServer, params: dict, image: str = "ct_abdomen") -> requests.Response:
     return requests.post(f"{server.url}/infer/vila_m3", params={"image": image, "output": "all"},
                          data={"params": json.dumps(params)}, timeout=300)
-
-
-def parts(response: requests.Response) -> tuple[dict, bytes | None]:
-    assert response.status_code == 200, response.text[:1000]
-    if response.headers["content-type"].startswith("application/json"):
-        return response.json(), None
-    fields = {}
-    for part in MultipartDecoder.from_response(response).parts:
-        name = part.headers[b"Content-Disposition"].decode().split('name="')[1].split('"')[0]
-        fields[name] = part.content
-    return json.loads(fields["params"]), fields["image"]
 
 
 def expected_feedback(labels, axis: str, index: int, names: dict[str, int], question: str) -> str:

@@ -19,9 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 from fake_openai_server import FakeOpenAIServer, sse
-from server_harness import RunningServer, start_monailabel
-
-from vila_m3.standins.stand_ins import stage_stand_ins
+from server_harness import RunningServer, chat_server_with_stand_ins
 
 pytestmark = [pytest.mark.server, pytest.mark.security]
 
@@ -56,17 +54,11 @@ def site(tmp_path_factory: pytest.TempPathFactory, sample_data: Path) -> dict[st
 
 
 @pytest.fixture(scope="module")
-def server(site: dict[str, Path], fake_vlm: FakeOpenAIServer) -> Iterator[RunningServer]:
+def server(site: dict[str, Path], sample_data: Path, fake_vlm: FakeOpenAIServer) -> Iterator[RunningServer]:
     """The app with the scripted chat VLM and stand-in VISTA3D and BRATS, on the site's studies."""
-    root = site["root"]
-    stage_stand_ins(root / "models", ("vista3d", "brats"))
-    conf = {"models": "vila_m3,vista3d,brats", "vlm_url": fake_vlm.url, "vlm_model": "fake-vila-m3",
-            "chats_dir": str(root / "chats"), "models_dir": str(root / "models")}
-    running = start_monailabel(root / "work", site["studies"], conf=conf)
-    try:
+    with chat_server_with_stand_ins(site["root"], sample_data, fake_vlm.url, experts=("vista3d", "brats"),
+                                    studies=site["studies"]) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def tree(folder: Path, skip: Path) -> dict[str, int]:
@@ -230,7 +222,7 @@ def test_the_next_sample_names_its_image_by_id_only(server, site):
 
 
 def test_an_export_refused_for_its_folder_names_the_export_not_the_folder(server, site):
-    occupied = site["root"] / "work" / "app" / "datagen" / "occupied"
+    occupied = site["root"] / "server" / "app" / "datagen" / "occupied"
     occupied.mkdir(parents=True)
     (occupied / "notes.txt").write_text("someone else's", encoding="utf-8")
     response = requests.post(f"{server.url}/vila_m3/datagen/", params={"name": "occupied"}, timeout=120)

@@ -18,12 +18,10 @@ import pydicom
 import pytest
 import requests
 from fake_openai_server import FakeOpenAIServer, sse
-from server_harness import RunningServer, start_monailabel
-from test_pacs_server import multipart
+from server_harness import RunningServer, chat_server_with_stand_ins, multipart
 
 from vila_m3.imaging import read_labelmap
 from vila_m3.reports.dicom_sr import referenced_instances, report_texts
-from vila_m3.standins.stand_ins import stage_stand_ins
 
 pytestmark = pytest.mark.server
 
@@ -38,14 +36,8 @@ def site(tmp_path_factory: pytest.TempPathFactory, sample_data: Path,
     studies = root / "studies"
     studies.mkdir()
     shutil.copytree(sample_data / "dicom" / "ct_abdomen", studies / SERIES)
-    stage_stand_ins(root / "models", ("vista3d",))
-    conf = {"models": "vila_m3,vista3d", "vlm_url": fake_vlm.url, "vlm_model": "fake-vila-m3",
-            "chats_dir": str(root / "chats"), "models_dir": str(root / "models")}
-    server = start_monailabel(root / "work", studies, conf=conf)
-    try:
+    with chat_server_with_stand_ins(root, sample_data, fake_vlm.url, studies=studies) as server:
         yield {"server": server, "root": root, "series": sample_data / "dicom" / "ct_abdomen"}
-    finally:
-        server.stop()
 
 
 def sources(folder: Path) -> dict[str, pydicom.Dataset]:
