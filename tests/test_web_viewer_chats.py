@@ -17,16 +17,17 @@ from pathlib import Path
 import pytest
 import requests
 from fake_openai_server import FakeOpenAIServer, sse
-from server_harness import RunningServer, start_monailabel
-from web_harness import launch_chromium, missing_for_browser_tests, start_viewer
+from server_harness import RunningServer
+from web_harness import (
+    browser_test_marks,
+    chat_server_with_stand_ins,
+    chromium_browser,
+    running_viewer,
+)
 
 from vila_m3.samples import ct_tumour_slice
-from vila_m3.standins.stand_ins import stage_stand_ins
 
-pytestmark = [pytest.mark.web, pytest.mark.server]
-_MISSING = missing_for_browser_tests()
-if _MISSING:
-    pytestmark.append(pytest.mark.skip(reason=f"browser tests skipped: {_MISSING}"))
+pytestmark = browser_test_marks()
 
 QUESTION = "Is there a liver tumour in my upload?"
 VIEWPORT = {"width": 2200, "height": 1100}
@@ -35,38 +36,20 @@ VIEWPORT = {"width": 2200, "height": 1100}
 @pytest.fixture(scope="module")
 def chat_server(tmp_path_factory: pytest.TempPathFactory, sample_data: Path,
                 fake_vlm: FakeOpenAIServer) -> Iterator[RunningServer]:
-    root = tmp_path_factory.mktemp("web-chats-server")
-    stage_stand_ins(root / "models", ("vista3d",))
-    studies = root / "studies"
-    shutil.copytree(sample_data / "studies", studies)
-    conf = {"models": "vila_m3,vista3d", "vlm_url": fake_vlm.url, "vlm_model": "fake-vila-m3",
-            "chats_dir": str(root / "chats"), "models_dir": str(root / "models")}
-    server = start_monailabel(root / "server", studies, conf=conf)
-    try:
+    with chat_server_with_stand_ins(tmp_path_factory.mktemp("web-chats-server"), sample_data, fake_vlm.url) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
 def viewer(tmp_path_factory: pytest.TempPathFactory, chat_server: RunningServer) -> Iterator[RunningServer]:
-    running = start_viewer(tmp_path_factory.mktemp("web-chats-viewer"), chat_server.url)
-    try:
+    with running_viewer(tmp_path_factory.mktemp("web-chats-viewer"), chat_server.url) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = launch_chromium(playwright)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    with chromium_browser() as chromium:
+        yield chromium
 
 
 def segment_names(page) -> list[str]:

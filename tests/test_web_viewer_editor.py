@@ -9,7 +9,6 @@ volume's whole slice shows on screen, so its footprint maps screen pixels to vox
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,19 +17,19 @@ import pytest
 import requests
 from fake_openai_server import FakeOpenAIServer, sse
 from scipy import ndimage
-from server_harness import RunningServer, start_monailabel
+from server_harness import RunningServer
 from test_web_viewer import browser, footprint_box, red_view, settled_view  # noqa: F401  (browser: a fixture)
-from web_harness import missing_for_browser_tests, start_viewer
+from web_harness import (
+    browser_test_marks,
+    chat_server_with_stand_ins,
+    running_viewer,
+)
 
 from vila_m3.imaging import read_labelmap, read_volume
 from vila_m3.imaging.slices import ras_view
 from vila_m3.samples import ct_tumour_slice
-from vila_m3.standins.stand_ins import stage_stand_ins
 
-pytestmark = [pytest.mark.web, pytest.mark.server]
-_MISSING = missing_for_browser_tests()
-if _MISSING:
-    pytestmark.append(pytest.mark.skip(reason=f"browser tests skipped: {_MISSING}"))
+pytestmark = browser_test_marks()
 
 HEPATIC_TUMOR = 26
 VIEWPORT = {"width": 2200, "height": 1100}
@@ -42,26 +41,14 @@ BRATS_SEGMENTS = ["edema", "enhancing tumor", "tumor core"]
 @pytest.fixture(scope="module")
 def chat_server(tmp_path_factory: pytest.TempPathFactory, sample_data: Path,
                 fake_vlm: FakeOpenAIServer) -> Iterator[RunningServer]:
-    root = tmp_path_factory.mktemp("web-editor-server")
-    stage_stand_ins(root / "models", ("vista3d", "brats"))
-    studies = root / "studies"
-    shutil.copytree(sample_data / "studies", studies)
-    conf = {"models": "vila_m3,vista3d,brats", "vlm_url": fake_vlm.url, "vlm_model": "fake-vila-m3",
-            "chats_dir": str(root / "chats"), "models_dir": str(root / "models")}
-    server = start_monailabel(root / "server", studies, conf=conf)
-    try:
+    with chat_server_with_stand_ins(tmp_path_factory.mktemp("web-editor-server"), sample_data, fake_vlm.url, experts=("vista3d", "brats")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
 def viewer(tmp_path_factory: pytest.TempPathFactory, chat_server: RunningServer) -> Iterator[RunningServer]:
-    running = start_viewer(tmp_path_factory.mktemp("web-editor-viewer"), chat_server.url)
-    try:
+    with running_viewer(tmp_path_factory.mktemp("web-editor-viewer"), chat_server.url) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def display_slices(labels) -> np.ndarray:

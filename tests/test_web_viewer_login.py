@@ -10,7 +10,6 @@ trame-slicer.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -19,19 +18,20 @@ from pathlib import Path
 import pytest
 from fake_openai_server import FakeOpenAIServer, sse
 from keycloak_realm import ROLES, KeycloakRealm
-from server_harness import RunningServer, start_monailabel
-from web_harness import launch_chromium, missing_for_browser_tests, start_viewer
-
-from vila_m3.standins.stand_ins import stage_stand_ins
+from server_harness import RunningServer
+from web_harness import (
+    browser_test_marks,
+    chat_server_with_stand_ins,
+    chromium_browser,
+    running_viewer,
+    start_viewer,
+)
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "slicer_extension" / "VILAM3Chat"),
                 str(Path(__file__).resolve().parents[1] / "web")]
 from VILAM3ChatLib.client import AuthError, VilaM3Client  # noqa: E402
 
-pytestmark = [pytest.mark.web, pytest.mark.server, pytest.mark.security]
-_MISSING = missing_for_browser_tests()
-if _MISSING:
-    pytestmark.append(pytest.mark.skip(reason=f"browser tests skipped: {_MISSING}"))
+pytestmark = browser_test_marks(pytest.mark.security)
 
 USER, ANNOTATOR = ROLES["user"], ROLES["annotator"]
 PASSWORDS = {"alice": "alice-password", "uma": "uma-password", "eve": "eve-password"}
@@ -51,41 +51,23 @@ def realm() -> Iterator[KeycloakRealm]:
 def server(tmp_path_factory: pytest.TempPathFactory, sample_data: Path, realm: KeycloakRealm,
            fake_vlm: FakeOpenAIServer) -> Iterator[RunningServer]:
     root = tmp_path_factory.mktemp("web-login-server")
-    stage_stand_ins(root / "models", ("vista3d",))
-    studies = root / "studies"
-    shutil.copytree(sample_data / "studies", studies)
-    conf = {"models": "vila_m3,vista3d", "vlm_url": fake_vlm.url, "vlm_model": "fake-vila-m3",
-            "chats_dir": str(root / "chats"), "models_dir": str(root / "models"),
-            "audit_log": str(root / "audit" / "audit.jsonl")}
     env = {"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": realm.url,
            "MONAI_LABEL_AUTH_CLIENT_ID": realm.client_id, "MONAI_LABEL_AUTH_TIMEOUT": "5"}
-    running = start_monailabel(root / "run", studies, conf=conf, env=env)
-    running.root = root  # type: ignore[attr-defined]
-    try:
+    with chat_server_with_stand_ins(root, sample_data, fake_vlm.url, env=env,
+                                    conf={"audit_log": str(root / "audit" / "audit.jsonl")}) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture(scope="module")
 def viewer(tmp_path_factory: pytest.TempPathFactory, server: RunningServer) -> Iterator[RunningServer]:
-    running = start_viewer(tmp_path_factory.mktemp("web-login-viewer"), server.url)
-    try:
+    with running_viewer(tmp_path_factory.mktemp("web-login-viewer"), server.url) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = launch_chromium(playwright)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    with chromium_browser() as chromium:
+        yield chromium
 
 
 def open_tab(browser, viewer: RunningServer):

@@ -13,10 +13,19 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import requests
-from server_harness import REPO_ROOT, RunningServer, free_port, isolated_env, stop_process_group
+from server_harness import (  # noqa: F401  (chat_server_with_stand_ins: for the browser tests)
+    REPO_ROOT,
+    RunningServer,
+    chat_server_with_stand_ins,
+    free_port,
+    isolated_env,
+    stop_process_group,
+)
 
 VIEWER = REPO_ROOT / "web" / "viewer.py"
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-headless-shell")
@@ -78,3 +87,38 @@ def launch_chromium(playwright):
     """Headless Chromium from Debian's package (never a downloaded one)."""
     return playwright.chromium.launch(executable_path=chromium_path(), headless=True,
                                       args=["--no-sandbox", "--disable-dev-shm-usage"])
+
+
+def browser_test_marks(*extra) -> list:
+    """``pytestmark`` of a browser test module: ``web`` and ``server`` (and ``extra``), skipped with a line
+    naming what is missing where the browser tests cannot run."""
+    import pytest
+
+    marks = [pytest.mark.web, pytest.mark.server, *extra]
+    missing = missing_for_browser_tests()
+    if missing:
+        marks.append(pytest.mark.skip(reason=f"browser tests skipped: {missing}"))
+    return marks
+
+
+@contextmanager
+def running_viewer(workdir: Path, server_url: str, **kwargs) -> Iterator[RunningServer]:
+    """:func:`start_viewer`, stopped afterwards."""
+    viewer = start_viewer(workdir, server_url, **kwargs)
+    try:
+        yield viewer
+    finally:
+        viewer.stop()
+
+
+@contextmanager
+def chromium_browser() -> Iterator[object]:
+    """Playwright's headless Chromium from Debian's package (:func:`launch_chromium`), closed afterwards."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = launch_chromium(playwright)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
