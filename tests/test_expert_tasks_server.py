@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 import requests
 from monailabel.client import MONAILabelClient
-from requests_toolbelt.multipart.decoder import MultipartDecoder
-from server_harness import RunningServer, start_monailabel
+from server_harness import RunningServer, multipart, start_monailabel
 
 from vila_m3.imaging import read_labelmap, read_volume
 from vila_m3.standins.stand_ins import stage_stand_ins
@@ -48,16 +47,6 @@ def infer(server: RunningServer, task: str, image: str = "", params: dict | None
         query["session_id"] = session_id
     return requests.post(f"{server.url}/infer/{task}", params=query,
                          data={"params": json.dumps(params or {})}, timeout=300)
-
-
-def multipart(response: requests.Response) -> tuple[dict, bytes | None]:
-    """(params JSON, labelmap bytes) of MONAI Label's multipart answer; (json, None) for JSON-only answers."""
-    assert response.status_code == 200, response.text
-    if response.headers["content-type"].startswith("application/json"):
-        return response.json(), None
-    parts = MultipartDecoder.from_response(response).parts
-    fields = {part.headers[b"Content-Disposition"].decode().split('name="')[1].split('"')[0]: part for part in parts}
-    return json.loads(fields["params"].content), fields["image"].content
 
 
 def labelmap_from(data: bytes, tmp_path: Path, name: str = "label.nii.gz"):

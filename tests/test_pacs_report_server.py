@@ -17,12 +17,11 @@ import pytest
 import requests
 from fake_openai_server import FakeOpenAIServer, sse
 from pacs_harness import RunningOrthanc
-from server_harness import RunningServer, start_monailabel
-from test_pacs_server import multipart, orthanc  # noqa: F401  (the module's Orthanc fixture)
+from server_harness import RunningServer, chat_server_with_stand_ins, multipart
+from test_pacs_server import orthanc  # noqa: F401  (the module's Orthanc fixture)
 
 from vila_m3.audit import hashed
 from vila_m3.reports.dicom_sr import referenced_instances, report_texts
-from vila_m3.standins.stand_ins import stage_stand_ins
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "slicer_extension" / "VILAM3Chat"))
 from VILAM3ChatLib.client import RequestRejected, VilaM3Client  # noqa: E402
@@ -31,19 +30,14 @@ pytestmark = [pytest.mark.server, pytest.mark.pacs]
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory, orthanc: RunningOrthanc,  # noqa: F811
+def site(tmp_path_factory: pytest.TempPathFactory, sample_data: Path, orthanc: RunningOrthanc,  # noqa: F811
          fake_vlm: FakeOpenAIServer) -> Iterator[dict]:
     """MONAI Label on Orthanc's DICOMweb with the VISTA3D stand-in, the scripted VLM and an audit log."""
     root = tmp_path_factory.mktemp("pacs-report")
-    stage_stand_ins(root / "models", ("vista3d",))
     audit = root / "audit" / "audit.jsonl"
-    conf = {"models": "vila_m3,vista3d", "vlm_url": fake_vlm.url, "vlm_model": "fake-vila-m3",
-            "chats_dir": str(root / "chats"), "models_dir": str(root / "models"), "audit_log": str(audit)}
-    server = start_monailabel(root, orthanc.dicomweb_url, conf=conf)  # type: ignore[arg-type]
-    try:
+    with chat_server_with_stand_ins(root, sample_data, fake_vlm.url, conf={"audit_log": str(audit)},
+                                    studies=orthanc.dicomweb_url) as server:
         yield {"server": server, "audit": audit, "root": root}
-    finally:
-        server.stop()
 
 
 def _chat(server: RunningServer, fake_vlm: FakeOpenAIServer, params: dict) -> dict:

@@ -15,10 +15,9 @@ import requests
 from fake_openai_server import FakeOpenAIServer, sse
 from pacs_harness import RunningOrthanc, load_samples, missing_reason, start_orthanc
 from requests_toolbelt.multipart.decoder import MultipartDecoder
-from server_harness import RunningServer, start_monailabel
+from server_harness import RunningServer, chat_server_with_stand_ins, multipart
 
 from vila_m3.imaging import read_labelmap, read_volume
-from vila_m3.standins.stand_ins import stage_stand_ins
 
 pytestmark = [pytest.mark.server, pytest.mark.pacs]
 
@@ -41,30 +40,12 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory, sample_data: Path) -> Iter
 
 
 @pytest.fixture(scope="module")
-def pacs_server(tmp_path_factory: pytest.TempPathFactory, orthanc: RunningOrthanc,
+def pacs_server(tmp_path_factory: pytest.TempPathFactory, sample_data: Path, orthanc: RunningOrthanc,
                 fake_vlm: FakeOpenAIServer) -> Iterator[RunningServer]:
     """MONAI Label with this app on Orthanc's DICOMweb, VISTA3D, BRATS and CXR stand-ins and the scripted VLM."""
-    root = tmp_path_factory.mktemp("pacs-server")
-    stage_stand_ins(root / "models", ("vista3d", "brats", "cxr"))
-    conf = {"models": "vila_m3,vista3d,brats,cxr", "vlm_url": fake_vlm.url, "vlm_model": "fake-vila-m3",
-            "chats_dir": str(root / "chats"), "models_dir": str(root / "models")}
-    server = start_monailabel(root, orthanc.dicomweb_url, conf=conf)  # type: ignore[arg-type]
-    try:
+    with chat_server_with_stand_ins(tmp_path_factory.mktemp("pacs-server"), sample_data, fake_vlm.url,
+                                    experts=("vista3d", "brats", "cxr"), studies=orthanc.dicomweb_url) as server:
         yield server
-    finally:
-        server.stop()
-
-
-def multipart(response: requests.Response) -> tuple[dict, bytes | None]:
-    """(params JSON, labelmap bytes) of MONAI Label's multipart answer; (json, None) for JSON-only answers."""
-    assert response.status_code == 200, response.text[:1000]
-    if response.headers["content-type"].startswith("application/json"):
-        return response.json(), None
-    fields = {}
-    for part in MultipartDecoder.from_response(response).parts:
-        name = part.headers[b"Content-Disposition"].decode().split('name="')[1].split('"')[0]
-        fields[name] = part.content
-    return json.loads(fields["params"]), fields.get("image")
 
 
 def infer(server: RunningServer, task: str, image: str, params: dict) -> requests.Response:
