@@ -134,13 +134,12 @@ def start_monailabel(workdir: Path, studies: Path | str, conf: dict[str, str] | 
     return start_process(command, workdir, {**isolated_env(workdir), **(env or {})}, f"http://127.0.0.1:{port}")
 
 
-@contextmanager
-def chat_server_with_stand_ins(root: Path, sample_data: Path, vlm_url: str, experts: tuple[str, ...] = ("vista3d",),
-                               conf: dict[str, str] | None = None, env: dict[str, str] | None = None,
-                               studies: Path | str | None = None) -> Iterator[RunningServer]:
-    """A real VILA-M3 server on a copy of the sample studies: the chat's VLM at ``vlm_url`` (the scripted
-    OpenAI-compatible one), ``experts`` on stand-in weights, chats and models under ``root`` (its ``root``).
-    ``studies``: a folder the test prepared or a PACS's DICOMweb URL, served instead of the copy."""
+def stand_in_site(root: Path, sample_data: Path, vlm_url: str, experts: tuple[str, ...] = ("vista3d",),
+                  conf: dict[str, str] | None = None,
+                  studies: Path | str | None = None) -> tuple[Path | str, dict[str, str]]:
+    """(studies, server settings) for a VILA-M3 server under ``root``: ``experts`` staged on stand-in weights in
+    ``root/models``, a copy of the sample studies in ``root/studies`` (unless ``studies``, a folder the test prepared
+    or a PACS's DICOMweb URL, is given), chats in ``root/chats``, the chat's VLM at ``vlm_url``; ``conf`` overrides."""
     from vila_m3.standins.stand_ins import stage_stand_ins
 
     stage_stand_ins(root / "models", experts)
@@ -149,6 +148,16 @@ def chat_server_with_stand_ins(root: Path, sample_data: Path, vlm_url: str, expe
         shutil.copytree(sample_data / "studies", studies)
     settings = {"models": ",".join(("vila_m3", *experts)), "vlm_url": vlm_url, "vlm_model": "fake-vila-m3",
                 "chats_dir": str(root / "chats"), "models_dir": str(root / "models"), **(conf or {})}
+    return studies, settings
+
+
+@contextmanager
+def chat_server_with_stand_ins(root: Path, sample_data: Path, vlm_url: str, experts: tuple[str, ...] = ("vista3d",),
+                               conf: dict[str, str] | None = None, env: dict[str, str] | None = None,
+                               studies: Path | str | None = None) -> Iterator[RunningServer]:
+    """A real VILA-M3 server on the :func:`stand_in_site` under ``root`` (a copy of the sample studies unless
+    ``studies`` is given), started in ``root/server``; the server gets ``.root``."""
+    studies, settings = stand_in_site(root, sample_data, vlm_url, experts, conf, studies)
     server = start_monailabel(root / "server", studies, conf=settings, env=env)
     server.root = root  # type: ignore[attr-defined]
     try:

@@ -6,7 +6,6 @@ stand-in weights through the real runners."""
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,12 +14,11 @@ import numpy as np
 import pytest
 import requests
 from fake_openai_server import FakeOpenAIServer, sse
-from server_harness import RunningServer, start_monailabel
+from server_harness import RunningServer, stand_in_site, start_monailabel
 from server_harness import multipart as parts
 
 from vila_m3.imaging import read_labelmap, read_volume
 from vila_m3.imaging.slices import render_label_slice
-from vila_m3.standins.stand_ins import stage_stand_ins
 
 pytestmark = pytest.mark.server
 
@@ -33,11 +31,7 @@ COLOR_NAMES = ["red", "blue", "yellow", "magenta", "green", "indigo", "darkorang
 @pytest.fixture(scope="module")
 def chat_setup(tmp_path_factory: pytest.TempPathFactory, sample_data: Path, fake_vlm: FakeOpenAIServer) -> dict:
     root = tmp_path_factory.mktemp("chat-server")
-    stage_stand_ins(root / "models", ("vista3d",))
-    studies = root / "studies"
-    shutil.copytree(sample_data / "studies", studies)
-    conf = {"models": "vila_m3,vista3d", "vlm_url": fake_vlm.url, "vlm_model": "fake-vila-m3",
-            "chats_dir": str(root / "chats"), "models_dir": str(root / "models")}
+    studies, conf = stand_in_site(root, sample_data, fake_vlm.url)
     return {"root": root, "studies": studies, "conf": conf}
 
 

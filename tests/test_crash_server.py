@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,12 +19,11 @@ from pathlib import Path
 import pytest
 import requests
 from fake_openai_server import FakeOpenAIServer, sse
-from server_harness import RunningServer, copy_app, free_port, isolated_env, start_process
+from server_harness import RunningServer, copy_app, free_port, isolated_env, stand_in_site, start_process
 from test_chat_server import read_events
 
 from vila_m3.chat.store import TURN_MARKER, Chat, ChatStore
 from vila_m3.chat.transcript import Message
-from vila_m3.standins.stand_ins import stage_stand_ins
 
 pytestmark = pytest.mark.server
 
@@ -40,11 +38,7 @@ NEXT_QUESTION = "And how does the spleen look?"
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory, sample_data: Path, fake_vlm: FakeOpenAIServer) -> dict:
     root = tmp_path_factory.mktemp("crash-server")
-    stage_stand_ins(root / "models", ("vista3d",))
-    studies = root / "studies"
-    shutil.copytree(sample_data / "studies", studies)
-    conf = {"models": "vila_m3,vista3d", "vlm_url": fake_vlm.url, "vlm_model": "fake-vila-m3",
-            "models_dir": str(root / "models"), "chats_dir": str(root / "chats")}
+    studies, conf = stand_in_site(root, sample_data, fake_vlm.url)
     return {"root": root, "studies": studies, "conf": conf, "chats": root / "chats"}
 
 

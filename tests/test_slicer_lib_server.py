@@ -32,12 +32,11 @@ from urllib.parse import parse_qs
 import numpy as np
 import pytest
 from fake_openai_server import FakeOpenAIServer, sse
-from server_harness import RunningServer, start_monailabel
+from server_harness import RunningServer, stand_in_site, start_monailabel
 from slicer_core_fixture import slicer_core  # noqa: F401
 
 from vila_m3.imaging import read_labelmap, read_volume, write_labelmap
 from vila_m3.imaging.slices import slice_index_at
-from vila_m3.standins.stand_ins import stage_stand_ins
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "slicer_extension" / "VILAM3Chat"))
@@ -83,12 +82,7 @@ class LazyServer:
 def lazy_server(tmp_path_factory: pytest.TempPathFactory, sample_data: Path,
                 fake_vlm: FakeOpenAIServer) -> Iterator[LazyServer]:
     root = tmp_path_factory.mktemp("slicer-client")
-    stage_stand_ins(root / "models", ("vista3d",))
-    studies = root / "studies"
-    shutil.copytree(sample_data / "studies", studies)
-    conf = {"models": "vila_m3,vista3d", "vlm_url": fake_vlm.url, "vlm_model": "fake-vila-m3",
-            "chats_dir": str(root / "chats"), "models_dir": str(root / "models")}
-    holder = LazyServer(root, studies, conf)
+    holder = LazyServer(root, *stand_in_site(root, sample_data, fake_vlm.url))
     try:
         yield holder
     finally:
