@@ -118,6 +118,16 @@ def start_process(command: list[str], workdir: Path, env: dict[str, str], url: s
     raise RuntimeError(f"server did not answer {url}/info/ within {timeout_s:.0f} s:\n{server.log_tail()}")
 
 
+def monailabel_command(app_dir: Path, studies: Path | str, conf: dict[str, str], port: int) -> list[str]:
+    """The ``monailabel start_server`` command line for ``app_dir`` on ``studies`` (a folder or a DICOMweb URL),
+    on 127.0.0.1:``port``, with each of ``conf`` as a ``--conf``."""
+    command = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app_dir)]
+    command += ["--studies", str(studies), "--host", "127.0.0.1", "--port", str(port)]
+    for key, value in conf.items():
+        command += ["--conf", key, value]
+    return command
+
+
 def start_monailabel(workdir: Path, studies: Path | str, conf: dict[str, str] | None = None,
                      env: dict[str, str] | None = None) -> RunningServer:
     """``monailabel start_server`` with a copy of the app, on a free port, writing only in ``workdir``;
@@ -126,11 +136,7 @@ def start_monailabel(workdir: Path, studies: Path | str, conf: dict[str, str] | 
     workdir.mkdir(parents=True, exist_ok=True)
     app_dir = copy_app(workdir / "app")
     port = free_port()
-    command = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app_dir)]
-    command += ["--studies", str(studies), "--host", "127.0.0.1", "--port", str(port)]
-    conf = {"models_dir": str(workdir / "models"), **(conf or {})}
-    for key, value in conf.items():
-        command += ["--conf", key, value]
+    command = monailabel_command(app_dir, studies, {"models_dir": str(workdir / "models"), **(conf or {})}, port)
     return start_process(command, workdir, {**isolated_env(workdir), **(env or {})}, f"http://127.0.0.1:{port}")
 
 

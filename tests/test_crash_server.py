@@ -13,13 +13,20 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import requests
 from fake_openai_server import FakeOpenAIServer, sse
-from server_harness import RunningServer, copy_app, free_port, isolated_env, stand_in_site, start_process
+from server_harness import (
+    RunningServer,
+    copy_app,
+    free_port,
+    isolated_env,
+    monailabel_command,
+    stand_in_site,
+    start_process,
+)
 from test_chat_server import read_events
 
 from vila_m3.chat.store import TURN_MARKER, Chat, ChatStore
@@ -42,14 +49,6 @@ def site(tmp_path_factory: pytest.TempPathFactory, sample_data: Path, fake_vlm: 
     return {"root": root, "studies": studies, "conf": conf, "chats": root / "chats"}
 
 
-def server_command(app_dir: Path, studies: Path, conf: dict[str, str], port: int) -> list[str]:
-    command = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app_dir), "--studies",
-               str(studies), "--host", "127.0.0.1", "--port", str(port)]
-    for key, value in conf.items():
-        command += ["--conf", key, value]
-    return command
-
-
 def start(site: dict, name: str, conf: dict[str, str] | None = None, mounts: str = "") -> RunningServer:
     """A server on the site's studies, models and chats (``conf`` overrides); ``mounts``: shell commands run
     first in a private user and mount namespace (the server then runs in it)."""
@@ -57,7 +56,7 @@ def start(site: dict, name: str, conf: dict[str, str] | None = None, mounts: str
     workdir.mkdir()
     app_dir = copy_app(workdir / "app")
     port = free_port()
-    command = server_command(app_dir, site["studies"], {**site["conf"], **(conf or {})}, port)
+    command = monailabel_command(app_dir, site["studies"], {**site["conf"], **(conf or {})}, port)
     if mounts:
         command = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", f'{mounts} && exec "$@"', "sh",
                    *command]

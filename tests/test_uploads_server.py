@@ -13,9 +13,7 @@ import hashlib
 import http.client
 import io
 import json
-import shutil
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -27,10 +25,17 @@ import pytest
 import requests
 from fake_openai_server import FakeOpenAIServer, Reply, sse, stream_events
 from monailabel.client import MONAILabelClient
-from server_harness import RunningServer, copy_app, free_port, isolated_env, start_process
+from server_harness import (
+    RunningServer,
+    copy_app,
+    free_port,
+    isolated_env,
+    monailabel_command,
+    stand_in_site,
+    start_process,
+)
 
 from vila_m3.imaging import read_labelmap
-from vila_m3.standins.stand_ins import stage_stand_ins
 
 pytestmark = [pytest.mark.server, pytest.mark.security]
 
@@ -45,23 +50,15 @@ def site(tmp_path_factory: pytest.TempPathFactory, sample_data: Path, fake_vlm: 
     """A server with the chat and stand-in VISTA3D, small upload and session limits, and files left in its
     upload and result folders as if an earlier run had crashed."""
     root = tmp_path_factory.mktemp("uploads-server")
-    stage_stand_ins(root / "models", ("vista3d",))
-    studies = root / "studies"
-    shutil.copytree(sample_data / "studies", studies)
+    studies, conf = stand_in_site(root, sample_data, fake_vlm.url, conf={
+        "max_upload_mb": str(UPLOAD_LIMIT_MB), "max_request_kb": "64", "sessions_max_gb": str(SESSIONS_MAX_GB)})
     app_dir = copy_app(root / "app")
     stale = [app_dir / "tmp" / "uploads" / "left-over.nii.gz", app_dir / "tmp" / "results" / "old-result.nii.gz"]
     for path in stale:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"from a crashed run")
-    conf = {"models": "vila_m3,vista3d", "vlm_url": fake_vlm.url, "vlm_model": "fake-vila-m3",
-            "models_dir": str(root / "models"), "chats_dir": str(root / "chats"),
-            "max_upload_mb": str(UPLOAD_LIMIT_MB), "max_request_kb": "64", "sessions_max_gb": str(SESSIONS_MAX_GB)}
     port = free_port()
-    command = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app_dir), "--studies",
-               str(studies), "--host", "127.0.0.1", "--port", str(port)]
-    for key, value in conf.items():
-        command += ["--conf", key, value]
-    server = start_process(command, root, isolated_env(root), f"http://127.0.0.1:{port}")
+    server = start_process(monailabel_command(app_dir, studies, conf, port), root, isolated_env(root), f"http://127.0.0.1:{port}")
     try:
         yield {"server": server, "root": root, "app": app_dir, "port": port, "stale": stale,
                "tmp": root / "tmp", "sessions": root / "sessions"}
