@@ -129,12 +129,12 @@ def monailabel_command(app_dir: Path, studies: Path | str, conf: dict[str, str],
 
 
 def start_monailabel(workdir: Path, studies: Path | str, conf: dict[str, str] | None = None,
-                     env: dict[str, str] | None = None) -> RunningServer:
-    """``monailabel start_server`` with a copy of the app, on a free port, writing only in ``workdir``;
-    ``studies``: a folder or a DICOMweb URL;
+                     env: dict[str, str] | None = None, app_dir: Path | None = None) -> RunningServer:
+    """``monailabel start_server`` with a copy of the app (or ``app_dir``, one the test prepared), on a free port,
+    writing only in ``workdir``; ``studies``: a folder or a DICOMweb URL;
     ``env`` adds environment variables (MONAI Label reads its settings, e.g. ``MONAI_LABEL_AUTH_*``, from there)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    app_dir = copy_app(workdir / "app")
+    app_dir = app_dir or copy_app(workdir / "app")
     port = free_port()
     command = monailabel_command(app_dir, studies, {"models_dir": str(workdir / "models"), **(conf or {})}, port)
     return start_process(command, workdir, {**isolated_env(workdir), **(env or {})}, f"http://127.0.0.1:{port}")

@@ -25,15 +25,7 @@ import pytest
 import requests
 from fake_openai_server import FakeOpenAIServer, Reply, sse, stream_events
 from monailabel.client import MONAILabelClient
-from server_harness import (
-    RunningServer,
-    copy_app,
-    free_port,
-    isolated_env,
-    monailabel_command,
-    stand_in_site,
-    start_process,
-)
+from server_harness import RunningServer, copy_app, stand_in_site, start_monailabel
 
 from vila_m3.imaging import read_labelmap
 
@@ -57,11 +49,10 @@ def site(tmp_path_factory: pytest.TempPathFactory, sample_data: Path, fake_vlm: 
     for path in stale:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"from a crashed run")
-    port = free_port()
-    server = start_process(monailabel_command(app_dir, studies, conf, port), root, isolated_env(root), f"http://127.0.0.1:{port}")
+    server = start_monailabel(root, studies, conf=conf, app_dir=app_dir)
     try:
-        yield {"server": server, "root": root, "app": app_dir, "port": port, "stale": stale,
-               "tmp": root / "tmp", "sessions": root / "sessions"}
+        yield {"server": server, "root": root, "app": app_dir, "port": int(server.url.rsplit(":", 1)[1]),
+               "stale": stale, "tmp": root / "tmp", "sessions": root / "sessions"}
     finally:
         server.stop()
 
