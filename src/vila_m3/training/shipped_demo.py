@@ -387,7 +387,8 @@ def compare_builds(shipped: Mapping[str, Any], rebuilt: Mapping[str, Any]) -> tu
                              _num(right.get("dice", {}).get(label))))
         rows.append((f"{name}: build time (s)", _num(left.get("build_seconds"), 0), _num(right.get("build_seconds"), 0)))
     width = max(len(row[0]) for row in rows)
-    lines += [f"{a:<{width}}  {b:>22}  {c:>22}" for a, b, c in rows]
+    column = max(len(value) for row in rows for value in row[1:])
+    lines += [f"{a:<{width}}  {b:>{column}}  {c:>{column}}" for a, b, c in rows]
     return equal, "\n".join(lines)
 
 
