@@ -99,6 +99,7 @@ def test_make_run_on_a_fresh_copy_answers_with_the_shipped_demo_within_two_minut
         answer = client.ask(StudyRef.image("ct_abdomen"),
                             turn_params("Is there a liver tumour?", "first-run", "axial",
                                         ct_tumour_slice(copy / "sample_data")))
+        print(f"make run on a fresh copy: the first answer came {time.monotonic() - started:.1f} s after make run")
         assert [(call.get("expert"), call.get("argument")) for call in answer.experts] == [("VISTA3D", "hepatic tumor")]
         assert answer.labelmap_path is not None
         # the slice shows the tumours and the expert's result names them: the answer is a plain "yes"
