@@ -1,4 +1,5 @@
-"""The audit trail: one JSON line per chat turn and per expert infer, for the people who run the server.
+"""The audit trail: one JSON line per chat turn, per expert infer and per refused request, for the people who
+run the server.
 
 A line says who did what, when, with which model, and how it ended; it never holds prompt text
 (the chat store has that), patient names, or the ids clients use for chats and studies: those are
@@ -21,8 +22,9 @@ DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_BACKUPS = 5
 #: The fields every line carries, in this order (``None`` where a field does not apply).
 FIELDS = ("time", "user", "route", "chat", "study", "model", "model_version", "stand_in", "experts",
-          "queue_wait_s", "duration_s", "outcome", "status")
-OUTCOMES = ("ok", "cancelled", "failed")
+          "queue_wait_s", "duration_s", "outcome", "status", "method", "reason")
+#: ``refused``: a request answered before any route ran (login, role, body limits); ``reason`` says why.
+OUTCOMES = ("ok", "cancelled", "failed", "refused")
 
 
 def hashed(value: str | None) -> str | None:
@@ -51,9 +53,11 @@ class AuditLog:
     def record(self, *, user: str | None, route: str, outcome: str, status: int, chat_id: str | None = None,
                study_id: str | None = None, model: str | None = None, model_version: str | None = None,
                stand_in: bool | None = None, experts: list[dict[str, Any]] | None = None,
-               queue_wait_s: float | None = None, duration_s: float | None = None) -> dict[str, Any]:
+               queue_wait_s: float | None = None, duration_s: float | None = None, method: str | None = None,
+               reason: str | None = None) -> dict[str, Any]:
         """Append one line and return it as written. ``outcome`` is one of :data:`OUTCOMES`; ``status`` is the
-        HTTP status the client got; ``chat_id`` and ``study_id`` are hashed here; times are in seconds."""
+        HTTP status the client got; ``chat_id`` and ``study_id`` are hashed here; times are in seconds;
+        ``method`` is the HTTP method, ``reason`` a short fixed text for a refusal (never client input)."""
         if outcome not in OUTCOMES:
             raise ValueError(f"audit outcome must be one of {OUTCOMES}, got {outcome!r}")
         line = {
@@ -70,6 +74,8 @@ class AuditLog:
             "duration_s": None if duration_s is None else round(duration_s, 4),
             "outcome": outcome,
             "status": int(status),
+            "method": method,
+            "reason": reason,
         }
         text = json.dumps(line, ensure_ascii=True)
         self._handler.handle(logging.makeLogRecord({"msg": text, "levelno": logging.INFO, "levelname": "INFO"}))

@@ -12,7 +12,8 @@ MONAI Label's default user would say ``admin``), the route template with the mod
 from the turn's ``vlm`` and its version, stand-in or not; an expert: the expert, stand-in or not), the
 experts run with their arguments, the time the turn waited for the work queue, the duration in seconds,
 the outcome (``ok``, ``cancelled``, ``failed``) and the HTTP status the client got (for a stream, the
-status of its ``error`` event, else 200). Never prompt text, file names or anything from the image's
+status of its ``error`` event, else 200) and the method. Requests refused before a route ran (login, roles,
+body limits) get their line from lib/audit_refusals.py. Never prompt text, file names or anything from the image's
 headers: the study is the client's id, hashed.
 """
 
@@ -33,6 +34,7 @@ from typing import Any
 from fastapi import HTTPException
 from monailabel.config import settings
 
+from lib.audit_refusals import note_audited
 from vila_m3.audit import DEFAULT_MAX_BYTES, AuditLog
 
 logger = logging.getLogger(__name__)
@@ -124,6 +126,7 @@ class AuditEvent:
     started: float = field(default_factory=time.perf_counter)
     answer: dict[str, Any] | None = None
     line: dict[str, Any] | None = None  # as written, once finished
+    method: str = "POST"  # every audited route is a POST
 
     def note_answer(self, answer: Any) -> None:
         """The answer JSON the client gets (the turn's or the expert's); its model and experts go in the line."""
@@ -136,6 +139,7 @@ class AuditEvent:
         request's own answer stands."""
         if self.line is not None:
             return
+        note_audited()  # this request has its line: lib/audit_refusals.py writes no second one
         answer = self.answer or {}
         if outcome is None:
             outcome = "failed" if status >= 400 else "cancelled" if answer.get("cancelled") else "ok"
@@ -145,7 +149,8 @@ class AuditEvent:
             self.line = self.log.record(
                 user=self.user, route=self.route, outcome=outcome, status=status, chat_id=chat_id,
                 study_id=self.study_id, model=model, model_version=version, stand_in=stand_in, experts=experts,
-                queue_wait_s=_queue_wait(answer), duration_s=time.perf_counter() - self.started)
+                queue_wait_s=_queue_wait(answer), duration_s=time.perf_counter() - self.started,
+                method=self.method)
         except Exception:
             self.line = {}
             logger.exception("the audit line of %s could not be written", self.route)

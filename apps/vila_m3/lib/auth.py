@@ -30,6 +30,7 @@ from monailabel.endpoints.user import auth as monailabel_auth
 from monailabel.endpoints.user.auth import DEFAULT_USER, RBAC, User
 from starlette.routing import BaseRoute, Mount
 
+from lib.audit_refusals import note_refusal, note_user
 from vila_m3.security.tokens import RealmUnavailable, TokenError, TokenSettings, TokenVerifier
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ def current_user_dependency(verifier: TokenVerifier) -> Callable[..., User]:
 
     def current_user(token: str | None = Depends(_BEARER)) -> User:
         if not token:
+            note_refusal("no token")
             raise _unauthorized("login required: send 'Authorization: Bearer <token>' (POST /auth/token gives one)")
         try:
             verified = verifier.verify(token)
@@ -96,8 +98,10 @@ def current_user_dependency(verifier: TokenVerifier) -> Callable[..., User]:
             raise HTTPException(503, "the login service cannot be reached; try again later") from None
         except TokenError as err:
             logger.warning("token refused: %s", err.reason)
+            note_refusal("token not valid")
             raise _unauthorized("the token is not valid (expired, not signed by this server's realm, or not "
                                 "issued for this client); log in again") from None
+        note_user(verified.username)  # a refusal after this (a missing role) names the user in the audit line
         return User(username=verified.username, email=verified.email, name=verified.name, roles=list(verified.roles))
 
     return current_user
@@ -167,6 +171,7 @@ def _login(username: str = Form(...), password: str = Form(...)) -> dict[str, An
         raise HTTPException(503, "the login service cannot be reached; try again later") from None
     if response.status_code in (400, 401, 403):
         logger.info("login refused for a user (realm answered %d)", response.status_code)
+        note_refusal("wrong user name or password")
         raise _unauthorized("wrong user name or password, or this account may not use this server")
     if response.status_code != 200:
         logger.error("login service answered %d", response.status_code)

@@ -129,7 +129,8 @@ class ChatTurns:
         if given:
             if not isinstance(given, dict):
                 raise HTTPException(BAD_INPUT, "params.sequences must map t1c, t1, t2, flair to image ids")
-            return {name: self.files.named(value, f"params.sequences.{name}") for name, value in given.items()}
+            return {name: self.files.named(value, f"params.sequences.{name}", request.get("user"))
+                    for name, value in given.items()}
         if not image:
             raise HTTPException(BAD_INPUT, "an image id, a session or params.sequences is required")
         image = self.files.trusted(image)  # a file the server resolved from an id or a session, never a client's path
@@ -270,6 +271,8 @@ def chat_router(turns: ChatTurns, resolve_image: Callable[[str, str], str], audi
                             study_id=image or session_id)
         with audited(event, status=None):  # a refusal here is the line; else the stream's end writes it
             request = parse_params(params, owned=ROUTE_KEYS)  # a UTF-8 JSON object, checked as /infer checks it
+            if session_id:  # another user's session is as unknown as a missing one (lib/session_owner.py)
+                turns.files.session(session_id, user)
             request["image"] = resolve_image(image, session_id)
             request["image_id"] = session_id or image  # the session wins over an image id, as in resolve_image
             if session_id:

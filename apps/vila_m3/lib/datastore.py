@@ -37,6 +37,7 @@ from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.utils.app import app_instance
 from monailabel.utils.sessions import SessionInfo, Sessions
 
+from lib.session_owner import may_use
 from vila_m3.data.privacy import is_dicom_file
 from vila_m3.security.paths import (
     OutsideRootError,
@@ -394,22 +395,30 @@ class StudyFiles:
         except HTTPException:
             return False
 
-    def session(self, session_id: str) -> str:
-        """The file (or DICOM folder) of session ``session_id``; 422 if there is no such session."""
+    def session(self, session_id: str, user: Any = None) -> str:
+        """The file (or DICOM folder) of session ``session_id``; 422 if there is no such session, or if ``user``
+        (a ``User`` or a request's ``{"username", "roles"}``; None: the caller checked) may not use it."""
         sessions = self.sessions
-        info = sessions.get_session(session_id) if sessions is not None and is_valid_id(session_id) else None
+        info = sessions.get_session(session_id, update_ts=False) if sessions is not None and is_valid_id(session_id) \
+            else None
+        if info is not None and user is not None and not may_use(info, user):
+            info = None  # another user's session is as unknown as a missing one (lib/session_owner.py)
+        if info is not None:
+            info = sessions.get_session(session_id) or info  # in use: its expiry starts again
         if info is None:
             shown = repr(session_id)[:80] if is_valid_id(session_id) else "given"
             raise HTTPException(BAD_NAME, f"session {shown} not found (expired?)")
         return info.image
 
-    def named(self, name: str, what: str = "image") -> str:
-        """A datastore image id or, failing that, a session id (e.g. one of the BRATS sequences)."""
+    def named(self, name: str, what: str = "image", user: Any = None) -> str:
+        """A datastore image id or, failing that, a session id that ``user`` may use (e.g. one of the BRATS
+        sequences; ``user`` as for :meth:`session`)."""
         sessions = self.sessions
         if isinstance(name, str) and is_valid_id(name) and sessions is not None:
             with contextlib.suppress(HTTPException):
                 return self.image(name, what)
-            if sessions.get_session(name) is not None:
+            info = sessions.get_session(name, update_ts=False)
+            if info is not None and (user is None or may_use(info, user)):
                 return self.session(name)
             raise HTTPException(BAD_NAME, f"{what} '{name}' not found: neither a datastore image nor a session "
                                           "(expired?)")

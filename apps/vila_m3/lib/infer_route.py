@@ -51,11 +51,14 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from lib.audit_hooks import AuditEvent, AuditTrail, audited, chat_id_of, infer_route_name, open_audit_log
+from lib.audit_refusals import RefusalAuditMiddleware
+from lib.batch_route import batch_router
 from lib.body_limit import BodyLimitMiddleware, limits_from_conf
 from lib.datastore_uploads import datastore_upload_router
 from lib.form_params import install_strict_multipart, parse_params
 from lib.infers import BAD_INPUT, datastore_path
 from lib.server_hooks import install_middleware, remove_routes, replace_routes
+from lib.session_owner import may_use
 from lib.session_route import SessionUploads, find_session, session_router, sessions_max_bytes
 from lib.uploads import (
     RequestFiles,
@@ -137,7 +140,7 @@ class InferRequestHandler:
         request: dict[str, Any] = {**info.get("config", {}).get("infer", {}), **given}
         request["model"] = model
         request["user"] = {"username": user.username, "roles": list(user.roles)}
-        request["image"], request["image_id"], session = self.image(files, instance, image, session_id, file)
+        request["image"], request["image_id"], session = self.image(files, instance, image, session_id, file, user)
         if session is not None:
             request["session"] = session.to_json()
         if label is not None:
@@ -175,14 +178,16 @@ class InferRequestHandler:
             return Response(content=message.to_string(), media_type=message.content_type)
 
     def image(self, files: RequestFiles, instance: Any, image: str, session_id: str,
-              file: UploadFile | None) -> tuple[str, str, SessionInfo | None]:
+              file: UploadFile | None, user: Any = None) -> tuple[str, str, SessionInfo | None]:
         """(file path, id for the task, the session if any) of the request's image: the session, else the
-        uploaded file, else the datastore id (MONAI Label's order); HTTP 422 if none or unknown."""
+        uploaded file, else the datastore id (MONAI Label's order); HTTP 422 if none or unknown (another user's
+        session, with login on, is unknown: lib/session_owner.py)."""
         if session_id:
             sessions = instance.sessions()
-            session = find_session(sessions, session_id) if sessions is not None else None
-            if session is None:
+            session = find_session(sessions, session_id, update_ts=False) if sessions is not None else None
+            if session is None or not may_use(session, user):
                 raise HTTPException(BAD_INPUT, f"session '{session_id}' not found (expired?)")
+            session = find_session(sessions, session_id) or session  # in use: its expiry starts again
             return session.image, session_id, session
         if file is not None:
             return str(self.save_upload(files, file, ".nii.gz")), "upload", None
@@ -311,7 +316,8 @@ def install_request_routes(server: FastAPI, app_dir: str, conf: Mapping[str, str
     """Body limits, our ``/infer/{model}``, ``/session/`` and datastore upload routes in place of MONAI Label's
     (``lib/datastore_uploads.py``), and the app's
     temporary folders emptied of what an earlier run left; MONAI Label's whole-slide (pathology) infer routes,
-    which this app has no task for, are removed (they too logged whole requests and left uploads behind)."""
+    which this app has no task for, are removed (they too logged whole requests and left uploads behind), and
+    MONAI Label's batch infer is refused (lib/batch_route.py)."""
     limits, other = limits_from_conf(conf)
     api = settings.MONAI_LABEL_API_STR
     folders = InferFolders(upload_dir(app_dir), results_dir(app_dir), limits[f"{api.rstrip('/')}/infer"])
@@ -324,12 +330,15 @@ def install_request_routes(server: FastAPI, app_dir: str, conf: Mapping[str, str
         if stale:
             logger.info("removed %d file(s) left in %s by an earlier run", stale, folder.name)
         folder.mkdir(parents=True, exist_ok=True)
+    audit = audit or AuditTrail(open_audit_log(app_dir, conf))  # --conf audit_log (lib/audit_hooks.py)
+    # outside the body limits, so that their 413 (and the login's 401/403) are on record too
+    install_middleware(server, RefusalAuditMiddleware, log=audit.log)
     install_middleware(server, BodyLimitMiddleware, limits=limits, default_bytes=other)
     install_strict_multipart()
     remove_routes(server, {(f"{api}{path}", method) for path, method in WSI_ROUTES})
-    audit = audit or AuditTrail(open_audit_log(app_dir, conf))  # --conf audit_log (lib/audit_hooks.py)
     replace_routes(server, infer_router(folders, audit), prefix=api)
     sessions = SessionUploads(folders.uploads, limits[f"{api.rstrip('/')}/session"], sessions_max_bytes(conf))
     replace_routes(server, session_router(sessions), prefix=api)
     replace_routes(server, datastore_upload_router(), prefix=api)
+    replace_routes(server, batch_router(), prefix=api)  # MONAI Label's logs whole requests: refused here
     return folders

@@ -143,7 +143,8 @@ class ExpertInferTask(InferTask):
                 if not isinstance(image, str) or not image.strip():
                     raise HTTPException(BAD_INPUT, f"{self.spec.name}: sequences.{SEQUENCE_ALIASES[str(name).lower()]} "
                                                    "must be an image id (text)")
-            return {name: self.files.named(image, f"sequences.{name}") for name, image in given.items()}
+            return {name: self.files.named(image, f"sequences.{name}", request.get("user"))  # owner rule
+                    for name, image in given.items()}
         in_pacs = getattr(self.files.datastore, "study_sequences", None)  # a PACS: by series description
         if in_pacs is not None and request.get("image_id"):
             found = {name: self.files.trusted(path) for name, path in in_pacs(str(request["image_id"])).items()}

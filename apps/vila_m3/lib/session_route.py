@@ -14,7 +14,9 @@ Differences from MONAI Label 0.8.5's ``monailabel/endpoints/session.py``, each d
 - a session past its expiry (``MONAI_LABEL_SESSION_EXPIRY`` caps the ``expiry`` a client asks for) is gone
   when next asked for, not only at the next 5-minute clean-up;
 - the session JSON names the image relative to the session (``image``: its file name, ``path``: the session
-  id), never a server path.
+  id), never a server path;
+- with login on a session is its creator's (and the admins'): anyone else gets the 404 of an unknown session
+  (lib/session_owner.py).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from monailabel.utils.others.generic import get_mime_type
 from monailabel.utils.sessions import SessionInfo, Sessions
 from starlette.concurrency import run_in_threadpool
 
+from lib.session_owner import may_use, record_owner
 from lib.uploads import copy_limited, remove, safe_name, too_large
 
 logger = logging.getLogger(__name__)
@@ -105,8 +108,10 @@ class SessionUploads:
         self.max_total_bytes = max_total_bytes
         self._room_lock = threading.Lock()
 
-    def create(self, sessions: Sessions, files: list[UploadFile], uncompress: bool, expiry: int) -> dict[str, Any]:
-        """Save ``files``, make them a session and return MONAI Label's answer; the upload folder is removed."""
+    def create(self, sessions: Sessions, files: list[UploadFile], uncompress: bool, expiry: int,
+               user: Any = None) -> dict[str, Any]:
+        """Save ``files``, make them a session of ``user`` (its owner, with login on) and return MONAI Label's
+        answer; the upload folder is removed."""
         if not files:
             raise HTTPException(422, "no files: send the image as one or more 'files' fields")
         if uncompress and len(files) != 1:
@@ -122,6 +127,7 @@ class SessionUploads:
                     self.check_room(sessions, sum(path.stat().st_size for path in paths))
                     image = paths[0] if len(paths) == 1 else received
                 session_id, info = sessions.add_session(str(image), expiry, False)
+            record_owner(sessions, info, user)  # until it is saved, the session is the admins' only
         finally:
             remove(received)
         logger.info("session %s created: %d file(s), uncompress=%s, expiry %d s", session_id, len(files),
@@ -191,9 +197,12 @@ def session_router(uploads: SessionUploads) -> APIRouter:
     @router.get("/{session_id}", summary=f"{RBAC_USER}Get Session ID")
     async def api_get_session(session_id: str, update_ts: bool = False, image: bool = False,
                               user: User = Depends(user_role)):
-        info = find_session(_sessions(), session_id, update_ts=update_ts)
-        if info is None:
+        sessions = _sessions()
+        info = find_session(sessions, session_id, update_ts=False)
+        if info is None or not may_use(info, user):  # another user's session is as unknown as a missing one
             raise HTTPException(status_code=404, detail=f"Session ({session_id}) Not Found")
+        if update_ts:  # only its owner or an admin keeps a session alive
+            info = find_session(sessions, session_id, update_ts=True) or info
         if image:
             if not os.path.isfile(info.image):
                 raise HTTPException(422, "this session holds a folder of files (a DICOM series); it has no "
@@ -205,13 +214,13 @@ def session_router(uploads: SessionUploads) -> APIRouter:
     @router.put("/", summary=f"{RBAC_USER}Create new session with Image")
     async def api_create_session(uncompress: bool = False, expiry: int = 0, files: list[UploadFile] = File(...),
                                  user: User = Depends(user_role)):
-        return await run_in_threadpool(uploads.create, _sessions(), files, uncompress, expiry)
+        return await run_in_threadpool(uploads.create, _sessions(), files, uncompress, expiry, user)
 
     @router.delete("/{session_id}", summary=f"{RBAC_USER}Delete Session")
     async def api_remove_session(session_id: str, user: User = Depends(user_role)):
         sessions = _sessions()
         info = find_session(sessions, session_id, update_ts=False)
-        if info is None:
+        if info is None or not may_use(info, user):
             raise HTTPException(status_code=404, detail="Session Not Found")
         sessions.remove_session(session_id)
         return public_json(info)

@@ -1,0 +1,120 @@
+"""One audit line for each request refused before a route ran (:class:`RefusalAuditMiddleware`).
+
+The login (401 without a token or with a bad one), the roles (403), the body limits (413) and the form parser
+(400, 415) answer before a route's own code runs, so no route writes an audit line for them. This pure ASGI
+middleware sits outside all of those and writes one line, in the same file and format as the routes' lines
+(:mod:`vila_m3.audit`), for a request answered with one of :data:`REFUSED` when no route wrote one:
+
+``{"user": <the token's user if it was verified, else anonymous>, "route": <the path, no query>,
+"outcome": "refused", "status": 403, "method": "GET", "reason": "missing role", ...}``
+
+Never the body, the query string (its values may name studies or patients) or the token. What the request
+learnt on the way (the verified user, why the token was refused, that a route wrote its own line) reaches the
+middleware through :func:`note_user`, :func:`note_refusal` and :func:`note_audited`, which write into a
+per-request record held in a context variable (a dependency run in the thread pool gets a copy of the context,
+which still points at the same record).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import time
+from dataclasses import dataclass
+
+from monailabel.config import settings
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from vila_m3.audit import AuditLog
+
+logger = logging.getLogger(__name__)
+
+#: Statuses that mean "refused before the route": the reason written when nothing more precise was noted.
+REFUSED: dict[int, str] = {
+    400: "malformed request",
+    401: "login required",
+    403: "missing role",
+    413: "body too large",
+    415: "unsupported media type",
+}
+MAX_PATH_CHARS = 200
+
+
+@dataclass
+class RequestNote:
+    """What one request's handling noted for its refusal line."""
+
+    user: str | None = None
+    reason: str | None = None
+    audited: bool = False
+
+
+_NOTE: contextvars.ContextVar[RequestNote | None] = contextvars.ContextVar("vila_m3_request_note", default=None)
+
+
+def note_user(username: str | None) -> None:
+    """The user whose token was verified for this request (named in a refusal line, e.g. a 403)."""
+    note = _NOTE.get()
+    if note is not None and username:
+        note.user = username
+
+
+def note_refusal(reason: str) -> None:
+    """Why this request is being refused (a short fixed text, e.g. ``token not valid``; never client input)."""
+    note = _NOTE.get()
+    if note is not None:
+        note.reason = reason
+
+
+def note_audited() -> None:
+    """A route wrote this request's audit line: the middleware writes none."""
+    note = _NOTE.get()
+    if note is not None:
+        note.audited = True
+
+
+def loggable_path(path: str) -> str:
+    """The request path as one printable ASCII text of at most :data:`MAX_PATH_CHARS` characters."""
+    return ascii(path[:MAX_PATH_CHARS])[1:-1] or "/"
+
+
+class RefusalAuditMiddleware:
+    """Write one audit line for a request answered 400/401/403/413/415 without a route's own line.
+
+    Args:
+        log: the server's audit log (lib/audit_hooks.py ``open_audit_log``).
+    """
+
+    def __init__(self, app: ASGIApp, log: AuditLog) -> None:
+        self.app = app
+        self.log = log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        note = RequestNote()
+        token = _NOTE.set(note)
+        started = time.perf_counter()
+
+        async def watched_send(message: Message) -> None:
+            if message["type"] == "http.response.start":  # the line is on file before the client has the answer
+                status = int(message["status"])
+                if status in REFUSED and not note.audited:
+                    self.write(scope, status, note, time.perf_counter() - started)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched_send)
+        finally:
+            _NOTE.reset(token)
+
+    def write(self, scope: Scope, status: int, note: RequestNote, duration_s: float) -> None:
+        """The refusal's line; a line that cannot be written is logged and the answer stands."""
+        user = note.user if settings.MONAI_LABEL_AUTH_ENABLE and note.user else "anonymous"
+        try:
+            self.log.record(user=user, route=loggable_path(scope.get("path", "")), outcome="refused",
+                            status=status, method=str(scope.get("method", "?"))[:16],
+                            reason=note.reason or REFUSED[status], duration_s=duration_s)
+        except Exception:
+            logger.exception("the audit line of a refused request could not be written")
