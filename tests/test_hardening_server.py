@@ -46,7 +46,7 @@ def site(tmp_path_factory: pytest.TempPathFactory, sample_data: Path,
 
 
 def call(site: dict, method: str, path: str, token: str | None = None, **kwargs) -> requests.Response:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    headers = {**({"Authorization": f"Bearer {token}"} if token else {}), **kwargs.pop("headers", {})}
     server: RunningServer = site["server"]
     return requests.request(method, f"{server.url}{path}", headers=headers, timeout=kwargs.pop("timeout", 120),
                             **kwargs)
@@ -149,6 +149,8 @@ def test_each_refused_request_writes_exactly_one_audit_line_without_token_or_que
         ("GET", "/logs/", user_only, {"params": {"lines": "10", "note": SECRET_QUERY}}, 403, "uma", "missing role"),
         ("POST", "/vila_m3/chat/stream", user_only, {"data": {"params": "x" * (2 * 2**20)}}, 413, "anonymous",
          "body too large"),
+        ("PUT", "/session/", user_only, {"data": b"--b\r\nnot a part", "headers": {
+            "Content-Type": "multipart/form-data; boundary=b"}}, 400, "anonymous", "malformed request"),
     ]
     for method, path, token, kwargs, status, user, reason in cases:
         before = len(audit_lines(site))

@@ -21,7 +21,8 @@ A thin shell over the ``vila_m3`` package. App settings (``--conf KEY VALUE``):
   ``/model``, ``/proxy``) in MB (default 1024); ``max_request_kb``: of every other route in KB (default 1024).
   Both are enforced while the body streams in (413); ``sessions_max_gb``: all sessions together (default 20;
   a new session past it is refused with 507). Uploads and results wait in ``<app>/tmp/`` (emptied at start).
-- ``audit_log``: the audit trail, one JSON line per chat turn and per expert infer, failures included (default
+- ``audit_log``: the audit trail, one JSON line per chat turn, per expert infer and per request refused
+  before a route (login, roles, body limits: lib/audit_refusals.py), failures included (default
   ``<app>/logs/audit.jsonl``; ids hashed, no prompt text: lib/audit_hooks.py); ``audit_log_max_mb``: size at
   which it rotates (default 10 MB, 5 old files kept; 0 = never).
 
