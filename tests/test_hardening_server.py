@@ -23,6 +23,7 @@ pytestmark = [pytest.mark.server, pytest.mark.security]
 
 ADMIN, USER = ROLES["admin"], ROLES["user"]
 SECRET_QUERY = "patient-okapi-4471"  # a query value that must never reach the audit log
+SESSION = "5e3d2c1b-0a9f-4e8d-b7c6-a5f4e3d2c1b0"  # an id in a path: the line names the route's template
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +147,7 @@ def test_each_refused_request_writes_exactly_one_audit_line_without_token_or_que
     cases = [  # (method, path, token, other arguments, status, user, reason)
         ("GET", "/datastore/image", None, {"params": {"image": SECRET_QUERY}}, 401, "anonymous", "no token"),
         ("GET", "/info/", bad_token, {}, 401, "anonymous", "token not valid"),
+        ("GET", f"/session/{SESSION}", None, {}, 401, "anonymous", "no token"),
         ("GET", "/logs/", user_only, {"params": {"lines": "10", "note": SECRET_QUERY}}, 403, "uma", "missing role"),
         ("POST", "/vila_m3/chat/stream", user_only, {"data": {"params": "x" * (2 * 2**20)}}, 413, "anonymous",
          "body too large"),
@@ -160,10 +162,11 @@ def test_each_refused_request_writes_exactly_one_audit_line_without_token_or_que
         assert len(written) == 1, (path, written)
         line = written[0]
         assert tuple(line) == FIELDS
+        route = "/session/{session_id}" if SESSION in path else path  # the template: no ids
         assert (line["user"], line["method"], line["route"], line["status"], line["outcome"], line["reason"]) == \
-            (user, method, path, status, "refused", reason)
+            (user, method, route, status, "refused", reason)
     text = site["audit"].read_text(encoding="utf-8")
-    assert bad_token not in text and user_only not in text and SECRET_QUERY not in text
+    assert bad_token not in text and user_only not in text and SECRET_QUERY not in text and SESSION not in text
     assert "x" * 100 not in text
 
 

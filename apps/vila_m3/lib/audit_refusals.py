@@ -5,7 +5,8 @@ The login (401 without a token or with a bad one), the roles (403), the body lim
 middleware sits outside all of those and writes one line, in the same file and format as the routes' lines
 (:mod:`vila_m3.audit`), for a request answered with one of :data:`REFUSED` when no route wrote one:
 
-``{"user": <the token's user if it was verified, else anonymous>, "route": <the path, no query>,
+``{"user": <the token's user if it was verified, else anonymous>, "route": <the route's template, else the path;
+no query>,
 "outcome": "refused", "status": 403, "method": "GET", "reason": "missing role", ...}``
 
 Never the body, the query string (its values may name studies or patients) or the token. What the request
@@ -73,8 +74,11 @@ def note_audited() -> None:
         note.audited = True
 
 
-def loggable_path(path: str) -> str:
-    """The request path as one printable ASCII text of at most :data:`MAX_PATH_CHARS` characters."""
+def loggable_path(scope: Scope) -> str:
+    """The matched route's template (``/session/{session_id}``: no chat or session ids in the line) where the
+    request got as far as routing, else its path; printable ASCII, at most :data:`MAX_PATH_CHARS` characters."""
+    template = getattr(scope.get("route"), "path", None)
+    path = template if isinstance(template, str) and template else str(scope.get("path", ""))
     return ascii(path[:MAX_PATH_CHARS])[1:-1] or "/"
 
 
@@ -113,7 +117,7 @@ class RefusalAuditMiddleware:
         """The refusal's line; a line that cannot be written is logged and the answer stands."""
         user = note.user if settings.MONAI_LABEL_AUTH_ENABLE and note.user else "anonymous"
         try:
-            self.log.record(user=user, route=loggable_path(scope.get("path", "")), outcome="refused",
+            self.log.record(user=user, route=loggable_path(scope), outcome="refused",
                             status=status, method=str(scope.get("method", "?"))[:16],
                             reason=note.reason or REFUSED[status], duration_s=duration_s)
         except Exception:
