@@ -60,6 +60,7 @@ from lib.infer_route import install_request_routes
 from lib.infers import ExpertInferTask, use_experts_files
 from lib.ohif_route import ohif_router
 from lib.pacs_datastore import open_pacs_datastore
+from lib.scoring_route import scoring_router
 from lib.server_hooks import replace_routes
 from lib.train import VilaM3TrainTask, train_router, versions_router
 from lib.uploads import upload_dir
@@ -97,6 +98,7 @@ class VilaM3App(MONAILabelApp):
         install_request_routes(server, app_dir, conf, self.audit)  # our /infer, /session, body limits
         replace_routes(server, datastore_router(), prefix=settings.MONAI_LABEL_API_STR)  # no paths in its list
         replace_routes(server, ohif_router(), prefix=settings.MONAI_LABEL_API_STR)  # paths kept inside OHIF's folder
+        replace_routes(server, scoring_router(self.audit.log), prefix=settings.MONAI_LABEL_API_STR)  # none: 501
         self.models_dir = resolve_models_dir(conf.get("models_dir"))
         self.vlm_id = conf.get("vlm") or load_config("app.yaml")["default_vlm"]
         use_experts_files(conf)  # extra experts (--conf experts_file), seen by every registry of this process

@@ -1,0 +1,82 @@
+"""MONAI Label's scoring routes on a real server with login on: the app has no scoring methods, and MONAI
+Label's ``POST /scoring/{method}`` logs its whole request, so the route answers 501 with a message, keeps its
+roles and writes one audit line without the request."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from fake_openai_server import FakeOpenAIServer
+from keycloak_realm import ROLES, KeycloakRealm
+from server_harness import start_monailabel
+
+pytestmark = [pytest.mark.server, pytest.mark.security]
+
+SECRET = "patient-quokka-8812"  # a value in the request that must reach neither the server log nor the audit log
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory, sample_data: Path,
+         fake_vlm: FakeOpenAIServer) -> Iterator[dict]:
+    root = tmp_path_factory.mktemp("scoring-server")
+    studies = root / "studies"
+    shutil.copytree(sample_data / "studies", studies)
+    audit = root / "audit.jsonl"
+    conf = {"models": "vila_m3", "vlm_url": fake_vlm.url, "vlm_model": "fake-vila-m3", "chats_dir": str(root / "chats"),
+            "audit_log": str(audit)}
+    with KeycloakRealm() as realm:
+        env = {"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": realm.url,
+               "MONAI_LABEL_AUTH_CLIENT_ID": realm.client_id, "MONAI_LABEL_AUTH_TIMEOUT": "5"}
+        server = start_monailabel(root / "run", studies, conf=conf, env=env)
+        try:
+            yield {"server": server, "realm": realm, "audit": audit}
+        finally:
+            server.stop()
+
+
+def call(site: dict, method: str, path: str, token: str | None = None, **kwargs) -> requests.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return requests.request(method, f"{site['server'].url}{path}", headers=headers, timeout=60, **kwargs)
+
+
+def audit_lines(site: dict) -> list[dict]:
+    path = site["audit"]
+    return [json.loads(text) for text in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
+
+
+def test_the_app_has_no_scoring_methods(site):
+    info = call(site, "GET", "/info/", site["realm"].token("ann", [ROLES["annotator"], ROLES["user"]]))
+    assert info.status_code == 200, info.text
+    assert info.json()["scoring"] == {}
+
+
+@pytest.mark.parametrize("path, route", [("/scoring/dice", "/scoring/{method}"), ("/scoring/", "/scoring/")])
+def test_scoring_is_refused_with_a_message_an_audit_line_and_never_logged(site, path, route):
+    realm = site["realm"]
+    params = {"dice": {"note": SECRET}, "prompt": f"Describe {SECRET}"}
+    before = len(audit_lines(site))
+    answer = call(site, "POST", path, realm.token("ann", [ROLES["annotator"]]), json=params)
+    assert answer.status_code == 501, answer.text
+    assert "scoring is not offered" in answer.json()["detail"]
+    written = audit_lines(site)[before:]
+    assert len(written) == 1, written
+    line = written[0]
+    assert (line["user"], line["method"], line["route"], line["status"], line["outcome"], line["reason"]) == \
+        ("ann", "POST", route, 501, "refused", "not offered")
+    # roles kept: a plain user is refused before the route, and so is a request without a token
+    assert call(site, "POST", path, realm.token("uma", [ROLES["user"]]), json=params).status_code == 403
+    assert call(site, "POST", path, json=params).status_code == 401
+    assert SECRET not in site["server"].log_path.read_text(encoding="utf-8", errors="replace")
+    assert SECRET not in site["audit"].read_text(encoding="utf-8")
+
+
+def test_the_status_of_scoring_runs_is_still_monai_labels(site):
+    """``GET /scoring/`` stays MONAI Label's: there has been no run, so it says none was found (404)."""
+    answer = call(site, "GET", "/scoring/", site["realm"].token("uma", [ROLES["user"]]))
+    assert answer.status_code == 404
+    assert "No Scoring Tasks Found" in answer.json()["detail"]
