@@ -364,12 +364,13 @@ class ChatViewer(TrameApp):
         studies = self.brats.studies(self.volume) or {"image": StudyRef.image(self.volume.GetName())}
         studies = self.uploads.studies(self.volume) or studies  # an uploaded session
 
-        def work(job: Job) -> TurnAnswer:
+        def turn(job: Job, studies: dict, expired) -> TurnAnswer:
             return self.logic.runTurn(job, self.client, studies, {}, params,
                                       onEvent=lambda name, data: job.post(self._on_stream_event, chat_id, name, data),
-                                      onSession=lambda *_: None, onSessionsExpired=lambda: None)
+                                      onSession=lambda *_: None, onSessionsExpired=expired)
 
-        self.jobs.start("turn", work, self._on_turn_done, self._on_turn_error)
+        work, done = self.uploads.resending(turn, studies, self._on_turn_done)  # an expired upload: sent again
+        self.jobs.start("turn", work, done, self._on_turn_error)
 
     def _on_stream_event(self, chat_id: str, name: str, data: dict) -> None:
         state = self._chat_state(chat_id)

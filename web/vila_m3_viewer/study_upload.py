@@ -12,6 +12,11 @@ A session is not the datastore: the server removes it once it has been unused fo
 Label's session expiry, an hour by default); the page says so. What the page shows of an upload (the
 NIfTI, or the series written as NIfTI) is kept by the viewer process until the session expires, so
 its chats can be reopened from another tab; after that a NIfTI session is downloaded from the server.
+
+The tab keeps the file it sent (in its temp folder, removed with the tab) for the page's life: a turn
+on an upload whose session has expired on the server sends that file again as a new session, shows the
+study under the new session id and asks the question once more (:meth:`StudyUpload.resending`); when
+the tab no longer holds the file (a chat reopened from another tab), the page says to upload it again.
 """
 
 from __future__ import annotations
@@ -24,13 +29,14 @@ import tempfile
 import threading
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trame.app.file_upload import ClientFile
 from trame.widgets import html
-from VILAM3ChatLib.client import StudyRef
+from VILAM3ChatLib.client import RequestRejected, StudyRef
 from VILAM3ChatLib.scene import ATTR_IMAGE_ID
 from VILAM3ChatLib.worker import Job
 
@@ -48,8 +54,31 @@ MAX_ARCHIVE_MEMBERS = 20000  # as the server's session route
 _NIFTI = (".nii.gz", ".nii")
 
 
+#: the status line's words after a turn whose upload was sent again
+SENT_AGAIN = "The upload had expired on the server; sent it again."
+GONE = ("This uploaded study is no longer on the server (its session expired) and this page no longer holds "
+        "its file; upload the file again to ask about it.")
+
+
 class UploadError(ValueError):
     """A picked file the page will not send; the message says why, in words."""
+
+
+@dataclass
+class KeptUpload:
+    """What the tab sent for one session, kept to send again if the session expires.
+
+    Attributes:
+        folder: this upload's folder in the tab's temp folder (removed with the tab).
+        upload: the file sent (the NIfTI, or the flat .zip of the series).
+        uncompress: whether the server unpacks it.
+        display: the NIfTI the page shows of it.
+    """
+
+    folder: Path
+    upload: Path
+    uncompress: bool
+    display: Path
 
 
 @dataclass
@@ -238,6 +267,8 @@ class StudyUpload:
         self.viewer = viewer
         self.expiry_s: dict[str, float] = {}  # session id -> the server's expiry of it (s)
         self.names: dict[str, str] = {}  # session id -> the file's name
+        self.kept: dict[str, KeptUpload] = {}  # session id -> what this tab sent for it
+        self._in_place: dict[str, Any] = {}  # page study key -> the volume already shown for it (a renewal)
         state = viewer.state
         state.uploaded_studies = []  # [{"value": "session:<id>", "text": "ct.nii.gz (upload)"}]
         state.upload_file = None
@@ -282,7 +313,7 @@ class StudyUpload:
 
         def done(result: tuple[PreparedUpload, str, float]) -> None:
             prepared, session_id, expiry = result
-            shutil.rmtree(folder, ignore_errors=True)
+            self.kept[session_id] = KeptUpload(folder, prepared.upload, prepared.uncompress, prepared.display)
             self.remember(session_id, prepared.name, expiry)
             with self.viewer.state:
                 self.viewer.state.uploading = False
@@ -314,6 +345,8 @@ class StudyUpload:
         if session_id is None:
             return False
         viewer = self.viewer
+        if viewer.volume is not None and self._in_place.pop(study, None) is viewer.volume:
+            return True  # the study shown was sent again under this id: nothing to load
         with viewer.state:
             viewer.state.loading = True
         viewer._set_status(f"Loading the uploaded study {self.names.get(session_id, session_id)}…")
@@ -359,6 +392,80 @@ class StudyUpload:
             return None
         DISPLAY_COPIES.touch(study.session_id, self.expiry_s.get(study.session_id, 0.0))
         return {"image": study}
+
+    # --- a turn on an expired upload -------------------------------------------------------------------
+
+    def resending(self, turn: Callable[..., Any], studies: dict[str, StudyRef],
+                  done: Callable[[Any], None]) -> tuple[Callable[[Job], Any], Callable[[Any], None]]:
+        """The page's turn job and its done callback, sending an expired upload again once.
+
+        Args:
+            turn: ``turn(job, studies, on_expired)`` runs the turn (``ChatSceneLogic.runTurn``), calling
+                ``on_expired()`` before it raises RequestRejected because a session is gone.
+            studies: the turn's studies; only ``{"image": <a session>}`` (an upload) is sent again.
+            done: the page's callback for the answer.
+
+        Returns:
+            ``(work, finished)``: the job (on a worker thread) and the callback (on the page's loop), which
+            adds :data:`SENT_AGAIN` to the status line when the upload was sent again.
+        """
+        study = studies.get("image")
+        session_id = study.session_id if isinstance(study, StudyRef) and len(studies) == 1 else None
+        if session_id is None:
+            return (lambda job: turn(job, studies, lambda: None)), done
+        viewer, volume, resent = self.viewer, self.viewer.volume, []
+
+        def work(job: Job) -> Any:
+            expired: list[bool] = []
+            try:
+                return turn(job, studies, lambda: expired.append(True))
+            except RequestRejected:
+                if not expired or job.abort.is_set():
+                    raise
+            job.post(viewer._set_status, "The upload had expired on the server; sending it again…")
+            new_id, expiry = self._send_again(session_id)
+            job.post(self._renewed, session_id, new_id, expiry, volume)
+            resent.append(new_id)
+            return turn(job, {"image": StudyRef.session(new_id)}, lambda: None)
+
+        def finished(answer: Any) -> None:
+            done(answer)
+            if resent and not viewer.state.status_error:
+                viewer._set_status(f"{viewer.state.status} {SENT_AGAIN}".strip())
+
+        return work, finished
+
+    def _send_again(self, session_id: str) -> tuple[str, float]:
+        """(worker) Send the kept file of ``session_id`` as a new session: (its id, its expiry (s));
+        UploadError when this tab no longer holds the file."""
+        kept = self.kept.get(session_id)
+        if kept is None or not kept.upload.is_file():
+            raise UploadError(GONE)
+        client = self.viewer.client
+        new_id = client.create_session([str(kept.upload)], uncompress=kept.uncompress)
+        expiry = float(client.session_info(new_id).get("expiry") or 0)
+        if kept.display.is_file():
+            DISPLAY_COPIES.keep(new_id, kept.display, expiry)
+        return new_id, expiry
+
+    def _renewed(self, old_id: str, new_id: str, expiry_s: float, volume: Any) -> None:
+        """The upload of ``old_id`` is now session ``new_id``: the page's study and its volume name it."""
+        viewer = self.viewer
+        if old_id in self.kept:
+            self.kept[new_id] = self.kept.pop(old_id)
+        name = self.names.pop(old_id, new_id)
+        self.expiry_s.pop(old_id, None)
+        old_key, new_key = session_key(old_id), session_key(new_id)
+        listed = [item for item in viewer.state.uploaded_studies or [] if item["value"] != old_key]
+        with viewer.state:
+            viewer.state.uploaded_studies = listed
+        self.remember(new_id, name, expiry_s)
+        if volume is not None:
+            viewer.logic.rememberSession(volume, viewer.client.server_url, new_id)
+        if viewer.state.study == old_key and volume is not None and volume is viewer.volume:
+            self._in_place[new_key] = volume
+            with viewer.state:
+                viewer.state.study = new_key
 
     def build_ui(self) -> None:
         """The file picker and the note on sessions."""
