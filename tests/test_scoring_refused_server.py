@@ -75,6 +75,14 @@ def test_scoring_is_refused_with_a_message_an_audit_line_and_never_logged(site, 
     assert SECRET not in site["audit"].read_text(encoding="utf-8")
 
 
+def test_the_route_listing_shows_one_guarded_scoring_route(site):
+    """The app's route replaces MONAI Label's (one entry) and needs the annotator role, as MONAI Label's did."""
+    listing = call(site, "GET", "/vila_m3/auth/routes", site["realm"].token("ada", [ROLES["admin"]]))
+    assert listing.status_code == 200, listing.text
+    scoring = [route for route in listing.json() if route["method"] == "POST" and route["path"] == "/scoring/{method}"]
+    assert len(scoring) == 1 and scoring[0]["roles"] == [ROLES["annotator"]], scoring
+
+
 def test_the_status_of_scoring_runs_is_still_monai_labels(site):
     """``GET /scoring/`` stays MONAI Label's: there has been no run, so it says none was found (404)."""
     answer = call(site, "GET", "/scoring/", site["realm"].token("uma", [ROLES["user"]]))
