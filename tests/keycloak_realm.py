@@ -94,6 +94,11 @@ class KeycloakRealm:
         """The realm URL (``MONAI_LABEL_AUTH_REALM_URI``); also the tokens' issuer."""
         return f"{self.base}/realms/{self.name}"
 
+    def server_env(self, timeout_s: int = 5) -> dict[str, str]:
+        """The environment of a MONAI Label server whose login checks this realm's tokens."""
+        return {"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": self.url,
+                "MONAI_LABEL_AUTH_CLIENT_ID": self.client_id, "MONAI_LABEL_AUTH_TIMEOUT": str(timeout_s)}
+
     # --- keys and tokens -------------------------------------------------------------------------
 
     def rotate(self) -> str:

@@ -45,8 +45,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, sample_data: Path, realm: K
     studies = root / "studies"
     shutil.copytree(sample_data / "studies", studies)
     conf = {"models": "vila_m3", "vlm_url": fake_vlm.url, "vlm_model": "fake-vila-m3", "chats_dir": str(root / "chats")}
-    env = {"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": realm.url,
-           "MONAI_LABEL_AUTH_CLIENT_ID": realm.client_id, "MONAI_LABEL_AUTH_TIMEOUT": "5"}
+    env = realm.server_env()
     running = start_monailabel(root / "run", studies, conf=conf, env=env)
     running.chats_dir = root / "chats"  # type: ignore[attr-defined]
     try:

@@ -115,8 +115,7 @@ def auth_server(tmp_path_factory: pytest.TempPathFactory, sample_data: Path, rea
     root = tmp_path_factory.mktemp("chat-list-auth")
     studies = root / "studies"
     shutil.copytree(sample_data / "studies", studies)
-    env = {"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": realm.url,
-           "MONAI_LABEL_AUTH_CLIENT_ID": realm.client_id, "MONAI_LABEL_AUTH_TIMEOUT": "5"}
+    env = realm.server_env()
     server = start_monailabel(root / "run", studies, conf=server_conf(root, fake_vlm), env=env)
     server.chats_dir = root / "chats"  # type: ignore[attr-defined]
     try:

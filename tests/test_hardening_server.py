@@ -36,8 +36,7 @@ def site(tmp_path_factory: pytest.TempPathFactory, sample_data: Path,
     conf = {"models": "vila_m3", "vlm_url": fake_vlm.url, "vlm_model": "fake-vila-m3", "chats_dir": str(root / "chats"),
             "audit_log": str(audit)}
     with KeycloakRealm() as realm:
-        env = {"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": realm.url,
-               "MONAI_LABEL_AUTH_CLIENT_ID": realm.client_id, "MONAI_LABEL_AUTH_TIMEOUT": "5"}
+        env = realm.server_env()
         server = start_monailabel(root / "run", studies, conf=conf, env=env)
         try:
             yield {"server": server, "realm": realm, "audit": audit, "sessions": root / "run" / "sessions",

@@ -357,8 +357,7 @@ def login_server(tmp_path_factory: pytest.TempPathFactory, sample_data: Path, re
     stage_stand_ins(workdir / "models", ("cxr",))
     studies = workdir / "studies"
     shutil.copytree(sample_data / "studies", studies)
-    env = {"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": realm.url,
-           "MONAI_LABEL_AUTH_CLIENT_ID": realm.client_id, "MONAI_LABEL_AUTH_TIMEOUT": "5"}
+    env = realm.server_env()
     server = start_monailabel(workdir, studies, conf={"models": "cxr"}, env=env)
     try:
         yield server

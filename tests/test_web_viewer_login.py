@@ -51,8 +51,7 @@ def realm() -> Iterator[KeycloakRealm]:
 def server(tmp_path_factory: pytest.TempPathFactory, sample_data: Path, realm: KeycloakRealm,
            fake_vlm: FakeOpenAIServer) -> Iterator[RunningServer]:
     root = tmp_path_factory.mktemp("web-login-server")
-    env = {"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": realm.url,
-           "MONAI_LABEL_AUTH_CLIENT_ID": realm.client_id, "MONAI_LABEL_AUTH_TIMEOUT": "5"}
+    env = realm.server_env()
     with chat_server_with_stand_ins(root, sample_data, fake_vlm.url, env=env,
                                     conf={"audit_log": str(root / "audit" / "audit.jsonl")}) as running:
         yield running
