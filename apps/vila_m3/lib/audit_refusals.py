@@ -14,19 +14,29 @@ learnt on the way (the verified user, why the token was refused, that a route wr
 middleware through :func:`note_user`, :func:`note_refusal` and :func:`note_audited`, which write into a
 per-request record held in a context variable (a dependency run in the thread pool gets a copy of the context,
 which still points at the same record).
+
+Lines are bounded (:class:`vila_m3.refusal_budget.RefusalBudget`): at most ``--conf audit_refusals_per_minute``
+(default 60) per client address and reason in a minute, then one line saying how many were left out (written
+at that client's next refusal for the reason in a later minute, or on shutdown), so a flood of requests without
+a valid token cannot fill the audit log.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextvars
 import logging
 import time
+import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from monailabel.config import settings
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vila_m3.audit import AuditLog
+from vila_m3.refusal_budget import DEFAULT_PER_MINUTE, RefusalBudget, Suppressed
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +49,22 @@ REFUSED: dict[int, str] = {
     415: "unsupported media type",
 }
 MAX_PATH_CHARS = 200
+MAX_PER_MINUTE = 1_000_000
+
+
+def refusals_per_minute(conf: Mapping[str, str]) -> int:
+    """``--conf audit_refusals_per_minute``: refusal lines per client and reason in a minute (default 60);
+    ValueError names a bad value."""
+    text = conf.get("audit_refusals_per_minute")
+    if text is None or str(text).strip() == "":
+        return DEFAULT_PER_MINUTE
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        raise ValueError(f"--conf audit_refusals_per_minute must be a whole number, got {text!r}") from None
+    if not 1 <= value <= MAX_PER_MINUTE:
+        raise ValueError(f"--conf audit_refusals_per_minute must be 1 to {MAX_PER_MINUTE}, got {text!r}")
+    return value
 
 
 @dataclass
@@ -87,11 +113,16 @@ class RefusalAuditMiddleware:
 
     Args:
         log: the server's audit log (lib/audit_hooks.py ``open_audit_log``).
+        per_minute: lines per client address and reason in a minute (:func:`refusals_per_minute`).
+        budget: the bound itself (tests pass one with their own clock); made from ``per_minute`` when None.
     """
 
-    def __init__(self, app: ASGIApp, log: AuditLog) -> None:
+    def __init__(self, app: ASGIApp, log: AuditLog, per_minute: int = DEFAULT_PER_MINUTE,
+                 budget: RefusalBudget | None = None) -> None:
         self.app = app
         self.log = log
+        self.budget = budget or RefusalBudget(per_minute)
+        _LIVE.add(self)  # its suppressed counts are written on shutdown (:func:`_flush_all`)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -114,11 +145,44 @@ class RefusalAuditMiddleware:
             _NOTE.reset(token)
 
     def write(self, scope: Scope, status: int, note: RequestNote, duration_s: float) -> None:
-        """The refusal's line; a line that cannot be written is logged and the answer stands."""
+        """The refusal's line, unless this client's budget for the reason is spent this minute (then counted);
+        a line that cannot be written is logged and the answer stands."""
         user = note.user if settings.MONAI_LABEL_AUTH_ENABLE and note.user else "anonymous"
+        reason = note.reason or REFUSED[status]
+        route, method = loggable_path(scope), str(scope.get("method", "?"))[:16]
+        client = scope.get("client")
+        address = str(client[0]) if client else "?"
         try:
-            self.log.record(user=user, route=loggable_path(scope), outcome="refused",
-                            status=status, method=str(scope.get("method", "?"))[:16],
-                            reason=note.reason or REFUSED[status], duration_s=duration_s)
+            admitted, due = self.budget.admit(address, reason, last=(user, route, status, method))
+            self.write_suppressed(due)
+            if admitted:
+                self.log.record(user=user, route=route, outcome="refused", status=status, method=method,
+                                reason=reason, duration_s=duration_s)
         except Exception:
             logger.exception("the audit line of a refused request could not be written")
+
+    def write_suppressed(self, due: list[Suppressed]) -> None:
+        """One line per client, reason and minute whose lines were left out: how many, and from when."""
+        for item in due:
+            user, route, status, method = item.last
+            minute = datetime.fromtimestamp(item.minute_start, UTC).strftime("%Y-%m-%d %H:%M")
+            self.log.record(user=user, route=route, outcome="refused", status=status, method=method,
+                            reason=f"{item.reason}: {item.count} more refusal line(s) from this client suppressed "
+                                   f"in the minute from {minute} UTC (at most {self.budget.per_minute} a minute)")
+
+    def flush(self) -> None:
+        """Write the counts still held (on shutdown)."""
+        try:
+            self.write_suppressed(self.budget.flush())
+        except Exception:
+            logger.exception("the suppressed refusal counts could not be written")
+
+
+_LIVE: weakref.WeakSet[RefusalAuditMiddleware] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_all() -> None:
+    """At the process's end: the suppressed counts of every middleware still alive."""
+    for middleware in list(_LIVE):
+        middleware.flush()

@@ -51,7 +51,7 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from lib.audit_hooks import AuditEvent, AuditTrail, audited, chat_id_of, infer_route_name, open_audit_log
-from lib.audit_refusals import RefusalAuditMiddleware
+from lib.audit_refusals import RefusalAuditMiddleware, refusals_per_minute
 from lib.batch_route import batch_router
 from lib.body_limit import BodyLimitMiddleware, limits_from_conf
 from lib.datastore_uploads import datastore_upload_router
@@ -332,7 +332,7 @@ def install_request_routes(server: FastAPI, app_dir: str, conf: Mapping[str, str
         folder.mkdir(parents=True, exist_ok=True)
     audit = audit or AuditTrail(open_audit_log(app_dir, conf))  # --conf audit_log (lib/audit_hooks.py)
     # outside the body limits, so that their 413 (and the login's 401/403) are on record too
-    install_middleware(server, RefusalAuditMiddleware, log=audit.log)
+    install_middleware(server, RefusalAuditMiddleware, log=audit.log, per_minute=refusals_per_minute(conf))
     install_middleware(server, BodyLimitMiddleware, limits=limits, default_bytes=other)
     install_strict_multipart()
     remove_routes(server, {(f"{api}{path}", method) for path, method in WSI_ROUTES})
