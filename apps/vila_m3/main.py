@@ -173,16 +173,17 @@ class VilaM3App(MONAILabelApp):
 
     def init_trainers(self) -> dict[str, TrainTask]:
         """``vila_m3``: fine-tune the served checkpoint on the datastore (a local chat VLM only)."""
-        chat = next((status for status in self.task_statuses if self.catalogue[status.name].get("vlm")), None)
-        if chat is None or not chat.available or remote_settings(self.conf) is not None:
-            return {}
         from monailabel.app import app as server
 
+        chat = next((status for status in self.task_statuses if self.catalogue[status.name].get("vlm")), None)
+        if chat is None or not chat.available or remote_settings(self.conf) is not None:
+            replace_routes(server, train_router(None, log=self.audit.log))  # no train task: POST /train/* refused
+            return {}
         server.include_router(versions_router(self.vlm_versions))
         base = ModelManifest.load()[self.vlm_id].location(self.models_dir)
         task = VilaM3TrainTask(self.vlm_versions, base, self.studies, self._chats_dir(),
                                "Fine-tune VILA-M3 on the datastore's final labels and chats", self._exports_dir())
-        replace_routes(server, train_router(task))  # POST /train/vila_m3 checks a named export's privacy first
+        replace_routes(server, train_router(task, log=self.audit.log))  # checked requests only; POST /train/: 501
         return {"vila_m3": task}
 
     def _exports_dir(self) -> Path:

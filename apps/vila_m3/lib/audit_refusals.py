@@ -23,12 +23,15 @@ a valid token cannot fill the audit log.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextvars
 import logging
+import signal
+import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -123,6 +126,7 @@ class RefusalAuditMiddleware:
         self.log = log
         self.budget = budget or RefusalBudget(per_minute)
         _LIVE.add(self)  # its suppressed counts are written on shutdown (:func:`_flush_all`)
+        _flush_on_stop_signals()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -181,8 +185,40 @@ class RefusalAuditMiddleware:
 _LIVE: weakref.WeakSet[RefusalAuditMiddleware] = weakref.WeakSet()
 
 
+_STOP_HOOKED = False
+
+
 @atexit.register
 def _flush_all() -> None:
     """At the process's end: the suppressed counts of every middleware still alive."""
     for middleware in list(_LIVE):
         middleware.flush()
+
+
+def _flush_on_stop_signals() -> None:
+    """Write the counts when the server is told to stop (SIGTERM, SIGINT), once per process.
+
+    Uvicorn stops on these signals and then raises them again with their default action, which ends the
+    process without running :mod:`atexit` handlers; so its handlers are wrapped: ours asks the event loop to
+    write the counts (never from inside the signal handler, which may have interrupted a write) and hands the
+    signal on. Only from the main thread with a running loop (MONAI Label's lifespan start), and only where a
+    handler is already installed (else nothing is changed)."""
+    global _STOP_HOOKED
+    if _STOP_HOOKED or threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    _STOP_HOOKED = True
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(signum)
+        if not callable(previous):
+            continue
+
+        def on_stop(number: int, frame: object, previous: Callable[[int, object], object] = previous) -> None:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_flush_all)
+            previous(number, frame)
+
+        signal.signal(signum, on_stop)

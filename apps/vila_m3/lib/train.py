@@ -10,7 +10,13 @@ export's), ``activate`` (default true) and ``export``: the name of an export an 
 changes nothing served.
 
 Every field of a request is checked before anything starts (types from the options' dataclasses, finite
-numbers, ranges, known keys): a bad one is answered 422 naming it, not found 20 s later in the background.
+numbers, ranges, known keys, allowed values): a bad one is answered 422 naming it, not found 20 s later in the
+background. MONAI Label's ``AsyncTask.run`` logs the whole request ("Train request: {...}"), puts it on the
+background process's command line and returns it in ``GET /train/``: so what reaches it is the checked request
+rebuilt from its validated fields (numbers, flags, and text only from a fixed list or an id pattern: ``name``,
+``dataset``, ``gpus``, ``export``, ``lr_scheduler``...), never a value as the client typed it.
+MONAI Label's ``POST /train/`` (every trainer, nothing checked) answers 501 (:func:`train_router`), and a
+server without the train task (a remote chat VLM) still answers ``POST /train/{model}`` here: 422.
 
 Privacy: an export whose privacy check failed is never trained on. A named ``export`` is checked
 before anything starts (:func:`train_router` replaces MONAI Label's ``POST /train/{model}``: 422 for
@@ -30,18 +36,29 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException
-from monailabel.config import settings
+from monailabel.config import RBAC_ADMIN, settings
 from monailabel.endpoints.train import run_model
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.tasks.train import TrainTask
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model
+from transformers.trainer_utils import SchedulerType
 
+from lib.audit_hooks import audit_user
+from lib.audit_refusals import note_audited
 from lib.datastore_source import app_source
+from vila_m3.audit import AuditLog
 from vila_m3.chat.params import describe_validation_error
 from vila_m3.data import export_from_app
 from vila_m3.data.privacy import PRIVACY_CHECK, export_privacy_problem
 from vila_m3.security.paths import scrub_paths
-from vila_m3.training.options import LoraOptions, TrainingOptions, TrainingOptionsError
+from vila_m3.training.options import (
+    DEVICES,
+    PARTS,
+    PRECISIONS,
+    LoraOptions,
+    TrainingOptions,
+    TrainingOptionsError,
+)
 from vila_m3.training.trainer import fine_tune
 from vila_m3.training.versions import ModelVersions, VersionError
 
@@ -49,29 +66,68 @@ logger = logging.getLogger(__name__)
 
 _NOT_OPTIONS = {"model", "device", "gpus", "seed", "activate", "local_rank", "dataset", "name", "export"}
 _EXPORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+#: MONAI Label's own request keys: a run name, its dataset classes, GPUs ("all" or a comma list of indices).
+RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+DATASETS = ("Dataset", "CacheDataset", "PersistentDataset", "SmartCacheDataset")
+GPUS_PATTERN = r"^(all|[0-9]{1,3}(,[0-9]{1,3}){0,63})$"
+#: The learning-rate schedules of transformers' Trainer (``lr_scheduler_type``).
+LR_SCHEDULERS = tuple(schedule.value for schedule in SchedulerType)
 
 
-def _request_model() -> type[BaseModel]:
+def _Text(pattern: str, expected: str) -> Any:  # noqa: N802 (a type)
+    """Text matching ``pattern`` (anchored); a mismatch says ``must be <expected>`` without echoing the text."""
+    compiled = re.compile(pattern)
+
+    def check(value: str) -> str:
+        if not compiled.fullmatch(value):
+            raise ValueError(f"must be {expected}")
+        return value
+
+    return typing.Annotated[str, AfterValidator(check)]
+
+
+def _check_parts(value: str | list[str]) -> str | list[str]:
+    """``parts`` as a comma list or a list of :data:`PARTS`; a mismatch names them without echoing the value."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not items or any(item.strip() not in PARTS for item in items):
+        raise ValueError(f"must be a comma list or a list of {', '.join(PARTS)}")
+    return value
+
+
+#: The fields with text values and what they allow; every other field is a number or a flag.
+_TEXT_FIELDS: dict[str, Any] = {
+    "lr_scheduler": (typing.Literal[LR_SCHEDULERS] | None, None),  # type: ignore[valid-type]
+    "precision": (typing.Literal[PRECISIONS] | None, None),  # type: ignore[valid-type]
+    "device": (typing.Literal[DEVICES] | None, None),  # type: ignore[valid-type]
+    "parts": (typing.Annotated[str | list[str], AfterValidator(_check_parts)] | None, None),
+    "name": (_Text(RUN_NAME_PATTERN, "a run name: 1-64 letters, digits, '_', '-' or '.', starting with a letter "
+                                     "or digit") | None, None),
+    "dataset": (typing.Literal[DATASETS] | None, None),  # type: ignore[valid-type]
+    "gpus": (_Text(GPUS_PATTERN, "'all' or a comma list of GPU indices, e.g. 0,1") | None, None),
+    "export": (str | None, None),  # checked by VilaM3TrainTask.named_export before anything starts
+}
+
+
+def _request_model(model: str) -> type[BaseModel]:
     """The types of a train request's fields, from the options' own dataclasses (one source of truth):
-    strict (``"abc"`` or ``true`` is no step count), finite numbers, no unknown keys; MONAI Label's own
-    request keys are let through as they are."""
+    strict (``"abc"`` or ``true`` is no step count), finite numbers, no unknown keys, text only from
+    :data:`_TEXT_FIELDS`'s lists and patterns; ``model`` (MONAI Label's key) must be the route's model."""
     fields: dict[str, Any] = {}
     for name, hint in typing.get_type_hints(TrainingOptions).items():
         if name not in ("lora", "parts"):
             fields[name] = (hint | None, None)
-    fields["parts"] = (str | list[str] | None, Field(None, description="comma list or list of llm, projector, vision"))
-    fields["lora"] = (dict[str, Any] | None, None)
-    for name, hint in typing.get_type_hints(LoraOptions).items():
-        fields[f"lora_{name}"] = (hint | None, None)
-    fields["activate"] = (bool | None, Field(None, strict=False))  # "false" is accepted, as before
-    fields["export"] = (str | None, None)
-    for name in ("model", "gpus", "local_rank", "dataset", "name"):
-        fields.setdefault(name, (Any, None))
+    lora: dict[str, Any] = {name: (hint | None, None) for name, hint in typing.get_type_hints(LoraOptions).items()}
     config = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
+    fields["lora"] = (create_model("LoraRequest", __config__=config, **lora) | None, None)
+    fields.update({f"lora_{name}": field for name, field in lora.items()})
+    fields["activate"] = (bool | None, Field(None, strict=False))  # "false" is accepted, as before
+    fields["local_rank"] = (int | None, Field(None, ge=0, le=1023))
+    fields["model"] = (typing.Literal[model] | None, None)  # type: ignore[valid-type]
+    fields.update(_TEXT_FIELDS)
     return create_model("TrainRequest", __config__=config, **fields)
 
 
-TrainRequest = _request_model()
+TrainRequest = _request_model("vila_m3")
 
 
 class TrainRefused(ValueError):
@@ -109,14 +165,27 @@ class VilaM3TrainTask(TrainTask):
         Raises:
             TrainRefused: 422 naming each problem.
         """
+        return self.checked_request(request)[1]
+
+    def checked_request(self, request: Any) -> tuple[dict[str, Any], TrainingOptions]:
+        """(the request rebuilt from its validated fields only, its training options): the rebuilt request is
+        what MONAI Label may log, pass on a command line and show in ``GET /train/``.
+
+        Raises:
+            TrainRefused: 422 naming each problem (never echoing a value).
+        """
+        if not isinstance(request, dict):
+            raise TrainRefused(422, "train: the request must be a JSON object")
         try:
-            TrainRequest.model_validate(request)
+            checked = TrainRequest.model_validate(request).model_dump(exclude_unset=True)
         except ValidationError as err:
             raise TrainRefused(422, describe_validation_error(err, prefix="train")) from None
         try:
-            return TrainingOptions.from_config({key: value for key, value in request.items() if key not in _NOT_OPTIONS})
+            options = TrainingOptions.from_config({key: value for key, value in checked.items()
+                                                   if key not in _NOT_OPTIONS})
         except (TrainingOptionsError, TypeError, ValueError) as err:
             raise TrainRefused(422, f"train: {err}") from None
+        return checked, options
 
     def named_export(self, request: dict[str, Any]) -> Path | None:
         """The export a request names (``export``), checked; None when it names none (a fresh export is made).
@@ -185,22 +254,47 @@ class VilaM3TrainTask(TrainTask):
         return {"version": version, "checkpoint": str(result.checkpoint), **summary}
 
 
-def train_router(task: VilaM3TrainTask, name: str = "vila_m3") -> APIRouter:
-    """``POST /train/{model}`` in place of MONAI Label's: the same parameters and answer, but a request for
-    ``name`` is checked before the background task starts (:meth:`VilaM3TrainTask.named_export`)."""
+NOT_OFFERED = 501
+RUN_ALL_MESSAGE = ("training every model at once is not offered by this server: that route checks nothing and "
+                   "logs its whole request; call POST /train/{model} for the model to train instead")
+
+
+def train_router(task: VilaM3TrainTask | None, name: str = "vila_m3", log: AuditLog | None = None) -> APIRouter:
+    """``POST /train/{model}`` and ``POST /train/`` in place of MONAI Label's (admins; others 401/403 first).
+
+    ``POST /train/{model}``: the same parameters and answer as MONAI Label's, but only ``name``'s task (422
+    naming ``model`` for any other, or for every model when ``task`` is None: no train task on this server),
+    and the request is checked before the background task starts (:meth:`VilaM3TrainTask.checked_request`,
+    :meth:`VilaM3TrainTask.named_export`); MONAI Label is given the checked request only.
+    ``POST /train/``: 501 and one audit line in ``log`` (none when None).
+    """
     router = APIRouter(prefix="/train", tags=["Train"])
     admin_role = RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN)
 
-    @router.post("/{model}", summary="Run the training task of one model (admin)")
+    @router.post("/{model}", summary=f"{RBAC_ADMIN}Run the training task of one model")
     async def run_train(model: str, params: dict[str, Any] | None = None, run_sync: bool = False,
                         enqueue: bool = False, user: User = Depends(admin_role)) -> Any:
-        if model == name:
-            try:
-                task.check_options(params or {})
-                task.named_export(params or {})
-            except TrainRefused as err:
-                raise HTTPException(err.status, scrub_paths(str(err))) from None
-        return run_model(model, params, run_sync, enqueue)
+        if task is None:
+            raise HTTPException(422, "model: this server has no train task (training needs a local chat VLM; "
+                                     "a remote one is served)")
+        if model != name:
+            raise HTTPException(422, f"model: not a train task of this server; it trains: {name}")
+        try:
+            checked, _ = task.checked_request(params or {})
+            task.named_export(checked)
+        except TrainRefused as err:
+            raise HTTPException(err.status, scrub_paths(str(err))) from None
+        logger.info("train %s requested by an admin: options %s", name, ", ".join(sorted(checked)) or "none")
+        return run_model(model, checked, run_sync, enqueue)
+
+    @router.post("/", summary=f"{RBAC_ADMIN}Run all training tasks: not offered (use /train/{{model}})",
+                 include_in_schema=False)
+    async def run_all(user: User = Depends(admin_role)) -> None:
+        if log is not None:
+            log.record(user=audit_user(user), route="/train/", outcome="refused", status=NOT_OFFERED, method="POST",
+                       reason="not offered")
+            note_audited()  # the refusal middleware writes no second line
+        raise HTTPException(NOT_OFFERED, RUN_ALL_MESSAGE)
 
     return router
 
