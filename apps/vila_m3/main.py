@@ -24,7 +24,8 @@ A thin shell over the ``vila_m3`` package. App settings (``--conf KEY VALUE``):
 - ``audit_log``: the audit trail, one JSON line per chat turn, per expert infer and per request refused
   before a route (login, roles, body limits: lib/audit_refusals.py), failures included (default
   ``<app>/logs/audit.jsonl``; ids hashed, no prompt text: lib/audit_hooks.py); ``audit_log_max_mb``: size at
-  which it rotates (default 10 MB, 5 old files kept; 0 = never).
+  which it rotates (default 10 MB, 5 old files kept; 0 = never); ``audit_refusals_per_minute``: refusal lines
+  per client address and reason in a minute (default 60), then one line counting those left out.
 
 Train task ``vila_m3`` (local chat VLM only): ``POST /train/vila_m3`` fine-tunes the served checkpoint on
 the datastore's export; versions live in ``<models_dir>/finetuned/<vlm>/`` (``GET /vila_m3/versions/``,
