@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import requests
 from fake_openai_server import FakeOpenAIServer, sse
-from keycloak_realm import ROLES, KeycloakRealm
+from keycloak_realm import ROLES
+from login_site import audit_lines, call, login_site
 from monailabel.utils.sessions import Sessions
-from server_harness import RunningServer, start_monailabel
 
 from vila_m3.audit import FIELDS
 
@@ -29,32 +29,8 @@ SESSION = "5e3d2c1b-0a9f-4e8d-b7c6-a5f4e3d2c1b0"  # an id in a path: the line na
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory, sample_data: Path,
          fake_vlm: FakeOpenAIServer) -> Iterator[dict]:
-    root = tmp_path_factory.mktemp("hardening-server")
-    studies = root / "studies"
-    shutil.copytree(sample_data / "studies", studies)
-    audit = root / "audit.jsonl"
-    conf = {"models": "vila_m3", "vlm_url": fake_vlm.url, "vlm_model": "fake-vila-m3", "chats_dir": str(root / "chats"),
-            "audit_log": str(audit)}
-    with KeycloakRealm() as realm:
-        env = realm.server_env()
-        server = start_monailabel(root / "run", studies, conf=conf, env=env)
-        try:
-            yield {"server": server, "realm": realm, "audit": audit, "sessions": root / "run" / "sessions",
-                   "image": studies / "ct_abdomen.nii.gz"}
-        finally:
-            server.stop()
-
-
-def call(site: dict, method: str, path: str, token: str | None = None, **kwargs) -> requests.Response:
-    headers = {**({"Authorization": f"Bearer {token}"} if token else {}), **kwargs.pop("headers", {})}
-    server: RunningServer = site["server"]
-    return requests.request(method, f"{server.url}{path}", headers=headers, timeout=kwargs.pop("timeout", 120),
-                            **kwargs)
-
-
-def audit_lines(site: dict) -> list[dict]:
-    path = site["audit"]
-    return [json.loads(text) for text in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
+    with login_site(tmp_path_factory.mktemp("hardening-server"), sample_data, fake_vlm.url) as running:
+        yield running
 
 
 def new_session(site: dict, token: str) -> str:

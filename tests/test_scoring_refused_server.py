@@ -4,16 +4,13 @@ roles and writes one audit line without the request."""
 
 from __future__ import annotations
 
-import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 from fake_openai_server import FakeOpenAIServer
-from keycloak_realm import ROLES, KeycloakRealm
-from server_harness import start_monailabel
+from keycloak_realm import ROLES
+from login_site import audit_lines, call, login_site
 
 pytestmark = [pytest.mark.server, pytest.mark.security]
 
@@ -23,29 +20,8 @@ SECRET = "patient-quokka-8812"  # a value in the request that must reach neither
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory, sample_data: Path,
          fake_vlm: FakeOpenAIServer) -> Iterator[dict]:
-    root = tmp_path_factory.mktemp("scoring-server")
-    studies = root / "studies"
-    shutil.copytree(sample_data / "studies", studies)
-    audit = root / "audit.jsonl"
-    conf = {"models": "vila_m3", "vlm_url": fake_vlm.url, "vlm_model": "fake-vila-m3", "chats_dir": str(root / "chats"),
-            "audit_log": str(audit)}
-    with KeycloakRealm() as realm:
-        env = realm.server_env()
-        server = start_monailabel(root / "run", studies, conf=conf, env=env)
-        try:
-            yield {"server": server, "realm": realm, "audit": audit}
-        finally:
-            server.stop()
-
-
-def call(site: dict, method: str, path: str, token: str | None = None, **kwargs) -> requests.Response:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return requests.request(method, f"{site['server'].url}{path}", headers=headers, timeout=60, **kwargs)
-
-
-def audit_lines(site: dict) -> list[dict]:
-    path = site["audit"]
-    return [json.loads(text) for text in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
+    with login_site(tmp_path_factory.mktemp("scoring-server"), sample_data, fake_vlm.url) as running:
+        yield running
 
 
 def test_the_app_has_no_scoring_methods(site):

@@ -4,17 +4,14 @@ refusal audit lines are bounded (``--conf audit_refusals_per_minute``: 3 here)."
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 from fake_openai_server import FakeOpenAIServer
-from keycloak_realm import ROLES, KeycloakRealm
-from server_harness import start_monailabel
+from keycloak_realm import ROLES
+from login_site import audit_lines, call, login_site
 
 pytestmark = [pytest.mark.server, pytest.mark.security]
 
@@ -25,28 +22,8 @@ PER_MINUTE = 3
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory, sample_data: Path,
          fake_vlm: FakeOpenAIServer) -> Iterator[dict]:
-    root = tmp_path_factory.mktemp("train-refused-server")
-    studies = root / "studies"
-    shutil.copytree(sample_data / "studies", studies)
-    audit = root / "audit.jsonl"
-    conf = {"models": "vila_m3", "vlm_url": fake_vlm.url, "vlm_model": "fake-vila-m3", "chats_dir": str(root / "chats"),
-            "audit_log": str(audit), "audit_refusals_per_minute": str(PER_MINUTE)}
-    with KeycloakRealm() as realm:
-        server = start_monailabel(root / "run", studies, conf=conf, env=realm.server_env())
-        try:
-            yield {"server": server, "realm": realm, "audit": audit}
-        finally:
-            server.stop()
-
-
-def call(site: dict, method: str, path: str, token: str | None = None, **kwargs) -> requests.Response:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return requests.request(method, f"{site['server'].url}{path}", headers=headers, timeout=60, **kwargs)
-
-
-def audit_lines(site: dict) -> list[dict]:
-    path = site["audit"]
-    return [json.loads(text) for text in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
+    with login_site(tmp_path_factory.mktemp("train-refused-server"), sample_data, fake_vlm.url, conf={"audit_refusals_per_minute": str(PER_MINUTE)}) as running:
+        yield running
 
 
 def test_running_every_trainer_is_refused_with_a_message_and_one_audit_line(site):
