@@ -25,6 +25,7 @@ from web_harness import (
     browser_test_marks,
     chat_server_with_stand_ins,
     chromium_browser,
+    pick_ct,
     running_viewer,
     start_viewer,
 )
@@ -99,9 +100,7 @@ def test_ask_about_the_tumour_slice_see_the_segments_and_save_a_correction(viewe
     k = ct_tumour_slice(sample_data)
     page = browser.new_page(viewport=VIEWPORT)
     page.goto(viewer.url + "/")
-    page.wait_for_selector("#study-select option[value=ct_abdomen]", state="attached", timeout=60_000)
-    page.select_option("#study-select", "ct_abdomen")
-    page.wait_for_function("document.querySelector('#status').innerText.includes('axial slices')", timeout=120_000)
+    pick_ct(page)
     middle = int(page.input_value("#slice-index"))
     assert middle != k, "the test needs the tumour slice to differ from the first one shown"
     auto = settled_view(page)

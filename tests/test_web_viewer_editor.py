@@ -22,6 +22,7 @@ from test_web_viewer import browser, footprint_box, red_view, settled_view  # no
 from web_harness import (
     browser_test_marks,
     chat_server_with_stand_ins,
+    pick_ct,
     running_viewer,
 )
 
@@ -130,9 +131,7 @@ def test_paint_and_erase_a_correction_then_save_it_as_final_label(viewer, chat_s
     k = ct_tumour_slice(sample_data)
     page = browser.new_page(viewport=VIEWPORT)
     page.goto(viewer.url + "/")
-    page.wait_for_selector("#study-select option[value=ct_abdomen]", state="attached", timeout=60_000)
-    page.select_option("#study-select", "ct_abdomen")
-    page.wait_for_function("document.querySelector('#status').innerText.includes('axial slices')", timeout=120_000)
+    pick_ct(page)
     auto = settled_view(page)
     page.get_by_role("button", name="lung").click()
     lung = settled_view(page, differs_from=auto)

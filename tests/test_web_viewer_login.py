@@ -23,6 +23,7 @@ from web_harness import (
     browser_test_marks,
     chat_server_with_stand_ins,
     chromium_browser,
+    pick_ct,
     running_viewer,
     start_viewer,
 )
@@ -88,9 +89,7 @@ def logged_in_with_study(page, username: str) -> None:
     """Wait for the user's line and the server's studies, then pick the sample CT."""
     page.wait_for_selector("#logged-in-user", timeout=60_000)
     assert page.inner_text("#logged-in-user") == username
-    page.wait_for_selector("#study-select option[value=ct_abdomen]", state="attached", timeout=60_000)
-    page.select_option("#study-select", "ct_abdomen")
-    page.wait_for_function("document.querySelector('#status').innerText.includes('axial slices')", timeout=120_000)
+    pick_ct(page)
 
 
 def ask(page, question: str) -> str:

@@ -122,3 +122,10 @@ def chromium_browser() -> Iterator[object]:
             yield chromium
         finally:
             chromium.close()
+
+
+def pick_ct(page, study: str = "ct_abdomen") -> None:
+    """On a page showing the study list, pick CT ``study`` and wait until its axial slices are shown."""
+    page.wait_for_selector(f"#study-select option[value={study}]", state="attached", timeout=60_000)
+    page.select_option("#study-select", study)
+    page.wait_for_function("document.querySelector('#status').innerText.includes('axial slices')", timeout=120_000)
