@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from vila_m3.configs import load_config
 from vila_m3.models.manifest import ModelManifest
+from vila_m3.standins.tiny_bundles import bundle_scripts
 from vila_m3.training.demo import DEMO_BUILD, demo_config, stage_demo
 from vila_m3.training.shipped_demo import (
     MAX_FILE_BYTES,
@@ -91,6 +92,10 @@ def test_make_run_stages_the_shipped_build_without_training(staged, record):
         shipped = load_file(str(SHIPPED_DEMO_DIR / record["parts"][task]["path"] / "models" / "model.safetensors"))
         assert weights.keys() == shipped.keys() and all(torch.equal(weights[k], shipped[k]) for k in shipped)
         assert manifest[model_id].is_stand_in(models)
+        # a bundle's scripts are the package's files: not shipped, written back when staged
+        assert not (SHIPPED_DEMO_DIR / record["parts"][task]["path"] / "scripts").exists()
+        staged_scripts = {p.name: p.read_bytes() for p in (bundle / "scripts").glob("*")}
+        assert staged_scripts == bundle_scripts(task) and (task != "vista3d" or staged_scripts)
     again = stage_demo(models, only_without_weights=True, progress=False)
     assert any("already" in line for line in again)
 
@@ -177,6 +182,22 @@ def test_a_partial_rebuild_keeps_the_other_parts_from_the_shipped_build(record, 
         assert entry["fingerprint"] == record["parts"][name]["fingerprint"]
     weights = {k: v for k, v in record["files"].items() if k.endswith(".safetensors")}
     assert weights and {k: rebuilt["files"][k] for k in weights} == weights
+
+
+def test_shipping_refuses_bundle_scripts_that_are_not_the_packages(tmp_path):
+    from vila_m3.training.shipped_demo import _drop_package_scripts
+
+    bundle = tmp_path / "vista3d"
+    (bundle / "scripts").mkdir(parents=True)
+    for name, content in bundle_scripts("vista3d").items():
+        (bundle / "scripts" / name).write_bytes(content)
+    (bundle / "scripts" / "inferer.py").write_bytes(b"# changed by hand\n")
+    with pytest.raises(ValueError, match="scripts/ are not those of vila_m3/standins/bundle_scripts/vista3d/"):
+        _drop_package_scripts("vista3d", bundle)
+    assert (bundle / "scripts" / "inferer.py").is_file()
+    (bundle / "scripts" / "inferer.py").write_bytes(bundle_scripts("vista3d")["inferer.py"])
+    _drop_package_scripts("vista3d", bundle)
+    assert not (bundle / "scripts").exists()
 
 
 def test_a_partial_rebuild_compares_only_what_it_built():

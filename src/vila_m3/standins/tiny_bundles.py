@@ -472,10 +472,12 @@ bundle's architecture family, made tiny, with random weights (seed {seed}); its 
 Replace this folder with the real bundle to get real results: `vila-m3 models pull {model_id}`.
 """
 
-def _bundle_scripts(bundle: str) -> dict[str, bytes]:
+def bundle_scripts(bundle: str) -> dict[str, bytes]:
     """The ``scripts/`` files of stand-in bundle ``bundle`` (a folder of :mod:`vila_m3.standins.bundle_scripts`):
-    file name → its bytes, copied unchanged."""
+    file name → its bytes, copied unchanged; empty for a bundle without scripts."""
     folder = resources.files("vila_m3.standins.bundle_scripts") / bundle
+    if not folder.is_dir():
+        return {}
     return {item.name: item.read_bytes() for item in sorted(folder.iterdir(), key=lambda item: item.name)
             if item.is_file() and item.name.endswith(".py")}
 
@@ -537,7 +539,7 @@ def make_tiny_vista3d_bundle(out_dir: str | Path, seed: int = 0, real_sizes: boo
         vista3d_inference_config(real_sizes),
         _vista3d_metadata(),
         seed,
-        scripts=_bundle_scripts("vista3d"),
+        scripts=bundle_scripts("vista3d"),
     )
 
 

@@ -247,6 +247,7 @@ def ship_build(models_dir: Path, out_dir: Path, machine: Mapping[str, Any] | Non
             shutil.copytree(source, target, ignore=shutil.ignore_patterns(DEMO_BUILD, "__pycache__"))
             kept = _kept_part(name, marker)
             if name != "vlm":
+                _drop_package_scripts(name, target)
                 weights = target / BUNDLE_WEIGHTS
                 state = _load_state(weights)
                 save_file(state, str(target / SHIPPED_BUNDLE_WEIGHTS))
@@ -271,6 +272,24 @@ def ship_build(models_dir: Path, out_dir: Path, machine: Mapping[str, Any] | Non
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+
+
+def _drop_package_scripts(name: str, bundle: Path) -> None:
+    """Remove a bundle's ``scripts/`` from a build being shipped: they are the package's own files
+    (:func:`vila_m3.standins.tiny_bundles.bundle_scripts`), which staging writes back.
+
+    Raises:
+        ValueError: the bundle's scripts are not the package's (they would be lost).
+    """
+    from vila_m3.standins.tiny_bundles import bundle_scripts
+
+    scripts = bundle / "scripts"
+    if not scripts.is_dir():
+        return
+    written = {path.name: path.read_bytes() for path in scripts.iterdir() if path.is_file()}
+    if written != bundle_scripts(name):
+        raise ValueError(f"{name}: the bundle's scripts/ are not those of vila_m3/standins/bundle_scripts/{name}/")
+    shutil.rmtree(scripts)
 
 
 def _kept_part(name: str, marker: Path) -> dict[str, Any] | None:
@@ -305,6 +324,7 @@ def stage_shipped_part(name: str, location: Path, fingerprint: str, demo_dir: Pa
     import torch
     from safetensors.torch import load_file
 
+    from vila_m3.standins.tiny_bundles import bundle_scripts
 
     part = shipped_parts(demo_dir).get(name)
     if part is None or part.fingerprint != fingerprint or not (demo_dir / part.path).is_dir():
@@ -319,6 +339,11 @@ def stage_shipped_part(name: str, location: Path, fingerprint: str, demo_dir: Pa
             shipped = target / SHIPPED_BUNDLE_WEIGHTS
             torch.save(load_file(str(shipped)), target / BUNDLE_WEIGHTS)
             shipped.unlink()
+            scripts = bundle_scripts(name)  # not shipped: the package's own files (see ship_build)
+            if scripts:
+                (target / "scripts").mkdir(exist_ok=True)
+            for script, content in scripts.items():
+                (target / "scripts" / script).write_bytes(content)
         marker.write_text(json.dumps({"fingerprint": fingerprint, "shipped": True,
                                       "seconds": part.record.get("build_seconds")}, indent=2) + "\n",
                           encoding="utf-8")

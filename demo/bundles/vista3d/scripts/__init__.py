@@ -1,1 +1,0 @@
-"""Python helpers of the VISTA3D stand-in bundle, named by configs/inference.json."""
