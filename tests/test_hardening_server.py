@@ -162,10 +162,13 @@ def test_a_request_refused_by_its_route_keeps_its_one_line(site):
 def test_batch_infer_is_refused_with_a_message_and_never_run(site):
     realm = site["realm"]
     params = {"prompt": f"Describe {SECRET_QUERY}"}
+    before = len(audit_lines(site))
     answer = call(site, "POST", "/batch/infer/vila_m3", realm.token("ada", [ADMIN]), json=params)
     assert answer.status_code == 501, answer.text
     assert "batch inference is not offered" in answer.json()["detail"]
     assert "/infer/{model}" in answer.json()["detail"]
+    assert [(line["user"], line["route"], line["status"], line["outcome"], line["reason"])
+            for line in audit_lines(site)[before:]] == [("ada", "/batch/infer/{model}", 501, "refused", "not offered")]
     assert call(site, "POST", "/batch/infer/vila_m3", realm.token("uma", [USER]), json=params).status_code == 403
     assert call(site, "POST", "/batch/infer/vila_m3", json=params).status_code == 401
     assert SECRET_QUERY not in site["server"].log_path.read_text(encoding="utf-8", errors="replace")

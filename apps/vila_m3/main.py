@@ -99,7 +99,7 @@ class VilaM3App(MONAILabelApp):
         install_request_routes(server, app_dir, conf, self.audit)  # our /infer, /session, body limits
         replace_routes(server, datastore_router(), prefix=settings.MONAI_LABEL_API_STR)  # no paths in its list
         replace_routes(server, ohif_router(), prefix=settings.MONAI_LABEL_API_STR)  # paths kept inside OHIF's folder
-        replace_routes(server, scoring_router(self.audit.log), prefix=settings.MONAI_LABEL_API_STR)  # none: 501
+        replace_routes(server, scoring_router(), prefix=settings.MONAI_LABEL_API_STR)  # none: 501
         self.models_dir = resolve_models_dir(conf.get("models_dir"))
         self.vlm_id = conf.get("vlm") or load_config("app.yaml")["default_vlm"]
         use_experts_files(conf)  # extra experts (--conf experts_file), seen by every registry of this process
@@ -178,13 +178,13 @@ class VilaM3App(MONAILabelApp):
 
         chat = next((status for status in self.task_statuses if self.catalogue[status.name].get("vlm")), None)
         if chat is None or not chat.available or remote_settings(self.conf) is not None:
-            replace_routes(server, train_router(None, log=self.audit.log))  # no train task: POST /train/* refused
+            replace_routes(server, train_router(None))  # no train task: POST /train/* refused
             return {}
         server.include_router(versions_router(self.vlm_versions))
         base = ModelManifest.load()[self.vlm_id].location(self.models_dir)
         task = VilaM3TrainTask(self.vlm_versions, base, self.studies, self._chats_dir(),
                                "Fine-tune VILA-M3 on the datastore's final labels and chats", self._exports_dir())
-        replace_routes(server, train_router(task, log=self.audit.log))  # checked requests only; POST /train/: 501
+        replace_routes(server, train_router(task))  # checked requests only; POST /train/: 501
         return {"vila_m3": task}
 
     def _exports_dir(self) -> Path:

@@ -50,6 +50,7 @@ REFUSED: dict[int, str] = {
     403: "missing role",
     413: "body too large",
     415: "unsupported media type",
+    501: "not offered",  # MONAI Label routes this server refuses (batch infer, scoring, train all)
 }
 MAX_PATH_CHARS = 200
 MAX_PER_MINUTE = 1_000_000

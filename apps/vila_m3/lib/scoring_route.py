@@ -4,8 +4,8 @@ MONAI Label 0.8.5 runs a scoring request through ``AsyncTask.run``, which logs t
 included ("Scoring request: {...}"), and passes it on the command line of a second server process; ``params``
 is free JSON, so it may carry patient data. This app defines no scoring methods (``init_scoring_methods`` is
 MONAI Label's, which returns none), so there is nothing to score: the routes answer 501 with a message saying
-so, to annotators (the role MONAI Label's routes need; everyone else still gets 401/403), and write one audit
-line (``outcome: refused``, ``reason: not offered``), never the request's body. ``GET`` and ``DELETE
+so, to annotators (the role MONAI Label's routes need; everyone else still gets 401/403); the refusal middleware
+(lib/audit_refusals.py) writes its audit line (``outcome: refused``, ``reason: not offered``), never the body. ``GET`` and ``DELETE
 /scoring/`` (the status of scoring runs, of which there are none, and stopping one) stay MONAI Label's.
 """
 
@@ -15,38 +15,22 @@ from fastapi import APIRouter, Depends, HTTPException
 from monailabel.config import RBAC_ANNOTATOR, settings
 from monailabel.endpoints.user.auth import RBAC, User
 
-from lib.audit_hooks import audit_user
-from lib.audit_refusals import note_audited
-from vila_m3.audit import AuditLog
-
 NOT_OFFERED = 501
-REASON = "not offered"
 MESSAGE = ("scoring is not offered by this server: it has no scoring methods, and MONAI Label's scoring route "
            "would log its whole request")
 
 
-def scoring_router(log: AuditLog | None = None) -> APIRouter:
-    """``POST /scoring/{method}`` and ``POST /scoring/`` answering 501 (annotators; others 401/403 first).
-
-    Args:
-        log: the server's audit log; each refusal writes one line there (none when None).
-    """
+def scoring_router() -> APIRouter:
+    """``POST /scoring/{method}`` and ``POST /scoring/`` answering 501 (annotators; others 401/403 first)."""
     router = APIRouter(prefix="/scoring", tags=["Scoring"])
     annotator_role = RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)
 
-    def refuse(route: str, user: User) -> None:
-        if log is not None:
-            log.record(user=audit_user(user), route=route, outcome="refused", status=NOT_OFFERED, method="POST",
-                       reason=REASON)
-            note_audited()  # the refusal middleware writes no second line
-        raise HTTPException(NOT_OFFERED, MESSAGE)
-
     @router.post("/{method}", summary=f"{RBAC_ANNOTATOR}Scoring: not offered (this server has no scoring methods)")
     async def api_run_method(method: str, user: User = Depends(annotator_role)) -> None:
-        refuse("/scoring/{method}", user)
+        raise HTTPException(NOT_OFFERED, MESSAGE)
 
     @router.post("/", summary=f"{RBAC_ANNOTATOR}Scoring: not offered", include_in_schema=False)
     async def api_run(user: User = Depends(annotator_role)) -> None:
-        refuse("/scoring/", user)
+        raise HTTPException(NOT_OFFERED, MESSAGE)
 
     return router

@@ -43,10 +43,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model
 from transformers.trainer_utils import SchedulerType
 
-from lib.audit_hooks import audit_user
-from lib.audit_refusals import note_audited
 from lib.datastore_source import app_source
-from vila_m3.audit import AuditLog
 from vila_m3.chat.params import describe_validation_error
 from vila_m3.data import export_from_app
 from vila_m3.data.privacy import PRIVACY_CHECK, export_privacy_problem
@@ -259,14 +256,14 @@ RUN_ALL_MESSAGE = ("training every model at once is not offered by this server: 
                    "logs its whole request; call POST /train/{model} for the model to train instead")
 
 
-def train_router(task: VilaM3TrainTask | None, name: str = "vila_m3", log: AuditLog | None = None) -> APIRouter:
+def train_router(task: VilaM3TrainTask | None, name: str = "vila_m3") -> APIRouter:
     """``POST /train/{model}`` and ``POST /train/`` in place of MONAI Label's (admins; others 401/403 first).
 
     ``POST /train/{model}``: the same parameters and answer as MONAI Label's, but only ``name``'s task (422
     naming ``model`` for any other, or for every model when ``task`` is None: no train task on this server),
     and the request is checked before the background task starts (:meth:`VilaM3TrainTask.checked_request`,
     :meth:`VilaM3TrainTask.named_export`); MONAI Label is given the checked request only.
-    ``POST /train/``: 501 and one audit line in ``log`` (none when None).
+    ``POST /train/``: 501 (its audit line: the refusal middleware, lib/audit_refusals.py).
     """
     router = APIRouter(prefix="/train", tags=["Train"])
     admin_role = RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN)
@@ -290,11 +287,7 @@ def train_router(task: VilaM3TrainTask | None, name: str = "vila_m3", log: Audit
     @router.post("/", summary=f"{RBAC_ADMIN}Run all training tasks: not offered (use /train/{{model}})",
                  include_in_schema=False)
     async def run_all(user: User = Depends(admin_role)) -> None:
-        if log is not None:
-            log.record(user=audit_user(user), route="/train/", outcome="refused", status=NOT_OFFERED, method="POST",
-                       reason="not offered")
-            note_audited()  # the refusal middleware writes no second line
-        raise HTTPException(NOT_OFFERED, RUN_ALL_MESSAGE)
+        raise HTTPException(NOT_OFFERED, RUN_ALL_MESSAGE)  # its audit line: lib/audit_refusals.py
 
     return router
 
